@@ -1,0 +1,58 @@
+"""nomyo: end-to-end encrypted LLM chat completions on native secure memory.
+
+Public names are resolved lazily so that `import nomyo` (e.g. in a container health check)
+loads only the secure-memory layer, never the HTTP stack.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.3.0"
+
+_EXPORTS = {
+    # errors
+    "NomyoError": "nomyo.errors",
+    "SecurityError": "nomyo.errors",
+    "SecureMemoryUnavailable": "nomyo.errors",
+    "PackageError": "nomyo.errors",
+    "DisposedError": "nomyo.errors",
+    "APIError": "nomyo.errors",
+    "InvalidRequestError": "nomyo.errors",
+    "AuthenticationError": "nomyo.errors",
+    "ForbiddenError": "nomyo.errors",
+    "RateLimitError": "nomyo.errors",
+    "ServerError": "nomyo.errors",
+    "ServiceUnavailableError": "nomyo.errors",
+    "APIConnectionError": "nomyo.errors",
+    # secure memory
+    "SecureBuffer": "nomyo.memory",
+    "secure_bytearray": "nomyo.memory",
+    "secure_bytes": "nomyo.memory",
+    "get_memory_protection_info": "nomyo.memory",
+    "enable_secure_memory": "nomyo.memory",
+    "disable_secure_memory": "nomyo.memory",
+    "harden_process": "nomyo.memory",
+    "MemoryProtectionLevel": "nomyo.memory",
+    # client
+    "SecureCompletionClient": "nomyo.client",
+    "SecureChatCompletion": "nomyo.chat",
+    # attestation
+    "verify_tpm_attestation": "nomyo.attestation",
+    "AttestationResult": "nomyo.attestation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nomyo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

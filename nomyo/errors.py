@@ -1,0 +1,99 @@
+"""One exception hierarchy for the whole library.
+
+Names and constructor shapes match the published client so `except` clauses written for it
+keep working. Messages never carry plaintext, key material or API keys.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+class NomyoError(Exception):
+    """Base of every error this library raises on purpose."""
+
+
+class SecurityError(NomyoError):
+    """A protection could not be guaranteed: crypto or integrity failure, HTTPS not used,
+    header injection, a pinned key that changed, or secure memory that is required but missing."""
+
+
+class SecureMemoryUnavailable(SecurityError):
+    """Fail-closed mode is on and secure memory cannot be locked or excluded from dumps."""
+
+
+class PackageError(NomyoError, ValueError):
+    """An encrypted package is structurally invalid (malformed JSON, missing field, bad base64,
+    unsupported version or algorithm, oversized plaintext)."""
+
+
+class DisposedError(NomyoError, RuntimeError):
+    """A client was used after `close()` / `dispose()`."""
+
+
+class APIError(NomyoError):
+    """An HTTP error answer from the endpoint; base of the status-specific classes."""
+
+    default_status: Optional[int] = None
+
+    def __init__(
+        self,
+        message: str,
+        status_code: Optional[int] = None,
+        error_details: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.message = message
+        self.status_code = status_code if status_code is not None else self.default_status
+        self.error_details = error_details
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequestError(APIError):
+    """400: the request was malformed (also raised locally, e.g. for `stream=True`)."""
+
+    default_status = 400
+
+
+class AuthenticationError(APIError):
+    """401: missing or invalid API key."""
+
+    default_status = 401
+
+
+class ForbiddenError(APIError):
+    """403: the model is not allowed for the requested security tier."""
+
+    default_status = 403
+
+
+class RateLimitError(APIError):
+    """429: rate limit exceeded (after retries ran out)."""
+
+    default_status = 429
+
+
+class ServerError(APIError):
+    """500: the endpoint failed (after retries ran out)."""
+
+    default_status = 500
+
+
+class ServiceUnavailableError(APIError):
+    """503: the inference backend is unavailable (after retries ran out)."""
+
+    default_status = 503
+
+
+class APIConnectionError(NomyoError):
+    """The endpoint could not be reached: network failure or timeout (after retries ran out)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.status_code = None
+        self.error_details = None
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
