@@ -42,9 +42,21 @@ TPM_GENERATED_VALUE = 0xFF544347
 TPM_ST_ATTEST_QUOTE = 0x8018
 
 # TPMA_OBJECT bits
-OBJ_RESTRICTED = 0x00010000
-OBJ_DECRYPT = 0x00020000
-OBJ_SIGN = 0x00040000
+OBJ_FIXED_TPM = 1 << 1
+OBJ_FIXED_PARENT = 1 << 4
+OBJ_SENSITIVE_DATA_ORIGIN = 1 << 5
+OBJ_USER_WITH_AUTH = 1 << 6
+OBJ_NO_DA = 1 << 10
+OBJ_RESTRICTED = 1 << 16
+OBJ_DECRYPT = 1 << 17
+OBJ_SIGN = 1 << 18
+# The attestation-key template of tpm2-tools (tpm2_createak) and the TCG AK guidance: born in
+# and bound to its TPM, restricted signing, password auth. Only noDA may vary (Windows sets it).
+# Other object bits are refused: the quote does not bind the AIK's attributes (only its
+# qualified name does, which needs the parent's), so a fixed profile keeps them honest.
+AIK_REQUIRED_ATTRS = (OBJ_FIXED_TPM | OBJ_FIXED_PARENT | OBJ_SENSITIVE_DATA_ORIGIN
+                      | OBJ_USER_WITH_AUTH | OBJ_RESTRICTED | OBJ_SIGN)
+AIK_OPTIONAL_ATTRS = OBJ_NO_DA
 
 MAX_DIGEST = 64            # sizeof(TPMU_HA)
 MAX_NAME = 2 + MAX_DIGEST  # sizeof(TPMU_NAME) for object names
@@ -163,9 +175,17 @@ class PublicKey:
 
     @property
     def restricted_signing(self) -> bool:
-        """True for a restricted signing key that cannot decrypt (an attestation key)."""
+        """True for a restricted signing key that cannot decrypt."""
         attrs = self.object_attributes
         return bool(attrs & OBJ_RESTRICTED and attrs & OBJ_SIGN and not attrs & OBJ_DECRYPT)
+
+    @property
+    def attestation_profile(self) -> bool:
+        """True when the attributes are the attestation-key template: fixedTPM, fixedParent,
+        sensitiveDataOrigin, userWithAuth, restricted, sign, optionally noDA, nothing else."""
+        attrs = self.object_attributes
+        return (attrs & AIK_REQUIRED_ATTRS == AIK_REQUIRED_ATTRS
+                and not attrs & ~(AIK_REQUIRED_ATTRS | AIK_OPTIONAL_ATTRS))
 
 
 def _pcr_select(r: _Reader) -> PcrSelection:
@@ -230,11 +250,10 @@ def parse_signature(data: bytes) -> Signature:
     return Signature(sig_alg, hash_alg, rsa_signature=rsa_sig)
 
 
-def _skip_sym_def(r: _Reader) -> None:
-    """TPMT_SYM_DEF_OBJECT: algorithm, then keyBits and mode unless the algorithm is NULL."""
+def _no_sym_def(r: _Reader) -> None:
+    """TPMT_SYM_DEF_OBJECT of a signing key: the TPM requires TPM_ALG_NULL."""
     if r.u16() != ALG_NULL:
-        r.u16()
-        r.u16()
+        raise TpmFormatError("aik_malformed", "signing key with a symmetric algorithm")
 
 
 def _scheme(r: _Reader, allowed: tuple[int, ...]) -> tuple[int, int | None]:
@@ -260,7 +279,7 @@ def parse_public(data: bytes) -> PublicKey:
     name = struct.pack(">H", name_alg) + hashlib.new(HASH_ALGS[name_alg][0], body).digest()
     attrs = r.u32()
     r.tpm2b(MAX_DIGEST, "authPolicy")
-    _skip_sym_def(r)
+    _no_sym_def(r)
     if key_type == ALG_RSA:
         scheme, scheme_hash = _scheme(r, (ALG_RSASSA, ALG_RSAPSS))
         key_bits = r.u16()

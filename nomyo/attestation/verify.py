@@ -64,6 +64,7 @@ class Reason:
     AIK_UNSUPPORTED = "aik_unsupported"
     AIK_KEY_INVALID = "aik_key_invalid"
     AIK_NOT_RESTRICTED_SIGNING = "aik_not_restricted_signing"
+    AIK_ATTRIBUTES_INVALID = "aik_attributes_invalid"
     AIK_SCHEME_MISMATCH = "aik_scheme_mismatch"
     QUALIFIED_SIGNER_INCONSISTENT = "qualified_signer_inconsistent"
     NONCE_MISMATCH = "nonce_mismatch"
@@ -302,9 +303,11 @@ def _verify(attestation: Mapping[str, Any], payload_id: Any, expected_pcrs: Any,
     key = None
     if aik is not None:
         c.values["aik_name"] = aik.name.hex()
-        c.values["aik_restricted_signing"] = aik.restricted_signing
+        c.values["aik_restricted_signing"] = aik.restricted_signing and aik.attestation_profile
         if not aik.restricted_signing:
             c.fail(Reason.AIK_NOT_RESTRICTED_SIGNING)
+        elif not aik.attestation_profile:
+            c.fail(Reason.AIK_ATTRIBUTES_INVALID)
         try:
             key = _public_key(aik)
         except ts.TpmFormatError as exc:
