@@ -7,7 +7,14 @@ import hashlib
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from tpm_fixtures import block_of, flip, load_vectors, soft_block
+from tpm_fixtures import (
+    NODA_FLIP,
+    assert_every_flip_rejected,
+    block_of,
+    flip,
+    load_vectors,
+    soft_block,
+)
 
 import nomyo
 from nomyo.attestation import AttestationResult, Reason, verify_tpm_attestation
@@ -79,28 +86,12 @@ def test_vector_with_extra_keys_still_verifies():
 
 # ---- every single-byte flip ----
 
-# Byte 8 of TPM2B_PUBLIC holds object-attribute bits 8-15; 0x04 there is noDA, the one
-# attribute an AIK may have or not (see test_optional_noda_is_accepted).
-NODA_FLIP = ("aik_pubkey_b64", 8, 0x04)
-MASKS = (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xFF)
-
-
 @pytest.mark.parametrize("field", FIELDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_every_single_byte_flip_is_rejected(name, field):
     """Every bit of every byte, and every byte inverted, of quote, signature and AIK."""
     vector = VECTORS[name]
-    size = len(base64.b64decode(vector[field]))
-    for pos in range(size):
-        for mask in MASKS:
-            if (field, pos, mask) == NODA_FLIP:
-                continue
-            block = block_of(vector)
-            block[field] = flip(block[field], pos, mask)
-            result = verify_tpm_attestation(block, vector["payload_id"])
-            assert not result.valid, (field, pos, mask)
-            assert result.reasons, (field, pos, mask)
-            assert all(isinstance(r, str) for r in result.reasons)
+    assert assert_every_flip_rejected(block_of(vector), vector["payload_id"], field) > 500
 
 
 @pytest.mark.parametrize("field", FIELDS)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 VECTOR_DIR = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "tpm"
+FIELDS = ("quote_b64", "signature_b64", "aik_pubkey_b64")
 BLOCK_KEYS = ("is_available", "pcr_banks", "pcr_values", "quote_b64", "signature_b64",
               "aik_pubkey_b64")
 
@@ -50,6 +51,31 @@ def flip(b64: str, pos: int, mask: int) -> str:
     raw = bytearray(base64.b64decode(b64))
     raw[pos] ^= mask
     return base64.b64encode(bytes(raw)).decode()
+
+
+# Byte 8 of TPM2B_PUBLIC holds object-attribute bits 8-15; 0x04 there is noDA, the one
+# attribute an AIK may have or not (test_optional_noda_is_accepted shows why it is unbound).
+NODA_FLIP = ("aik_pubkey_b64", 8, 0x04)
+FLIP_MASKS = (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xFF)
+
+
+def assert_every_flip_rejected(block: dict, payload_id: str, field: str) -> int:
+    """Flip every bit of every byte of `field` (and invert each byte): each copy must be
+    invalid with at least one string reason. Returns the number of copies checked."""
+    from nomyo.attestation import verify_tpm_attestation
+
+    checked = 0
+    for pos in range(len(base64.b64decode(block[field]))):
+        for mask in FLIP_MASKS:
+            if (field, pos, mask) == NODA_FLIP:
+                continue
+            tampered = copy.deepcopy(block)
+            tampered[field] = flip(block[field], pos, mask)
+            result = verify_tpm_attestation(tampered, payload_id)
+            assert not result.valid, (field, pos, mask)
+            assert result.reasons and all(isinstance(r, str) for r in result.reasons)
+            checked += 1
+    return checked
 
 
 # ---- software quotes: marshalled here, signed with cryptography keys ----
@@ -149,10 +175,21 @@ def missing_tpm_packages() -> list[str]:
     return sorted({pkg for prog, pkg in SWTPM_PACKAGES.items() if shutil.which(prog) is None})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port_pair() -> int:
+    """A free loopback port whose successor is free too: the swtpm TCTI expects the control
+    channel on port + 1."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 @contextlib.contextmanager
@@ -164,7 +201,8 @@ def running_swtpm() -> Iterator[str]:
         pytest.skip(f"swtpm tests need the Debian packages: {' '.join(missing)}")
     with tempfile.TemporaryDirectory(prefix="nomyo-swtpm-") as state:
         for _attempt in range(5):
-            port, ctrl = _free_port(), _free_port()
+            port = _free_port_pair()
+            ctrl = port + 1
             proc = subprocess.Popen(
                 ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
                  "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
