@@ -167,12 +167,13 @@ def soft_block(private_key, scheme: str, payload_id: str, *, hash_name: str = "s
 
 # ---- a real swtpm on loopback ----
 
-SWTPM_PACKAGES = {"swtpm": "swtpm", "swtpm_setup": "swtpm-tools", "tpm2_quote": "tpm2-tools"}
+SWTPM_PROGRAMS = {"swtpm": "swtpm", "tpm2_quote": "tpm2-tools"}
 
 
 def missing_tpm_packages() -> list[str]:
-    """Debian packages whose programs are not on PATH (swtpm, swtpm-tools, tpm2-tools)."""
-    return sorted({pkg for prog, pkg in SWTPM_PACKAGES.items() if shutil.which(prog) is None})
+    """Debian packages whose programs are not on PATH (the state dir needs no swtpm_setup,
+    and tpm2-tools pulls in the swtpm TCTI, libtss2-tcti-swtpm0)."""
+    return sorted({pkg for prog, pkg in SWTPM_PROGRAMS.items() if shutil.which(prog) is None})
 
 
 def _free_port_pair() -> int:
