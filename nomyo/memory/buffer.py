@@ -189,7 +189,7 @@ else:
         """Fallback secure buffer (no native helper): private anonymous memory, wiped on close,
         but not locked, not excluded from dumps and copied into forked children."""
 
-        __slots__ = ("_view", "__weakref__")
+        __slots__ = ("_view",)
 
         def __new__(cls, size: int, *, lock: Optional[bool] = None) -> "SecureBuffer":
             n = _checked_size(size)
