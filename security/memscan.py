@@ -7,7 +7,7 @@ pages) are skipped: that is exactly the memory no other process can read either.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 CHUNK = 1 << 20
 

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from typing import Optional
 
 import pytest
 
@@ -22,7 +21,7 @@ def child_env(**extra: str) -> dict:
     return env
 
 
-def run_python(code: str, *, prefix: Optional[list] = None, timeout: float = 60,
+def run_python(code: str, *, prefix: list | None = None, timeout: float = 60,
                check: bool = False, **env: str) -> subprocess.CompletedProcess:
     """Run a Python snippet in a fresh interpreter (optionally behind setpriv/prlimit)."""
     cmd = list(prefix or []) + [sys.executable, "-c", textwrap.dedent(code)]

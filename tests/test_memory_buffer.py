@@ -99,13 +99,12 @@ def test_readinto_and_aead_write_straight_into_secure_memory():
 
 def test_secure_bytearray_wipes_the_caller_and_releases_on_error():
     data = bytearray(b"ssn 078-05-1120")
-    with pytest.raises(RuntimeError):
-        with secure_bytearray(data) as protected:
-            assert data == bytearray(len(data))  # caller's copy wiped at once
-            assert protected.data.tobytes() == b"ssn 078-05-1120"
-            assert memoryview(protected).nbytes == len(data)
-            kept = protected
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), secure_bytearray(data) as protected:
+        assert data == bytearray(len(data))  # caller's copy wiped at once
+        assert protected.data.tobytes() == b"ssn 078-05-1120"
+        assert memoryview(protected).nbytes == len(data)
+        kept = protected
+        raise RuntimeError("boom")
     assert kept.closed
 
 

@@ -2,7 +2,8 @@
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nomyo.errors import PackageError
 from nomyo.memory import SecureBuffer, secure_json
