@@ -5,21 +5,15 @@ from __future__ import annotations
 import base64
 import json
 import random
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from nomyo.attestation import AttestationResult, Reason, verify_tpm_attestation
-
-# tests/ holds the shared vector loader; security/ is a sibling directory, not a package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tpm_fixtures import BLOCK_KEYS, block_of, load_vectors
+from tests.tpm_fixtures import BLOCK_KEYS, FIELDS, block_of, load_vectors
 
 SEED = 20261122
 CASES = 10_000
-FIELDS = ("quote_b64", "signature_b64", "aik_pubkey_b64")
 
 
 def _b64(data: bytes) -> str:

@@ -7,7 +7,11 @@ import hashlib
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from tpm_fixtures import (
+
+import nomyo
+from nomyo.attestation import AttestationResult, Reason, verify_tpm_attestation
+from tests.tpm_fixtures import (
+    FIELDS,
     NODA_FLIP,
     assert_every_flip_rejected,
     block_of,
@@ -16,12 +20,8 @@ from tpm_fixtures import (
     soft_block,
 )
 
-import nomyo
-from nomyo.attestation import AttestationResult, Reason, verify_tpm_attestation
-
 VECTORS = load_vectors()
 NAMES = sorted(VECTORS)
-FIELDS = ("quote_b64", "signature_b64", "aik_pubkey_b64")
 
 
 @pytest.fixture(scope="module")

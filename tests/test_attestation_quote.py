@@ -9,10 +9,10 @@ import threading
 import uuid
 
 import pytest
-from tpm_fixtures import FIELDS, assert_every_flip_rejected, block_of, running_swtpm
 
 from nomyo.attestation import AttestationError, Reason, TpmQuoter, verify_tpm_attestation
 from nomyo.errors import SecurityError
+from tests.tpm_fixtures import FIELDS, assert_every_flip_rejected, block_of, running_swtpm
 
 
 @pytest.fixture(scope="module")
