@@ -3,6 +3,8 @@ ones do not, exactly like the shipped vectors (these quotes were never seen befo
 from __future__ import annotations
 
 import base64
+import logging
+import shutil
 import socket
 import subprocess
 import threading
@@ -164,3 +166,28 @@ def test_quote_bytes_have_the_vector_layouts(ecc_quoter):
     assert quote[:6] == bytes.fromhex("ff5443478018") and len(quote) == 149
     assert sig[:6] == bytes.fromhex("0018000b0020") and len(sig) == 72
     assert int.from_bytes(aik[:2], "big") == len(aik) - 2 == 88
+
+
+@pytest.mark.parametrize("pcrs", ["sha1:0+sha256:0,7",
+                                  "sha256:0,1,2,3,4,5,6,7,8,9,10,11,12,16,23",
+                                  "sha512:0,7+sha384:1+sha256:2,3+sha1:4"])
+def test_pcr_selections_keep_their_bank_order(tcti, pcrs):
+    """Values are reported in the quote's selection order, also past 8 PCRs per read."""
+    with TpmQuoter(tcti, pcrs) as quoter:
+        block = quoter.quote("banks")
+    assert block["pcr_banks"] == pcrs
+    assert verify_tpm_attestation(block, "banks").valid
+
+
+def test_quoter_survives_a_tpm_restart(caplog):
+    """After a power cycle the primary's saved context is dead; the quoter makes a new one."""
+    if shutil.which("swtpm_ioctl") is None:
+        pytest.skip("TPM restart test needs swtpm_ioctl (Debian package swtpm-tools)")
+    with running_swtpm() as tcti, TpmQuoter(tcti) as quoter:
+        assert verify_tpm_attestation(quoter.quote("one"), "one").valid
+        ctrl_port = int(tcti.rsplit("=", 1)[1]) + 1
+        _tpm2(tcti, "swtpm_ioctl", "--tcp", f"127.0.0.1:{ctrl_port}", "-i")
+        _tpm2(tcti, "tpm2_startup", "-c")
+        with caplog.at_level(logging.INFO, logger="nomyo.attestation.quote"):
+            assert verify_tpm_attestation(quoter.quote("two"), "two").valid
+    assert "re-creating the TPM storage primary" in caplog.text
