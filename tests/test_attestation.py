@@ -58,6 +58,8 @@ def test_vector_verifies(name):
     assert VECTORS[name]["aik_alg"].endswith(result.signature_scheme)
     assert result.pcr_values == VECTORS[name]["pcr_values"]
     assert result.aik_certified is False
+    assert result.firmware_version == 0x2019102300163636  # swtpm / libtpms, per the README
+    assert set(result.clock_info) == {"clock", "reset_count", "restart_count", "safe"}
     assert "not certified" in result.note and "not certified" in AttestationResult.__doc__
 
 

@@ -98,6 +98,8 @@ class AttestationResult:
     pcr_values: dict[str, dict[str, str]] | None = None  # as quoted, when the digest matched
     aik_name: str | None = None  # hex TPM Name of the AIK
     qualified_signer: str | None = None  # hex, from the quote (parent QN not carried)
+    firmware_version: int | None = None  # TPMS_ATTEST.firmwareVersion (vendor-defined)
+    clock_info: dict[str, int] | None = None  # clock (ms), resetCount, restartCount, safe
     aik_certified: bool = False  # always False: no endorsement-key certificate is checked
     note: ClassVar[str] = NOT_CERTIFIED_NOTE
 
@@ -116,6 +118,8 @@ class AttestationResult:
             "signature_scheme": self.signature_scheme,
             "aik_name": self.aik_name,
             "qualified_signer": self.qualified_signer,
+            "firmware_version": self.firmware_version,
+            "clock_info": self.clock_info,
             "aik_certified": self.aik_certified,
             "note": self.note,
         }
@@ -330,7 +334,12 @@ def _verify(attestation: Mapping[str, Any], payload_id: Any, expected_pcrs: Any,
 
     if attest is None:
         return
-    c.values["qualified_signer"] = attest.qualified_signer.hex()
+    c.values.update(
+        qualified_signer=attest.qualified_signer.hex(),
+        firmware_version=attest.firmware_version,
+        clock_info={"clock": attest.clock, "reset_count": attest.reset_count,
+                    "restart_count": attest.restart_count, "safe": int(attest.safe)},
+    )
     if aik is not None and not _qualified_signer_consistent(attest.qualified_signer, aik):
         c.fail(Reason.QUALIFIED_SIGNER_INCONSISTENT)
     _check_nonce(attest.extra_data, payload_id, c)
