@@ -7,6 +7,7 @@ import logging
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import uuid
 
@@ -126,18 +127,23 @@ def test_concurrent_quotes_are_serialised_and_leave_no_transient_objects(tcti, e
     assert "0x80" not in _tpm2(tcti, "tpm2_getcap", "handles-transient")
 
 
-def test_unreachable_tpm_is_a_typed_error():
+def test_unreachable_tpm_is_a_typed_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket is closed
     with pytest.raises(AttestationError) as info:
         TpmQuoter(f"swtpm:host=127.0.0.1,port={port}")
     assert isinstance(info.value, SecurityError) and str(port) in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no working directory left behind
 
 
-def test_closed_quoter_refuses(tcti):
+def test_closed_quoter_refuses_and_leaves_nothing(tcti, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     quoter = TpmQuoter(tcti)
+    assert len(list(tmp_path.iterdir())) == 1
     quoter.close()
+    assert list(tmp_path.iterdir()) == []
     quoter.close()
     with pytest.raises(AttestationError):
         quoter.quote("x")

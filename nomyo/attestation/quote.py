@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,16 +75,18 @@ class TpmQuoter:
         self.pcr_banks = _canonical_banks(self._selections)
         self._key_spec, self._scheme, self._hash = AIK_KINDS[aik]
         self._timeout = timeout
-        self._env = dict(os.environ, TPM2TOOLS_TCTI=tcti)
+        # The tools get only what they need, never the server's other variables (API keys).
+        self._env = {"PATH": os.environ.get("PATH", os.defpath), "TPM2TOOLS_TCTI": tcti}
         self._raw_binding = True  # dropped for good if the TPM refuses raw payload ids
         self._lock = threading.Lock()
         self._dir = Path(tempfile.mkdtemp(prefix="nomyo-tpm-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         self._closed = False
         try:
             with self._lock:
                 self._create_primary()
         except BaseException:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._cleanup()
             raise
 
     # ---- public ----
@@ -110,10 +113,11 @@ class TpmQuoter:
         raise AttestationError("PCR values kept changing while quoting")
 
     def close(self) -> None:
-        """Forget the primary's context and remove the working directory (idempotent)."""
+        """Forget the primary's context and remove the working directory (idempotent; also
+        done when the quoter is garbage-collected or the interpreter exits)."""
         with self._lock:
             self._closed = True
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._cleanup()
 
     def __enter__(self) -> Self:
         return self
