@@ -152,6 +152,7 @@ def test_extra_reported_pcr_is_rejected():
     ("sha384:0,7,10", Reason.PCR_SELECTION_MISMATCH),
     ("sha256:0,7,10+sha1:0", Reason.PCR_SELECTION_MISMATCH),
     ("sha256:0,7,99", Reason.PCR_BANKS_INVALID),
+    ("sha256:\u0660,\u0667,\u0661\u0660", Reason.PCR_BANKS_INVALID),  # Arabic-Indic digits
     ("md5:0,7,10", Reason.PCR_BANKS_INVALID),
     ("sha256", Reason.PCR_BANKS_INVALID),
     ("sha256:0,7,10+sha256:0", Reason.PCR_BANKS_INVALID),

@@ -140,7 +140,8 @@ def parse_pcr_banks(text: Any) -> tuple[ts.PcrSelection, ...]:
         indices = set()
         for item in idx_text.split(","):
             item = item.strip()
-            if not item.isdecimal() or len(item) > 2 or int(item) >= ts.MAX_PCR_INDEX:
+            ascii_number = item.isascii() and item.isdigit() and len(item) <= 2
+            if not ascii_number or int(item) >= ts.MAX_PCR_INDEX:
                 raise ts.TpmFormatError(Reason.PCR_BANKS_INVALID, "index")
             indices.add(int(item))
         selections.append(ts.PcrSelection(alg, tuple(sorted(indices))))
