@@ -127,6 +127,7 @@ def test_each_changed_pcr_value_is_rejected(name):
     {"sha256": {}},
     {"sha256": {"0": "00", "7": "00", "10": "00"}},
     {"sha256": {"0": "zz" * 32, "7": "00" * 32, "10": "00" * 32}},
+    {"sha256": {"0": "0 " * 32, "7": "00" * 32, "10": "00" * 32}},
     {"sha1": {"0": "00" * 20, "7": "00" * 20, "10": "00" * 20}},
     "sha256:0",
     None,
@@ -256,7 +257,9 @@ def test_expected_pcrs_mismatch(expected):
 @pytest.mark.parametrize("expected", [{}, [], "sha256:0", {"sha256": []}, {"md5": {0: "00"}},
                                       {"sha256": {0: "zz"}}, {"sha256": {"x": "00"}},
                                       {"sha256": {-1: "00"}}, {"sha256": {True: "00"}},
-                                      {"sha256": {0: None}}])
+                                      {"sha256": {0: None}}, {"sha256": {0: "00"}},
+                                      {"sha256": {0: "00 " * 31 + "00"}},
+                                      {"sha256": {"1_0": "00" * 32}}])
 def test_malformed_expected_pcrs(expected):
     result = verify(NAMES[0], expected_pcrs=expected)
     assert not result.valid and result.expected_pcrs_match is False

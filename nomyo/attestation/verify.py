@@ -125,6 +125,25 @@ class AttestationResult:
         }
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _hex_digest(value: Any, size: int) -> bytes | None:
+    """Exactly `size` bytes written as 2 * size hex digits (nothing else), or None."""
+    if isinstance(value, str) and len(value) == 2 * size and _HEX_DIGITS.issuperset(value):
+        return bytes.fromhex(value)
+    return None
+
+
+def _pcr_index(value: Any) -> int | None:
+    """A PCR index from an int or a string of at most two ASCII digits, or None."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 2:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < ts.MAX_PCR_INDEX:
+        return value
+    return None
+
+
 def parse_pcr_banks(text: Any) -> tuple[ts.PcrSelection, ...]:
     """Parse `sha256:0,7,10` (banks joined by `+`, as tpm2-tools writes) into selections."""
     if not isinstance(text, str) or not text or len(text) > MAX_PCR_BANKS_CHARS:
@@ -139,11 +158,10 @@ def parse_pcr_banks(text: Any) -> tuple[ts.PcrSelection, ...]:
         seen_banks.add(alg)
         indices = set()
         for item in idx_text.split(","):
-            item = item.strip()
-            ascii_number = item.isascii() and item.isdigit() and len(item) <= 2
-            if not ascii_number or int(item) >= ts.MAX_PCR_INDEX:
+            index = _pcr_index(item.strip())
+            if index is None:
                 raise ts.TpmFormatError(Reason.PCR_BANKS_INVALID, "index")
-            indices.add(int(item))
+            indices.add(index)
         selections.append(ts.PcrSelection(alg, tuple(sorted(indices))))
     if len(selections) > ts.MAX_PCR_BANKS:
         raise ts.TpmFormatError(Reason.PCR_BANKS_INVALID, "too many banks")
@@ -180,13 +198,11 @@ def _pcr_values(reported: Any, selections: tuple[ts.PcrSelection, ...]
             raise ts.TpmFormatError(Reason.PCR_VALUES_INVALID, name)
         for idx in sel.indices:
             value = bank.get(str(idx))
-            if not isinstance(value, str) or len(value) != 2 * size:
+            digest = _hex_digest(value, size)
+            if digest is None:
                 raise ts.TpmFormatError(Reason.PCR_VALUES_INVALID, f"{name}:{idx}")
-            try:
-                values.append(bytes.fromhex(value))
-            except ValueError:
-                raise ts.TpmFormatError(Reason.PCR_VALUES_INVALID, f"{name}:{idx}") from None
-            normalised[name][str(idx)] = value.lower()
+            values.append(digest)
+            normalised[name][str(idx)] = digest.hex()
     return values, normalised
 
 
@@ -200,15 +216,12 @@ def _normalise_expected(expected: Any) -> dict[str, dict[int, bytes]]:
             raise ts.TpmFormatError(Reason.EXPECTED_PCRS_INVALID, "bank")
         if not isinstance(values, Mapping) or not values:
             raise ts.TpmFormatError(Reason.EXPECTED_PCRS_INVALID, "values")
+        size = ts.HASH_ALGS[ts.HASH_IDS_BY_NAME[bank.lower()]][1]
         bank_out = out.setdefault(bank.lower(), {})
         for idx, value in values.items():
-            try:
-                index = int(idx)
-                digest = bytes.fromhex(value)
-            except (TypeError, ValueError):
-                raise ts.TpmFormatError(Reason.EXPECTED_PCRS_INVALID, "entry") from None
-            if isinstance(idx, bool) or not 0 <= index < ts.MAX_PCR_INDEX:
-                raise ts.TpmFormatError(Reason.EXPECTED_PCRS_INVALID, "index")
+            index, digest = _pcr_index(idx), _hex_digest(value, size)
+            if index is None or digest is None:
+                raise ts.TpmFormatError(Reason.EXPECTED_PCRS_INVALID, "entry")
             bank_out[index] = digest
     return out
 
