@@ -318,34 +318,9 @@ def _verify(attestation: Mapping[str, Any], payload_id: Any, expected_pcrs: Any,
     attest = _parse(ts.parse_attest, raw["quote_b64"], c)
     sig = _parse(ts.parse_signature, raw["signature_b64"], c)
     aik = _parse(ts.parse_public, raw["aik_pubkey_b64"], c)
-    key = None
-    if aik is not None:
-        c.values["aik_name"] = aik.name.hex()
-        c.values["aik_restricted_signing"] = aik.restricted_signing and aik.attestation_profile
-        if not aik.restricted_signing:
-            c.fail(Reason.AIK_NOT_RESTRICTED_SIGNING)
-        elif not aik.attestation_profile:
-            c.fail(Reason.AIK_ATTRIBUTES_INVALID)
-        try:
-            key = _public_key(aik)
-        except ts.TpmFormatError as exc:
-            c.fail(exc.reason)
-        except (ValueError, TypeError):
-            c.fail(Reason.AIK_KEY_INVALID)
+    key = _check_aik(aik, c) if aik is not None else None
     if sig is not None:
-        c.values["signature_scheme"] = (
-            f"{ts.SIG_SCHEME_NAMES[sig.sig_alg]}-{ts.HASH_ALGS[sig.hash_alg][0]}")
-        if aik is not None:
-            matches = aik.scheme == sig.sig_alg and aik.scheme_hash == sig.hash_alg
-            c.values["scheme_matches"] = matches
-            if not matches:
-                c.fail(Reason.AIK_SCHEME_MISMATCH)
-        if key is not None:
-            ok = _signature_valid(key, sig, raw["quote_b64"])
-            c.values["signature_valid"] = ok
-            if not ok:
-                c.fail(Reason.SIGNATURE_INVALID)
-
+        _check_signature(sig, aik, key, raw["quote_b64"], c)
     if attest is None:
         return
     c.values.update(
@@ -359,6 +334,40 @@ def _verify(attestation: Mapping[str, Any], payload_id: Any, expected_pcrs: Any,
     _check_nonce(attest.extra_data, payload_id, c)
     if sig is not None:
         _check_pcrs(attest, sig.hash_alg, attestation, expected_pcrs, c)
+
+
+def _check_aik(aik: ts.PublicKey, c: _Checks) -> Any:
+    """Attributes of the AIK; returns its `cryptography` key, or None when unusable."""
+    c.values["aik_name"] = aik.name.hex()
+    c.values["aik_restricted_signing"] = aik.restricted_signing and aik.attestation_profile
+    if not aik.restricted_signing:
+        c.fail(Reason.AIK_NOT_RESTRICTED_SIGNING)
+    elif not aik.attestation_profile:
+        c.fail(Reason.AIK_ATTRIBUTES_INVALID)
+    try:
+        return _public_key(aik)
+    except ts.TpmFormatError as exc:
+        c.fail(exc.reason)
+    except (ValueError, TypeError):
+        c.fail(Reason.AIK_KEY_INVALID)
+    return None
+
+
+def _check_signature(sig: ts.Signature, aik: ts.PublicKey | None, key: Any, quote: bytes,
+                     c: _Checks) -> None:
+    """The AIK's scheme must be the signature's, and the signature must verify."""
+    c.values["signature_scheme"] = (
+        f"{ts.SIG_SCHEME_NAMES[sig.sig_alg]}-{ts.HASH_ALGS[sig.hash_alg][0]}")
+    if aik is not None:
+        matches = aik.scheme == sig.sig_alg and aik.scheme_hash == sig.hash_alg
+        c.values["scheme_matches"] = matches
+        if not matches:
+            c.fail(Reason.AIK_SCHEME_MISMATCH)
+    if key is not None:
+        ok = _signature_valid(key, sig, quote)
+        c.values["signature_valid"] = ok
+        if not ok:
+            c.fail(Reason.SIGNATURE_INVALID)
 
 
 def _parse(parser: Callable[[bytes], Any], data: bytes, c: _Checks) -> Any:
