@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import multiprocessing
+import os
 import shutil
 import socket
 import subprocess
@@ -221,3 +223,34 @@ def test_an_independent_verifier_agrees(tcti, aik, tmp_path):
     (tmp_path / "quote.msg").write_bytes(bytes(quote))
     block["quote_b64"] = base64.b64encode(bytes(quote)).decode()
     assert checkquote() != 0 and not verify_tpm_attestation(block, "oracle").valid
+
+
+def _quote_in_child(quoter: TpmQuoter, tag: str) -> None:
+    """Child body: several quotes that must all verify; the exit code reports it."""
+    ok = True
+    for n in range(3):
+        payload_id = f"{tag}-{n}"
+        try:
+            ok = ok and verify_tpm_attestation(quoter.quote(payload_id), payload_id).valid
+        except Exception:  # noqa: BLE001 - reported through the exit code
+            ok = False
+    os._exit(0 if ok else 1)
+
+
+def test_forked_workers_share_the_tpm_safely(tcti):
+    """`nomyo serve --workers N` forks after making the quoter: the children and the parent
+    quote at the same time without flushing each other's objects, and a child exiting does
+    not remove the parent's working directory."""
+    ctx = multiprocessing.get_context("fork")
+    with TpmQuoter(tcti) as quoter:
+        children = [ctx.Process(target=_quote_in_child, args=(quoter, f"child{n}"))
+                    for n in range(3)]
+        for child in children:
+            child.start()
+        parent_ok = [verify_tpm_attestation(quoter.quote(f"parent-{n}"), f"parent-{n}").valid
+                     for n in range(3)]
+        for child in children:
+            child.join(timeout=120)
+        assert [child.exitcode for child in children] == [0, 0, 0]
+        assert parent_ok == [True, True, True]
+        assert verify_tpm_attestation(quoter.quote("after"), "after").valid
