@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import random
 import time
 
@@ -12,6 +13,8 @@ import pytest
 from nomyo.attestation import AttestationResult, Reason, verify_tpm_attestation
 from nomyo.attestation import tpm_structures as ts
 from tests.tpm_fixtures import BLOCK_KEYS, FIELDS, block_of, load_vectors
+
+log = logging.getLogger(__name__)
 
 SEED = 20261122
 CASES = 10_000
@@ -128,7 +131,7 @@ def test_ten_thousand_random_and_mutated_blocks_never_escape():
             # the catch-all is a safety net only: every input must fail on a named check
             assert Reason.VERIFIER_ERROR not in result.reasons, (i, json.dumps(block)[:500])
     elapsed = time.perf_counter() - start
-    print(f"fuzz: {CASES} blocks in {elapsed:.2f} s, {valid} valid (untouched quotes)")
+    log.info("fuzz: %d blocks in %.2f s, %d valid (untouched quotes)", CASES, elapsed, valid)
 
 
 def test_non_dict_blocks_raise_type_error_only():
