@@ -112,7 +112,7 @@ class TpmQuoter:
             with self._tpm():
                 pass  # the first use creates this process's storage primary
         except BaseException:
-            self._cleanup()
+            self.close()
             raise
 
     # ---- public ----
