@@ -108,6 +108,15 @@ def test_secure_bytearray_wipes_the_caller_and_releases_on_error():
     assert kept.closed
 
 
+def test_secure_bytearray_keeps_the_published_lock_switch():
+    with secure_bytearray(bytearray(b"abc"), lock=False) as unlocked:
+        assert not unlocked.locked and unlocked.data.tobytes() == b"abc"
+    with secure_bytearray(b"abc") as locked:
+        assert locked.locked
+    with pytest.warns(DeprecationWarning), nomyo.secure_bytes(b"xyz") as old:
+        assert old.data.tobytes() == b"xyz"
+
+
 def test_public_names_are_exported_from_the_package():
     assert nomyo.SecureBuffer is SecureBuffer
     assert nomyo.secure_bytearray is secure_bytearray

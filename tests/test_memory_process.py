@@ -246,3 +246,21 @@ def test_fallback_backend_is_reported_and_still_works():
             print("refused", exc)
     """, NOMYO_BACKEND="fallback", NOMYO_REQUIRE_SECURE_MEMORY="1")
     assert refused.stdout.startswith("refused")
+
+
+def test_missing_compiled_modules_fall_back_and_say_why(tmp_path):
+    # -S: no site hooks, so an editable install cannot supply the modules from the checkout
+    import shutil
+
+    from tests.helpers import ROOT
+    shutil.copytree(os.path.join(ROOT, "nomyo"), tmp_path / "nomyo",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", "import nomyo, json; i = nomyo.get_memory_protection_info(); "
+         "print(json.dumps([i['backend'], i['fallback_reason'], nomyo.__file__]))"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    backend, reason, where = json.loads(proc.stdout)
+    assert backend == "fallback" and "_pyobjects" in reason and where.startswith(str(tmp_path))
+    assert "fallback" in proc.stderr  # logged as a warning, never silent

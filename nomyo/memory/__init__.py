@@ -32,10 +32,11 @@ else:
 
 
 @contextmanager
-def secure_bytearray(data: Any) -> Iterator[SecureBuffer]:
+def secure_bytearray(data: Any, lock: bool = True) -> Iterator[SecureBuffer]:
     """Move data into secure memory for the block: the caller's bytearray is wiped at once,
-    the yielded buffer (`.data` is a writable view) is wiped and released on exit."""
-    buf = SecureBuffer.copy_of(data)
+    the yielded buffer (`.data` is a writable view) is wiped and released on exit.
+    `lock=False` skips locking for this buffer (published signature)."""
+    buf = SecureBuffer.copy_of(data, lock=None if lock else False)
     if isinstance(data, bytearray):
         data[:] = bytes(len(data))
     try:
@@ -46,11 +47,11 @@ def secure_bytearray(data: Any) -> Iterator[SecureBuffer]:
 
 
 @contextmanager
-def secure_bytes(data: Any) -> Iterator[SecureBuffer]:
+def secure_bytes(data: Any, lock: bool = True) -> Iterator[SecureBuffer]:
     """Deprecated alias of secure_bytearray, kept for code written for the published client."""
     warnings.warn("secure_bytes is deprecated; use secure_bytearray", DeprecationWarning,
                   stacklevel=3)
-    with secure_bytearray(data) as buf:
+    with secure_bytearray(data, lock) as buf:
         yield buf
 
 

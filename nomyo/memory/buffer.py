@@ -96,11 +96,11 @@ class _SecretPolicy:
         return buf
 
     @classmethod
-    def copy_of(cls, data: Any) -> Any:
+    def copy_of(cls, data: Any, *, lock: bool | None = None) -> Any:
         """A new buffer holding a copy of any bytes-like object."""
         with memoryview(data) as src:
             flat = src.cast("B") if src.format != "B" or src.ndim != 1 else src
-            buf = cls(flat.nbytes)
+            buf = cls(flat.nbytes, lock=lock)
             with memoryview(buf) as dst:
                 dst[:] = flat
             if flat is not src:
