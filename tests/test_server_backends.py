@@ -1,4 +1,5 @@
 """Backends: the echo model's shape, and forwarding to a real OpenAI-compatible HTTP server."""
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,33 @@ from tests.server_fixtures import (
     vector_keys,
 )
 
-TOOLS = [{"type": "function", "function": {
-    "name": "lookup", "parameters": {"type": "object", "properties": {
-        "query": {"type": "string"}, "limit": {"type": "integer"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+            },
+        },
+    }
+]
 
 
 def test_echo_is_deterministic_and_realistic() -> None:
-    request = {"model": "m", "messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "first"},
-        {"role": "assistant", "content": "ok"},
-        {"role": "user", "content": [{"type": "text", "text": "last "}, {"type": "text", "text": "one"}]},
-    ]}
+    request = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "ok"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "last "}, {"type": "text", "text": "one"}],
+            },
+        ],
+    }
     first, second = EchoBackend().complete(request), EchoBackend().complete(request)
     assert first["id"] == second["id"] and first["choices"] == second["choices"]
     assert first["object"] == "chat.completion" and first["model"] == "m"
@@ -81,10 +97,23 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             self._reply(200, b"<html>not json")
         else:
             request = json.loads(body)
-            answer = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": request["model"],
-                      "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                          "role": "assistant", "content": "fake: " + request["messages"][-1]["content"]}}],
-                      "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+            answer = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": 1,
+                "model": request["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {
+                            "role": "assistant",
+                            "content": "fake: " + request["messages"][-1]["content"],
+                        },
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            }
             self._reply(200, json.dumps(answer).encode())
 
     def _reply(self, status: int, body: bytes) -> None:
@@ -112,9 +141,12 @@ def fake_backend():
 
 
 def _ask(srv, text: str = "to the backend", **extra) -> requests.Response:
-    return requests.post(srv.url + COMPLETION, timeout=30,
-                         data=seal_request(chat_request(text, **extra), srv.public_key_pem),
-                         headers=completion_headers(vector_keys()["client_public_pem"]))
+    return requests.post(
+        srv.url + COMPLETION,
+        timeout=30,
+        data=seal_request(chat_request(text, **extra), srv.public_key_pem),
+        headers=completion_headers(vector_keys()["client_public_pem"]),
+    )
 
 
 def test_forwards_to_openai_compatible_backend(fake_backend) -> None:
@@ -130,13 +162,15 @@ def test_forwards_to_openai_compatible_backend(fake_backend) -> None:
     assert forwarded == chat_request("héllo backend", temperature=0.2, tools=TOOLS)
 
 
-@pytest.mark.parametrize(("mode", "status"), [("error", 502), ("unavailable", 503),
-                                              ("garbage", 502), ("slow", 504)])
+@pytest.mark.parametrize(
+    ("mode", "status"), [("error", 502), ("unavailable", 503), ("garbage", 502), ("slow", 504)]
+)
 def test_backend_failures_become_json_5xx(fake_backend, mode, status) -> None:
     _FakeOpenAI.mode = mode
     try:
-        with start_background(key=keypair("server"), backend=fake_backend,
-                              backend_timeout=0.5) as srv:
+        with start_background(
+            key=keypair("server"), backend=fake_backend, backend_timeout=0.5
+        ) as srv:
             response = _ask(srv)
             assert response.status_code == status
             detail = response.json()["detail"]

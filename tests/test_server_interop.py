@@ -1,6 +1,7 @@
 """Interop: the published `nomyo==0.2.9` client from PyPI, unchanged, in its own throwaway venv,
 talks to `python -m nomyo.server` (echo backend): 50 sequential and 50 concurrent (16 at a time)
 requests each get the echo of their own message, with `_metadata`."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PUBLISHED = "nomyo==0.2.9"
 
-CLIENT_SCRIPT = r'''
+CLIENT_SCRIPT = r"""
 import asyncio, json, sys
 from nomyo import SecureChatCompletion
 
@@ -48,7 +49,7 @@ async def main(url):
     print(json.dumps({"failures": failures, "done": len(set(done))}))
 
 asyncio.run(main(sys.argv[1]))
-'''
+"""
 
 
 @pytest.fixture(scope="session")
@@ -57,18 +58,30 @@ def published_client_python(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("nomyo029-venv")
     venv.create(folder, with_pip=True, clear=True)
     python = str(folder / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                              PUBLISHED], capture_output=True, text=True, timeout=900, check=False)
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", PUBLISHED],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     if install.returncode != 0:
-        pytest.fail(f"pip install {PUBLISHED} failed (the package registry is required):\n"
-                    f"{install.stderr[-2000:]}")
+        pytest.fail(
+            f"pip install {PUBLISHED} failed (the package registry is required):\n"
+            f"{install.stderr[-2000:]}"
+        )
     return python
 
 
 @pytest.mark.slow
 def test_published_client_against_nomyo_serve(published_client_python, tmp_path) -> None:
-    server = subprocess.Popen([sys.executable, "-m", "nomyo.server", "--port", "0"], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "nomyo.server", "--port", "0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = server.stdout.readline()
         match = re.search(r"listening on (\S+)", line)
@@ -77,9 +90,15 @@ def test_published_client_against_nomyo_serve(published_client_python, tmp_path)
         script.write_text(CLIENT_SCRIPT)
         # -I: isolated mode, so the published package is imported, never this checkout's.
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        run = subprocess.run([published_client_python, "-I", str(script), match.group(1)],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env,
-                             check=False)
+        run = subprocess.run(
+            [published_client_python, "-I", str(script), match.group(1)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+            check=False,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         result = json.loads(run.stdout.strip().splitlines()[-1])
         assert result == {"failures": [], "done": 100}

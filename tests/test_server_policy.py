@@ -1,4 +1,5 @@
 """Server policy over HTTP: API keys (401), tier policy (403), rate limit (429 + Retry-After)."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,12 @@ from tests.server_fixtures import (
 
 def _post(srv, obj=None, **headers: str) -> requests.Response:
     body = seal_request(obj or chat_request(), srv.public_key_pem)
-    return requests.post(srv.url + COMPLETION, data=body, timeout=30,
-                         headers=completion_headers(vector_keys()["client_public_pem"], **headers))
+    return requests.post(
+        srv.url + COMPLETION,
+        data=body,
+        timeout=30,
+        headers=completion_headers(vector_keys()["client_public_pem"], **headers),
+    )
 
 
 def test_api_key_file(tmp_path) -> None:
@@ -62,7 +67,9 @@ def test_tier_policy_file(tmp_path) -> None:
         default = _post(srv)  # no tier asked: the lowest the model allows
         assert open_response(default.content)[0]["_metadata"]["security_tier"] == "high"
         # an in-payload security_tier (nomyo-js) is an ordinary field, never used for routing
-        sneaky = _post(srv, chat_request(security_tier="maximum"), **{"X-Security-Tier": "standard"})
+        sneaky = _post(
+            srv, chat_request(security_tier="maximum"), **{"X-Security-Tier": "standard"}
+        )
         assert sneaky.status_code == 403
 
 

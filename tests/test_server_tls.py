@@ -1,4 +1,5 @@
 """TLS: a client trusting the test CA completes a secure completion; one that does not, cannot."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,9 @@ def tls_server(tmp_path_factory):
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
     ca.cert_pem.write_to_path(str(ca_file))
-    with start_background(key=keypair("server"), tls_cert=str(cert_file),
-                          tls_key=str(key_file)) as srv:
+    with start_background(
+        key=keypair("server"), tls_cert=str(cert_file), tls_key=str(key_file)
+    ) as srv:
         yield srv, str(ca_file)
 
 
@@ -38,9 +40,13 @@ def test_trusted_client_completes_over_tls(tls_server) -> None:
     # verify= per call: a session-level verify loses to $REQUESTS_CA_BUNDLE in requests
     with requests.Session() as session:
         pem = session.get(srv.url + "/pki/public_key", verify=ca_file, timeout=10).text
-        response = session.post(srv.url + COMPLETION, timeout=30, verify=ca_file,
-                                data=seal_request(chat_request("over TLS"), pem),
-                                headers=completion_headers(vector_keys()["client_public_pem"]))
+        response = session.post(
+            srv.url + COMPLETION,
+            timeout=30,
+            verify=ca_file,
+            data=seal_request(chat_request("over TLS"), pem),
+            headers=completion_headers(vector_keys()["client_public_pem"]),
+        )
         assert response.status_code == 200
         assert "over TLS" in open_response(response.content)[0]["choices"][0]["message"]["content"]
 

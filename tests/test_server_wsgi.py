@@ -1,4 +1,5 @@
-"""The same application under a production WSGI server (waitress), configured from the environment."""
+"""The same application under a production WSGI server (waitress), configured by environment."""
+
 from __future__ import annotations
 
 import os
@@ -29,11 +30,28 @@ def test_runs_under_waitress(tmp_path) -> None:
     pair = KeyPair.generate(2048)
     pair.save(tmp_path, password="pw")
     (tmp_path / "api_keys").write_text("wsgi-key\n")
-    env = {**os.environ, "NOMYO_KEY_FILE": str(tmp_path / "private_key.pem"),
-           "NOMYO_KEY_PASSWORD": "pw", "NOMYO_API_KEY_FILE": str(tmp_path / "api_keys")}
-    proc = subprocess.Popen([sys.executable, "-m", "waitress", "--listen=127.0.0.1:0", "--threads=4",
-                             "--call", "nomyo.server.wsgi:create_app"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "NOMYO_KEY_FILE": str(tmp_path / "private_key.pem"),
+        "NOMYO_KEY_PASSWORD": "pw",
+        "NOMYO_API_KEY_FILE": str(tmp_path / "api_keys"),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "waitress",
+            "--listen=127.0.0.1:0",
+            "--threads=4",
+            "--call",
+            "nomyo.server.wsgi:create_app",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = None
         for _ in range(50):
@@ -43,8 +61,9 @@ def test_runs_under_waitress(tmp_path) -> None:
                 break
         assert url, "waitress did not start"
         assert requests.get(url + "/pki/public_key", timeout=10).text == pair.public_pem
-        headers = completion_headers(vector_keys()["client_public_pem"],
-                                     Authorization="Bearer wsgi-key")
+        headers = completion_headers(
+            vector_keys()["client_public_pem"], Authorization="Bearer wsgi-key"
+        )
         body = seal_request(chat_request("through WSGI"), pair.public_pem)
         ok = requests.post(url + COMPLETION, data=body, headers=headers, timeout=30)
         assert ok.status_code == 200, ok.text
@@ -53,8 +72,12 @@ def test_runs_under_waitress(tmp_path) -> None:
         assert obj["_metadata"]["payload_id"] == headers["X-Payload-ID"]
         bad = requests.post(url + COMPLETION, data=b"junk", headers=headers, timeout=30)
         assert bad.status_code == 400 and bad.json()["detail"]
-        unauthorized = requests.post(url + COMPLETION, data=body, timeout=30,
-                                     headers={**headers, "Authorization": "Bearer nope"})
+        unauthorized = requests.post(
+            url + COMPLETION,
+            data=body,
+            timeout=30,
+            headers={**headers, "Authorization": "Bearer nope"},
+        )
         assert unauthorized.status_code == 401
         assert requests.get(url + "/health", timeout=10).json()["status"] == "ok"
     finally:

@@ -4,6 +4,7 @@ Standard library only (`http.server`), so `nomyo serve` needs nothing beyond the
 dependencies. Every socket operation has a timeout and a request body must arrive within
 `body_timeout`, so a slow or oversized client cannot pin a worker.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(error_response(400, "invalid Content-Length"))
             return
         self._unread = content_length or 0
-        response = self.server.app.handle(self.command, self.path, headers, content_length,
-                                          self._read_body, self.client_address[0])
+        response = self.server.app.handle(
+            self.command,
+            self.path,
+            headers,
+            content_length,
+            self._read_body,
+            self.client_address[0],
+        )
         if self._unread:
             self.close_connection = True  # the body was refused unread: cannot reuse the stream
         self._send(response)
@@ -164,8 +171,9 @@ class EmbeddedServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         if ssl_context is not None:
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True,
-                                                  do_handshake_on_connect=False)
+            self.socket = ssl_context.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -173,8 +181,9 @@ class EmbeddedServer(ThreadingHTTPServer):
             return
         with self._lock:
             self._connections[request] = False
-        thread = threading.Thread(target=self.process_request_thread,
-                                  args=(request, client_address), daemon=True)
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), daemon=True
+        )
         with self._lock:
             self._workers.add(thread)
         thread.start()
@@ -194,9 +203,13 @@ class EmbeddedServer(ThreadingHTTPServer):
             body = b'{"detail": "server busy: too many connections"}'
             try:
                 request.settimeout(1.0)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
-                                b"\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: "
-                                + str(len(body)).encode() + b"\r\n\r\n" + body)
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                    b"\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
             except OSError:
                 pass
         self.shutdown_request(request)
@@ -208,8 +221,9 @@ class EmbeddedServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Client-side failures (TLS handshake refused, reset, timeouts) are routine: no traceback.
-        logger.debug("connection from %s ended: %s", client_address[0],
-                     type(sys.exc_info()[1]).__name__)
+        logger.debug(
+            "connection from %s ended: %s", client_address[0], type(sys.exc_info()[1]).__name__
+        )
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, close idle keep-alive connections, let requests in flight finish."""
@@ -245,8 +259,12 @@ class ServerHandle:
         self.port = port
         self.public_key_pem = server.app.keypair.public_pem
         self.fingerprint = server.app.keypair.fingerprint
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"nomyo-server-{port}", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"nomyo-server-{port}",
+            daemon=True,
+        )
         self._thread.start()
         self._stopped = False
 
@@ -257,7 +275,7 @@ class ServerHandle:
         self.server.stop(grace)
         self._thread.join(timeout=grace)
 
-    def __enter__(self) -> ServerHandle:  # noqa: PYI034
+    def __enter__(self) -> ServerHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -275,12 +293,14 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
-def serve_until_signalled(server: EmbeddedServer, *, on_ready: Callable[[str], None] | None = None,
-                          grace: float = 10.0) -> None:
+def serve_until_signalled(
+    server: EmbeddedServer, *, on_ready: Callable[[str], None] | None = None, grace: float = 10.0
+) -> None:
     """Serve in the foreground until SIGTERM or SIGINT, then shut down cleanly."""
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         handle = ServerHandle(server)
         if on_ready is not None:
