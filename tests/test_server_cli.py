@@ -153,3 +153,33 @@ def test_help_is_clear() -> None:
         "--tpm",
     ):
         assert flag in out
+
+
+def test_workers_share_port_and_key_and_stop_together(tmp_path) -> None:
+    psutil = pytest.importorskip("psutil", reason="psutil (runtime dependency) counts the workers")
+    pair = KeyPair.generate(2048)
+    pair.save(tmp_path)
+    proc = _serve("--workers", "2", "--key-file", str(tmp_path / "private_key.pem"))
+    try:
+        url = _url(proc)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        headers = completion_headers(vector_keys()["client_public_pem"])
+
+        def one(i: int) -> str:
+            body = seal_request(chat_request(f"worker {i}"), pair.public_pem)
+            response = requests.post(url + COMPLETION, data=body, headers=headers, timeout=30)
+            return open_response(response.content)[0]["choices"][0]["message"]["content"]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(one, range(12))) == [f"Echo: worker {i}" for i in range(12)]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)

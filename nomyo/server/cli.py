@@ -71,6 +71,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="socket timeout per read/write and keep-alive idle time (default 30)",
     )
     net.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="server processes sharing the port (default 1); RSA decryption holds "
+        "Python's GIL, so N > 1 is what uses more than one CPU core",
+    )
+    net.add_argument(
         "--max-connections",
         type=_positive_int,
         default=64,
@@ -201,9 +209,15 @@ def run_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    serve_until_signalled(server, on_ready=ready)
+    if args.workers > 1:
+        from nomyo.server.workers import serve_workers
+
+        status = serve_workers(server, args.workers, on_ready=ready)
+    else:
+        serve_until_signalled(server, on_ready=ready)
+        status = 0
     print("nomyo serve: stopped", flush=True)
-    return 0
+    return status
 
 
 def _attestor(tcti: str | None, pcrs: str) -> Any:

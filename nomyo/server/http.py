@@ -175,6 +175,12 @@ class EmbeddedServer(ThreadingHTTPServer):
                 self.socket, server_side=True, do_handshake_on_connect=False
             )
 
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self._refuse(request)
@@ -252,10 +258,8 @@ class ServerHandle:
     def __init__(self, server: EmbeddedServer) -> None:
         self.server = server
         self.app = server.app
-        host, port = server.server_address[:2]
-        scheme = "https" if server.ssl_context is not None else "http"
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"{scheme}://{shown}:{port}"
+        port = server.server_address[1]
+        self.url = server.url
         self.port = port
         self.public_key_pem = server.app.keypair.public_pem
         self.fingerprint = server.app.keypair.fingerprint
