@@ -37,6 +37,9 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.io_timeout  # per socket operation, incl. keep-alive idling
         super().setup()
+        # Answers are written in one piece; without NODELAY a keep-alive client's delayed ACK
+        # could still stall the next small write by ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()  # in this worker thread, never in the accept loop
 
@@ -116,9 +119,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        # Status line, headers and body leave in one write (one TCP segment for small answers).
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(response.body)
+            self._headers_buffer.append(response.body)
+        self.flush_headers()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Protocol-level errors of http.server (bad request line, huge headers) as JSON too."""
