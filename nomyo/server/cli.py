@@ -10,6 +10,7 @@ import ssl
 import sys
 from typing import Any
 
+from nomyo.errors import NomyoError
 from nomyo.keys import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
 
 KEY_PASSWORD_ENV = "NOMYO_KEY_PASSWORD"
@@ -189,7 +190,7 @@ def run_serve(args: argparse.Namespace) -> int:
             attestor=_attestor(args.tpm, args.tpm_pcrs),
             **options,
         )
-    except (ValueError, TypeError, OSError, ssl.SSLError) as err:
+    except (NomyoError, ValueError, TypeError, OSError, ssl.SSLError) as err:
         return _fail(err)
     try:
         server = EmbeddedServer(
