@@ -143,6 +143,7 @@ def _bad_bodies(server_pem: str) -> dict[str, bytes]:
         "wrong-key": seal_request(chat_request(), other.public_pem),
         "old-version": good.replace(b'"version":"1.0"', b'"version":"0.1"'),
         "not-a-chat-request": seal_request(["model", "messages"], server_pem),
+        "bare-string": seal_request("just a string", server_pem),
         "no-messages": seal_request({"model": "m", "messages": []}, server_pem),
         "stream": seal_request(chat_request(stream=True), server_pem),
     }
@@ -158,6 +159,7 @@ def _bad_bodies(server_pem: str) -> dict[str, bytes]:
         "wrong-key",
         "old-version",
         "not-a-chat-request",
+        "bare-string",
         "no-messages",
         "stream",
     ],

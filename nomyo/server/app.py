@@ -22,6 +22,7 @@ from nomyo.errors import PackageError, SecurityError
 from nomyo.memory import get_memory_protection_info
 from nomyo.server.backends import Backend, BackendError
 from nomyo.server.policy import DEFAULT_TIER, TIERS, ApiKeys, RateLimiter, TierPolicy
+from nomyo.server.scrub import wipe_tree
 
 logger = logging.getLogger("nomyo.server")
 
@@ -164,25 +165,31 @@ class SecureCompletionApp:
         except (PackageError, SecurityError) as err:
             raise HttpError(400, str(err)) from None
         del body
-        _check_completion_request(request)
-        tier = self._resolve_tier(request["model"], tier)
+        result: Any = None
         try:
-            result = self.backend.complete(request)
-        except BackendError as err:
-            raise HttpError(err.status, err.detail) from None
-        processed_at = int(time.time())
-        result["_metadata"] = {
-            "payload_id": payload_id,
-            "processed_at": processed_at,
-            "is_encrypted": True,
-            "response_status": "success",
-            "security_tier": tier,
-            "memory_protection": self._memory_protection,
-            "tpm_attestation": self._attest(payload_id),
-        }
-        sealed = envelope.seal_json(
-            result, client_key, tag_layout=info.tag_layout, processed_at=processed_at
-        )
+            _check_completion_request(request)
+            tier = self._resolve_tier(request["model"], tier)
+            try:
+                result = self.backend.complete(request)
+            except BackendError as err:
+                raise HttpError(err.status, err.detail) from None
+            processed_at = int(time.time())
+            result["_metadata"] = {
+                "payload_id": payload_id,
+                "processed_at": processed_at,
+                "is_encrypted": True,
+                "response_status": "success",
+                "security_tier": tier,
+                "memory_protection": dict(self._memory_protection),  # ours stays intact
+                "tpm_attestation": self._attest(payload_id),
+            }
+            sealed = envelope.seal_json(
+                result, client_key, tag_layout=info.tag_layout, processed_at=processed_at
+            )
+        finally:
+            # The answer first: it shares strings (model, user text) with the request.
+            wipe_tree(result)
+            wipe_tree(request)
         return Response(200, sealed)
 
     def _authenticate(self, headers: Mapping[str, str]) -> str | None:
