@@ -400,3 +400,22 @@ def test_nothing_secret_is_logged(caplog, client_pem) -> None:
     assert "POST /v1/chat/secure_completion 200" in text
     for secret in (marker, api_key, "PRIVATE KEY", client_pem.splitlines()[1]):
         assert secret not in text
+
+
+def test_internal_error_is_500_json_and_logs_no_message(caplog, client_pem) -> None:
+    class Broken:
+        name = "broken"
+
+        def complete(self, request: dict) -> dict:
+            raise KeyError(request["messages"][-1]["content"])  # a message quoting the prompt
+
+        def close(self) -> None:
+            pass
+
+    with caplog.at_level("DEBUG"), start_background(key=keypair("server")) as srv:
+        srv.app.backend = Broken()
+        body = seal_request(chat_request("SECRET-IN-EXCEPTION"), srv.public_key_pem)
+        response = _post(srv.url, body, completion_headers(client_pem))
+        assert response.status_code == 500
+        assert response.json() == {"detail": "internal server error"}
+    assert "KeyError at" in caplog.text and "SECRET-IN-EXCEPTION" not in caplog.text

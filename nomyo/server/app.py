@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -94,21 +95,25 @@ class SecureCompletionApp:
     ) -> Response:
         """Answer one request; `headers` keys are lowercase; `read_body(n)` returns n bytes."""
         started = time.perf_counter()
+        path = path.split("?", 1)[0]
         try:
-            response = self._route(
-                method, path.split("?", 1)[0], headers, content_length, read_body, client
-            )
+            response = self._route(method, path, headers, content_length, read_body, client)
         except HttpError as err:
             response = error_response(err.status, err.detail, err.headers)
-        except Exception:  # last resort: a 500 without traceback details
-            logger.exception("internal error handling %s %s", method, path.split("?", 1)[0])
+        except Exception as err:  # last resort: a 500, and a log line without the message
+            # An exception's message may quote request data: log its type and place only.
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            logger.error(
+                "internal error handling %s %s: %s at %s:%d",
+                method,
+                path,
+                type(err).__name__,
+                where.filename,
+                where.lineno,
+            )
             response = error_response(500, "internal server error")
         logger.info(
-            "%s %s %d %.1fms",
-            method,
-            path.split("?", 1)[0],
-            response.status,
-            (time.perf_counter() - started) * 1000,
+            "%s %s %d %.1fms", method, path, response.status, (time.perf_counter() - started) * 1000
         )
         return response
 
