@@ -344,6 +344,35 @@ def test_slow_client_cannot_pin_the_server(client_pem) -> None:
             assert idle.recv(100) == b""  # closed by the 1 s socket timeout
 
 
+def test_trickling_headers_or_body_are_cut_off_by_a_total_deadline(client_pem) -> None:
+    """A byte every 0.2 s never trips a 1 s per-read timeout; the phase deadline still does."""
+    with start_background(key=keypair("server"), timeout=1.0, body_timeout=1.0) as srv:
+        host, port = srv.url.rsplit("/", 1)[1].rsplit(":", 1)
+        headers = "".join(f"{k}: {v}\r\n" for k, v in completion_headers(client_pem).items())
+        post = f"POST {COMPLETION} HTTP/1.1\r\n{headers}Content-Length: 100\r\n\r\n"
+        for head, trickle in (
+            (b"GET /health HTTP/1.1\r\n", b"X-Slow: " + b"a" * 100),
+            (post.encode(), b"x" * 100),
+        ):
+            with socket.create_connection((host, int(port)), timeout=10) as slow:
+                slow.sendall(head)
+                started = time.monotonic()
+                try:
+                    for byte in trickle:
+                        slow.sendall(bytes([byte]))
+                        time.sleep(0.2)
+                except OSError:
+                    pass  # reset by the server: cut off
+                assert time.monotonic() - started < 4
+                slow.settimeout(5)
+                try:
+                    answer = slow.recv(65536)
+                except ConnectionResetError:
+                    answer = b""
+                assert answer == b"" or b" 408 " in answer.split(b"\r\n")[0]
+        assert _complete(srv, client_pem)["object"] == "chat.completion"
+
+
 def test_connection_cap_answers_503(client_pem) -> None:
     with start_background(key=keypair("server"), max_connections=2) as srv:
         host, port = srv.url.rsplit("/", 1)[1].rsplit(":", 1)

@@ -1,14 +1,17 @@
 """The embedded HTTP/1.1 server: keep-alive, a bounded thread per connection, optional TLS.
 
 Standard library only (`http.server`), so `nomyo serve` needs nothing beyond the runtime
-dependencies. Every socket operation has a timeout and a request body must arrive within
-`body_timeout`, so a slow or oversized client cannot pin a worker.
+dependencies. A request head (and keep-alive idling) must arrive within `timeout` in total
+and a body within `body_timeout`, however slowly it trickles, and oversized bodies are
+refused before reading: a slow or oversized client cannot pin a worker.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import signal
 import socket
 import ssl
@@ -28,6 +31,28 @@ DEFAULT_BODY_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 64
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's read side, bounded per phase: a request head (or keep-alive idling) must
+    arrive within `io_timeout` in total, a body within `body_timeout`, however slowly it trickles.
+    """
+
+    def __init__(self, sock: socket.socket, io_timeout: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._io_timeout = io_timeout
+        self.deadline = math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("read deadline passed")
+        self._sock.settimeout(min(self._io_timeout, remaining))
+        return self._sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "nomyo"
@@ -42,9 +67,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()  # in this worker thread, never in the accept loop
+        self.rfile.close()
+        self._reader = _DeadlineReader(self.connection, self.server.io_timeout)
+        self.rfile = io.BufferedReader(self._reader)
 
     def handle_one_request(self) -> None:
         self.server.mark(self.connection, busy=False)
+        self._reader.deadline = time.monotonic() + self.server.io_timeout  # idle + head, total
         super().handle_one_request()
 
     def parse_request(self) -> bool:
@@ -90,13 +119,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self, size: int) -> bytearray:
         """Exactly `size` body bytes (ciphertext), within the body deadline."""
         body = bytearray(size)
-        deadline = time.monotonic() + self.server.body_timeout
+        self._reader.deadline = time.monotonic() + self.server.body_timeout
         got = 0
         with memoryview(body) as view:
             while got < size:
-                if time.monotonic() > deadline:
-                    self.close_connection = True
-                    raise HttpError(408, "request body not received in time")
                 try:
                     n = self.rfile.readinto1(view[got:])
                 except (TimeoutError, OSError):
@@ -110,6 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _send(self, response: Response) -> None:
+        self.connection.settimeout(self.server.io_timeout)  # reads may have left it shorter
         if self.server.stopping:
             self.close_connection = True
         self.send_response(response.status)
