@@ -7,7 +7,8 @@ The floor is what protocol 1.0 cannot avoid for one small request: open the requ
 + AES-GCM), timed in this process in the same run. The server's CPU per request is read
 from the kernel's accounting of the `nomyo serve` process (and its workers) over a batch of
 keep-alive requests. Goal: server CPU within 1.25x of the floor, and throughput that grows
-past one request at a time (with --workers, since RSA decryption holds the GIL).
+past one request at a time (threads decrypt in parallel; --workers also spreads the Python
+parts). The machine's load is printed: on a shared box the throughput lines vary with it.
 """
 
 from __future__ import annotations

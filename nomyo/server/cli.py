@@ -77,8 +77,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="server processes sharing the port (default 1); RSA decryption holds "
-        "Python's GIL, so N > 1 is what uses more than one CPU core",
+        help="server processes sharing the port and key (default 1); threads already "
+        "decrypt in parallel, workers also parallelise the Python parts of each request",
     )
     net.add_argument(
         "--max-connections",

@@ -1,9 +1,10 @@
 """Several server processes on one listening socket (`nomyo serve --workers N`).
 
-RSA private decryption holds the GIL in `cryptography`, so threads alone cannot use more
-than one core for the protocol's dominant cost; forked workers can. The socket and the
-server key are made once, before forking, so every worker serves the same key. Rate limits
-are counted per worker.
+Threads already run the RSA work in parallel (`cryptography` releases the GIL there); the
+Python parts of a request (HTTP parsing, JSON, envelope glue, logging) take the GIL, and
+separate processes remove that ceiling on hosts with many cores. The socket and the server
+key are made once, before forking, so every worker serves the same key. Rate limits are
+counted per worker.
 """
 
 from __future__ import annotations
