@@ -17,7 +17,9 @@ from nomyo.memory.settings import disable_secure_memory, enable_secure_memory
 
 if _native.pyobjects is not None:
     # Exported as the C functions themselves: a Python wrapper would add a reference and
-    # every wipe would be refused as "still referenced elsewhere".
+    # every wipe would be refused as "still referenced elsewhere". For the same reason,
+    # callers call them inline on their own local, never through a helper of their own:
+    # wipe_bytes(b) succeeds only when that local is the object's one reference.
     wipe_bytes = _native.pyobjects.wipe_bytes
     wipe_str = _native.pyobjects.wipe_str
 else:
