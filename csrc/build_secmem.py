@@ -1,0 +1,31 @@
+"""cffi out-of-line API-mode build of nomyo._secmem (runs at install time, never at import)."""
+import os
+import re
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cdef_from_header(path: str) -> str:
+    """The declarations between the cdef markers of the header, so they live in one place."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    match = re.search(r"/\* cdef-begin \*/(.*?)/\* cdef-end \*/", text, re.S)
+    if match is None:
+        raise RuntimeError(f"no cdef markers in {path}")
+    return match.group(1)
+
+
+ffi = FFI()
+ffi.cdef(_cdef_from_header(os.path.join(HERE, "secmem.h")))
+ffi.set_source(
+    "nomyo._secmem",
+    '#include "secmem.h"',
+    sources=[os.path.relpath(os.path.join(HERE, "secmem.c"))],
+    include_dirs=[os.path.relpath(HERE)],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-fstack-protector-strong"],
+)
+
+if __name__ == "__main__":
+    ffi.compile(verbose=True)

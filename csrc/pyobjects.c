@@ -1,0 +1,448 @@
+/* nomyo._pyobjects: the few things that need CPython's own object structures.
+ *
+ * - Region: the base type of SecureBuffer. It exports a fixed memory region through the
+ *   buffer protocol (Python 3.11 cannot define that in Python), counts live exports so the
+ *   region is never unmapped under a view, and refuses exports once closed or after fork.
+ * - wipe_bytes / wipe_str: zero an immutable object that a third-party API forced on us,
+ *   only when the caller holds the sole reference.
+ * - json_quote_len / json_quote_into: JSON-escape a str straight into a secure buffer.
+ * - decode_utf8: build a str from UTF-8 in a secure buffer in one exact allocation, so no
+ *   partial copy is left behind in freed memory by a growing decoder.
+ * Memory management itself is in secmem.c (cffi); nothing here allocates secret memory.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef struct {
+    PyObject_HEAD
+    unsigned char *ptr;
+    Py_ssize_t size;
+    Py_ssize_t exports;
+    int closed;
+    pid_t pid;
+} RegionObject;
+
+static PyObject *
+Region_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    unsigned long long address;
+    Py_ssize_t size;
+    (void)kwds;
+    if (!PyArg_ParseTuple(args, "Kn:Region", &address, &size))
+        return NULL;
+    if (address == 0 || size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "Region needs a non-null address and a positive size");
+        return NULL;
+    }
+    RegionObject *self = (RegionObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->ptr = (unsigned char *)(uintptr_t)address;
+    self->size = size;
+    self->pid = getpid();
+    return (PyObject *)self;
+}
+
+static int
+Region_usable(RegionObject *self)
+{
+    if (self->closed) {
+        PyErr_SetString(PyExc_ValueError, "secure buffer is closed");
+        return 0;
+    }
+    if (self->pid != getpid()) {
+        PyErr_SetString(PyExc_ValueError,
+                        "secure buffer belongs to the parent process (not inherited across fork)");
+        return 0;
+    }
+    return 1;
+}
+
+static int
+Region_getbuffer(RegionObject *self, Py_buffer *view, int flags)
+{
+    if (!Region_usable(self))
+        return -1;
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->ptr, self->size, 0, flags) != 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void
+Region_releasebuffer(RegionObject *self, Py_buffer *view)
+{
+    (void)view;
+    self->exports--;
+}
+
+static PyBufferProcs Region_as_buffer = {
+    (getbufferproc)Region_getbuffer,
+    (releasebufferproc)Region_releasebuffer,
+};
+
+/* Zero the region while holding the GIL, so no close() can unmap it meanwhile. */
+static PyObject *
+Region_wipe(RegionObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!Region_usable(self))
+        return NULL;
+    explicit_bzero(self->ptr, (size_t)self->size);
+    Py_RETURN_NONE;
+}
+
+/* Wipe and mark closed in one step under the GIL. Returns the number of live exports
+ * (the caller unmaps only when it is 0), or -1 when it was already closed. */
+static PyObject *
+Region_detach(RegionObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->closed)
+        return PyLong_FromLong(-1);
+    if (self->pid == getpid())
+        explicit_bzero(self->ptr, (size_t)self->size);
+    self->closed = 1;
+    return PyLong_FromSsize_t(self->exports);
+}
+
+static PyObject *
+Region_get_exports(RegionObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->exports);
+}
+
+static PyObject *
+Region_get_closed(RegionObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->closed);
+}
+
+static PyObject *
+Region_get_foreign(RegionObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->pid != getpid());
+}
+
+static Py_ssize_t
+Region_length(RegionObject *self)
+{
+    return self->size;
+}
+
+static PySequenceMethods Region_as_sequence = {
+    .sq_length = (lenfunc)Region_length,
+};
+
+static PyMethodDef Region_methods[] = {
+    {"wipe", (PyCFunction)Region_wipe, METH_NOARGS, "Zero the whole buffer."},
+    {"_detach", (PyCFunction)Region_detach, METH_NOARGS,
+     "Wipe and close; return live exports, or -1 if already closed."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Region_getset[] = {
+    {"closed", (getter)Region_get_closed, NULL, "True once closed.", NULL},
+    {"_exports", (getter)Region_get_exports, NULL, "Live buffer exports.", NULL},
+    {"_foreign", (getter)Region_get_foreign, NULL, "True in a forked child.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RegionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nomyo._pyobjects.Region",
+    .tp_basicsize = sizeof(RegionObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "A fixed memory region exported through the buffer protocol (SecureBuffer's base).",
+    .tp_new = Region_new,
+    .tp_as_buffer = &Region_as_buffer,
+    .tp_as_sequence = &Region_as_sequence,
+    .tp_methods = Region_methods,
+    .tp_getset = Region_getset,
+};
+
+/* ---- wiping immutable objects ---- */
+
+static Py_ssize_t sole_reference_count = -1;
+
+/* How many references an object held only by the caller's local variable has when it
+ * arrives here; measured once, since interpreters differ (borrowed loads, etc.). */
+static PyObject *
+calibrate(PyObject *module, PyObject *obj)
+{
+    (void)module;
+    sole_reference_count = Py_REFCNT(obj);
+    return PyLong_FromSsize_t(sole_reference_count);
+}
+
+static int
+check_sole_reference(PyObject *obj)
+{
+    if (sole_reference_count < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "nomyo._pyobjects is not calibrated");
+        return 0;
+    }
+    if (Py_REFCNT(obj) > sole_reference_count) {
+        PyErr_SetString(PyExc_ValueError,
+                        "refusing to wipe an object that is still referenced elsewhere");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+wipe_bytes(PyObject *module, PyObject *obj)
+{
+    (void)module;
+    if (!PyBytes_CheckExact(obj)) {
+        PyErr_SetString(PyExc_TypeError, "wipe_bytes needs a bytes object");
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(obj) == 0)
+        Py_RETURN_TRUE;
+    if (!check_sole_reference(obj))
+        return NULL;
+    explicit_bzero(PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj));
+#if PY_VERSION_HEX < 0x030D0000
+    ((PyBytesObject *)obj)->ob_shash = -1;
+#endif
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+wipe_str(PyObject *module, PyObject *obj)
+{
+    (void)module;
+    if (!PyUnicode_CheckExact(obj)) {
+        PyErr_SetString(PyExc_TypeError, "wipe_str needs a str object");
+        return NULL;
+    }
+    if (PyUnicode_GET_LENGTH(obj) == 0)
+        Py_RETURN_TRUE;
+    if (!PyUnicode_IS_COMPACT(obj) || PyUnicode_CHECK_INTERNED(obj)) {
+        PyErr_SetString(PyExc_ValueError, "refusing to wipe an interned or legacy str");
+        return NULL;
+    }
+    if (!check_sole_reference(obj))
+        return NULL;
+    explicit_bzero(PyUnicode_DATA(obj),
+                   (size_t)PyUnicode_GET_LENGTH(obj) * PyUnicode_KIND(obj));
+    if (!PyUnicode_IS_COMPACT_ASCII(obj)) {
+        PyCompactUnicodeObject *c = (PyCompactUnicodeObject *)obj;
+        if (c->utf8 != NULL && c->utf8_length > 0)
+            explicit_bzero(c->utf8, (size_t)c->utf8_length);
+    }
+    ((PyASCIIObject *)obj)->hash = -1;
+    Py_RETURN_TRUE;
+}
+
+/* ---- JSON string escaping straight into a buffer ---- */
+
+static Py_ssize_t
+escaped_char_len(Py_UCS4 c)
+{
+    if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t' || c == '\b' || c == '\f')
+        return 2;
+    if (c < 0x20)
+        return 6;
+    if (c < 0x80)
+        return 1;
+    if (c < 0x800)
+        return 2;
+    if (c >= 0xD800 && c <= 0xDFFF)
+        return 6; /* a lone surrogate has no UTF-8 form: \uXXXX */
+    if (c < 0x10000)
+        return 3;
+    return 4;
+}
+
+static Py_ssize_t
+quoted_len(PyObject *s)
+{
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s), total = 2;
+    for (Py_ssize_t i = 0; i < n; i++)
+        total += escaped_char_len(PyUnicode_READ(kind, data, i));
+    return total;
+}
+
+static PyObject *
+json_quote_len(PyObject *module, PyObject *s)
+{
+    (void)module;
+    if (!PyUnicode_Check(s)) {
+        PyErr_SetString(PyExc_TypeError, "json_quote_len needs a str");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(quoted_len(s));
+}
+
+static unsigned char *
+write_escaped(unsigned char *o, Py_UCS4 c)
+{
+    static const char hex[] = "0123456789abcdef";
+    switch (c) {
+    case '"': *o++ = '\\'; *o++ = '"'; return o;
+    case '\\': *o++ = '\\'; *o++ = '\\'; return o;
+    case '\n': *o++ = '\\'; *o++ = 'n'; return o;
+    case '\r': *o++ = '\\'; *o++ = 'r'; return o;
+    case '\t': *o++ = '\\'; *o++ = 't'; return o;
+    case '\b': *o++ = '\\'; *o++ = 'b'; return o;
+    case '\f': *o++ = '\\'; *o++ = 'f'; return o;
+    default: break;
+    }
+    if (c < 0x20 || (c >= 0xD800 && c <= 0xDFFF)) {
+        *o++ = '\\'; *o++ = 'u';
+        *o++ = hex[(c >> 12) & 0xF]; *o++ = hex[(c >> 8) & 0xF];
+        *o++ = hex[(c >> 4) & 0xF]; *o++ = hex[c & 0xF];
+    } else if (c < 0x80) {
+        *o++ = (unsigned char)c;
+    } else if (c < 0x800) {
+        *o++ = (unsigned char)(0xC0 | (c >> 6));
+        *o++ = (unsigned char)(0x80 | (c & 0x3F));
+    } else if (c < 0x10000) {
+        *o++ = (unsigned char)(0xE0 | (c >> 12));
+        *o++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
+        *o++ = (unsigned char)(0x80 | (c & 0x3F));
+    } else {
+        *o++ = (unsigned char)(0xF0 | (c >> 18));
+        *o++ = (unsigned char)(0x80 | ((c >> 12) & 0x3F));
+        *o++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
+        *o++ = (unsigned char)(0x80 | (c & 0x3F));
+    }
+    return o;
+}
+
+/* json_quote_into(s, buffer, offset) -> new offset: writes "escaped s" as UTF-8. */
+static PyObject *
+json_quote_into(PyObject *module, PyObject *args)
+{
+    PyObject *s;
+    Py_buffer out;
+    Py_ssize_t offset;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "Uw*n:json_quote_into", &s, &out, &offset))
+        return NULL;
+    Py_ssize_t need = quoted_len(s);
+    if (offset < 0 || offset > out.len || out.len - offset < need) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "json_quote_into: buffer too small");
+        return NULL;
+    }
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    unsigned char *o = (unsigned char *)out.buf + offset;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++)
+        o = write_escaped(o, PyUnicode_READ(kind, data, i));
+    *o++ = '"';
+    Py_ssize_t end = o - (unsigned char *)out.buf;
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(end);
+}
+
+/* ---- exact UTF-8 decoding ---- */
+
+/* Decode one strict UTF-8 sequence at p (< end); returns its length or 0 if invalid. */
+static int
+utf8_next(const unsigned char *p, const unsigned char *end, Py_UCS4 *cp)
+{
+    unsigned char b = p[0];
+    int len;
+    Py_UCS4 c, min;
+    if (b < 0x80) { *cp = b; return 1; }
+    else if ((b & 0xE0) == 0xC0) { len = 2; c = b & 0x1F; min = 0x80; }
+    else if ((b & 0xF0) == 0xE0) { len = 3; c = b & 0x0F; min = 0x800; }
+    else if ((b & 0xF8) == 0xF0) { len = 4; c = b & 0x07; min = 0x10000; }
+    else return 0;
+    if (end - p < len)
+        return 0;
+    for (int i = 1; i < len; i++) {
+        if ((p[i] & 0xC0) != 0x80)
+            return 0;
+        c = (c << 6) | (p[i] & 0x3F);
+    }
+    if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF))
+        return 0;
+    *cp = c;
+    return len;
+}
+
+static PyObject *
+decode_utf8(PyObject *module, PyObject *arg)
+{
+    Py_buffer in;
+    (void)module;
+    if (PyObject_GetBuffer(arg, &in, PyBUF_SIMPLE) != 0)
+        return NULL;
+    const unsigned char *p = in.buf, *end = p + in.len;
+    Py_ssize_t count = 0;
+    Py_UCS4 maxchar = 0, c;
+    while (p < end) {
+        int k = utf8_next(p, end, &c);
+        if (k == 0) {
+            Py_ssize_t pos = p - (const unsigned char *)in.buf;
+            PyBuffer_Release(&in);
+            PyErr_Format(PyExc_ValueError, "invalid UTF-8 at byte %zd", pos);
+            return NULL;
+        }
+        if (c > maxchar)
+            maxchar = c;
+        count++;
+        p += k;
+    }
+    PyObject *s = PyUnicode_New(count, maxchar);
+    if (s == NULL) {
+        PyBuffer_Release(&in);
+        return NULL;
+    }
+    int kind = PyUnicode_KIND(s);
+    void *data = PyUnicode_DATA(s);
+    p = in.buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        p += utf8_next(p, end, &c);
+        PyUnicode_WRITE(kind, data, i, c);
+    }
+    PyBuffer_Release(&in);
+    return s;
+}
+
+static PyMethodDef module_methods[] = {
+    {"_calibrate", calibrate, METH_O, "Record the reference count of a sole local reference."},
+    {"wipe_bytes", wipe_bytes, METH_O, "Zero a bytes object the caller alone references."},
+    {"wipe_str", wipe_str, METH_O, "Zero a str object the caller alone references."},
+    {"json_quote_len", json_quote_len, METH_O, "Length of the JSON string form, UTF-8."},
+    {"json_quote_into", json_quote_into, METH_VARARGS, "Write the JSON string form into a buffer."},
+    {"decode_utf8", decode_utf8, METH_O, "Strict UTF-8 to str in one exact allocation."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "nomyo._pyobjects",
+    "CPython-object helpers of nomyo's secure memory.", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__pyobjects(void)
+{
+    if (PyType_Ready(&RegionType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module_def);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&RegionType);
+    if (PyModule_AddObject(m, "Region", (PyObject *)&RegionType) < 0) {
+        Py_DECREF(&RegionType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,201 @@
+/* Guarded secure-memory allocator (see secmem.h). Linux only; a failed protection step is
+ * recorded, never hidden, and the allocation still succeeds when the memory itself exists. */
+#define _GNU_SOURCE
+#include "secmem.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_memfd_secret
+#define SYS_memfd_secret 447
+#endif
+#ifndef MADV_WIPEONFORK
+#define MADV_WIPEONFORK 18
+#endif
+#ifndef MADV_DONTDUMP
+#define MADV_DONTDUMP 16
+#endif
+
+#define NM_CANARY_SIZE sizeof(uint64_t)
+
+static size_t page_size(void)
+{
+    static size_t cached;
+    if (cached == 0) {
+        long p = sysconf(_SC_PAGESIZE);
+        cached = p > 0 ? (size_t)p : 4096;
+    }
+    return cached;
+}
+
+int nm_fill_random(void *p, size_t n)
+{
+    unsigned char *out = p;
+    while (n > 0) {
+        ssize_t got = getrandom(out, n, 0);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        out += got;
+        n -= (size_t)got;
+    }
+    return 0;
+}
+
+/* Map the accessible pages from a memfd_secret file over the middle of the reservation.
+ * The kernel removes these pages from its direct map and locks them (counted in VmLck). */
+static int map_secret(nm_region *r)
+{
+    int fd = (int)syscall(SYS_memfd_secret, 0x80000 /* O_CLOEXEC */);
+    if (fd < 0)
+        return errno;
+    int err = 0;
+    if (ftruncate(fd, (off_t)r->inner_len) != 0) {
+        err = errno;
+    } else if (mmap(r->inner, r->inner_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                    fd, 0) == MAP_FAILED) {
+        err = errno;
+        /* MAP_FIXED may have replaced the reservation before failing: restore the guard. */
+        mmap(r->inner, r->inner_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    }
+    close(fd);
+    return err;
+}
+
+static void protect_mmap_pages(nm_region *r, int flags)
+{
+    if (flags & NM_FLAG_NO_LOCK)
+        return;
+    if (mlock(r->inner, r->inner_len) == 0)
+        r->locked = 1;
+    else
+        r->lock_errno = errno;
+}
+
+int nm_region_alloc(nm_region *r, size_t size, int flags)
+{
+    size_t page = page_size();
+    memset(r, 0, sizeof(*r));
+    if (size == 0 || size > ((size_t)1 << 40))
+        return -EINVAL;
+    r->size = size;
+    r->inner_len = (size + NM_CANARY_SIZE + page - 1) / page * page;
+    r->total = r->inner_len + 2 * page;
+
+    /* One reservation with no access; the middle pages are opened below, the outer page on
+     * each side stays PROT_NONE as a guard. The mapping is ours alone: no Python object
+     * shares these pages, so locks of different buffers never interfere. */
+    r->base = mmap(NULL, r->total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (r->base == MAP_FAILED) {
+        r->base = NULL;
+        return -errno;
+    }
+    r->inner = r->base + page;
+
+    int secret_err = -1;
+    if (!(flags & (NM_FLAG_FORCE_MMAP | NM_FLAG_NO_LOCK))) {
+        secret_err = map_secret(r);
+        if (secret_err == 0) {
+            r->allocator = NM_ALLOC_MEMFD_SECRET;
+            r->locked = 1;
+        } else {
+            r->secret_errno = secret_err;
+        }
+    }
+    if (secret_err != 0) {
+        if (mprotect(r->inner, r->inner_len, PROT_READ | PROT_WRITE) != 0) {
+            int err = errno;
+            munmap(r->base, r->total);
+            memset(r, 0, sizeof(*r));
+            return -err;
+        }
+        r->allocator = NM_ALLOC_MMAP;
+        protect_mmap_pages(r, flags);
+        if (r->secret_errno == EAGAIN || r->secret_errno == ENOMEM || r->secret_errno == EPERM)
+            r->lock_errno = r->lock_errno ? r->lock_errno : r->secret_errno;
+    }
+
+    if (madvise(r->inner, r->inner_len, MADV_DONTDUMP) == 0)
+        r->dump_excluded = 1;
+    else
+        r->dump_errno = errno;
+
+    /* A shared (memfd_secret) mapping cannot be wiped on fork; it is left out of the child. */
+    if (r->allocator == NM_ALLOC_MMAP && madvise(r->inner, r->inner_len, MADV_WIPEONFORK) == 0) {
+        r->fork_protection = NM_FORK_WIPE;
+    } else if (madvise(r->inner, r->inner_len, MADV_DONTFORK) == 0) {
+        r->fork_protection = NM_FORK_DONTFORK;
+    } else {
+        r->fork_errno = errno;
+    }
+
+    r->data = r->inner + r->inner_len - size;
+    int rc = nm_fill_random(&r->canary, sizeof(r->canary));
+    if (rc != 0) {
+        nm_region_free(r);
+        return rc;
+    }
+    memcpy(r->data - NM_CANARY_SIZE, &r->canary, NM_CANARY_SIZE);
+    return 0;
+}
+
+/* Wipe, check the canary, unlock and unmap. A damaged canary means something wrote before
+ * the buffer: the process is in an unknown state, so it stops (SIGABRT) after wiping. */
+int nm_region_free(nm_region *r)
+{
+    if (r->base == NULL)
+        return -EINVAL;
+    int canary_ok = memcmp(r->data - NM_CANARY_SIZE, &r->canary, NM_CANARY_SIZE) == 0;
+    explicit_bzero(r->inner, r->inner_len);
+    if (!canary_ok) {
+        static const char msg[] = "nomyo: secure buffer canary overwritten; aborting\n";
+        ssize_t ignored = write(2, msg, sizeof(msg) - 1);
+        (void)ignored;
+        abort();
+    }
+    int err = 0;
+    if (r->locked && r->allocator == NM_ALLOC_MMAP && munlock(r->inner, r->inner_len) != 0)
+        err = errno;
+    if (munmap(r->base, r->total) != 0 && err == 0)
+        err = errno;
+    explicit_bzero(&r->canary, sizeof(r->canary));
+    r->base = NULL;
+    r->data = NULL;
+    r->inner = NULL;
+    r->locked = 0;
+    return -err;
+}
+
+/* In a forked child: drop the mapping without touching it (it may be absent, or wiped so
+ * that the canary no longer matches). */
+int nm_region_unmap(nm_region *r)
+{
+    if (r->base == NULL)
+        return -EINVAL;
+    int rc = munmap(r->base, r->total) == 0 ? 0 : -errno;
+    r->base = NULL;
+    r->data = NULL;
+    r->inner = NULL;
+    r->locked = 0;
+    return rc;
+}
+
+int nm_get_dumpable(void)
+{
+    int v = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
+    return v < 0 ? -errno : v;
+}
+
+int nm_set_dumpable(int value)
+{
+    return prctl(PR_SET_DUMPABLE, value ? 1 : 0, 0, 0, 0) == 0 ? 0 : -errno;
+}

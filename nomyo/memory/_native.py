@@ -1,0 +1,65 @@
+"""Binding layer: loads the compiled helpers once and turns C results into Python errors.
+
+Nothing is compiled here: the modules are built at install time. When they are missing
+(or `NOMYO_BACKEND=fallback` forces it, for tests and diagnosis) the fallback backend is
+used and every report says so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+log = logging.getLogger("nomyo.memory")
+
+ffi: Any = None
+lib: Any = None
+pyobjects: Any = None
+FALLBACK_REASON: Optional[str] = None
+
+try:
+    if os.environ.get("NOMYO_BACKEND", "").strip().lower() == "fallback":
+        raise ImportError("forced by NOMYO_BACKEND=fallback")
+    from nomyo import _pyobjects as pyobjects  # noqa: F811
+    from nomyo._secmem import ffi, lib  # noqa: F811
+except ImportError as exc:  # exotic platform or a source checkout that was never built
+    ffi = lib = pyobjects = None
+    FALLBACK_REASON = str(exc)
+    log.warning("nomyo native secure memory unavailable, using the fallback backend: %s", exc)
+
+BACKEND = "native" if lib is not None else "fallback"
+
+
+def _allocator_flags() -> int:
+    """Read the allocator switch once: NOMYO_SECURE_ALLOCATOR=mmap skips memfd_secret."""
+    if lib is None:
+        return 0
+    choice = os.environ.get("NOMYO_SECURE_ALLOCATOR", "auto").strip().lower()
+    if choice == "mmap":
+        return lib.NM_FLAG_FORCE_MMAP
+    if choice not in ("", "auto", "memfd_secret"):
+        log.warning("NOMYO_SECURE_ALLOCATOR=%r is not auto|memfd_secret|mmap; using auto", choice)
+    return 0
+
+
+ALLOCATOR_FLAGS = _allocator_flags()
+
+
+def check_errno(rc: int, what: str) -> None:
+    """The one place C return codes (0 or -errno) become Python exceptions."""
+    if rc == 0:
+        return
+    err = -rc
+    if err == 12:  # ENOMEM
+        raise MemoryError(f"{what}: {os.strerror(err)}")
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _calibrate() -> None:
+    """Teach the CPython glue what 'only the caller references it' looks like here."""
+    probe = "".join(("nomyo-", "calibration"))
+    pyobjects._calibrate(probe)
+
+
+if pyobjects is not None:
+    _calibrate()

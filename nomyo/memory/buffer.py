@@ -1,0 +1,227 @@
+"""SecureBuffer: fixed-size secret memory that Python code can read and write in place.
+
+Native backend: each buffer is its own guarded mapping from the C allocator (guard pages,
+locked, excluded from dumps, memfd_secret where allowed, wiped on every release). Fallback
+backend (no compiled helper): an anonymous private mmap that is still wiped on release.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import operator
+from typing import Any, Optional
+
+from nomyo.errors import SecureMemoryUnavailable
+from nomyo.memory import _native, limits, settings
+from nomyo.memory._native import check_errno, ffi, lib
+
+log = logging.getLogger("nomyo.memory")
+
+MAX_SIZE = 1 << 34  # 16 GiB: far above any protocol use, well below address-space trouble
+
+
+def _checked_size(size: Any) -> int:
+    try:
+        n = operator.index(size)
+    except TypeError:
+        raise TypeError(f"SecureBuffer size must be an int, not {type(size).__name__}") from None
+    if not 0 < n <= MAX_SIZE:
+        raise ValueError(f"SecureBuffer size must be between 1 and {MAX_SIZE} bytes, got {n}")
+    return n
+
+
+class _SecretPolicy:
+    """What every secure buffer refuses (silent copies) and offers (context manager, views)."""
+
+    __slots__ = ()
+
+    def __bytes__(self) -> bytes:
+        raise TypeError(
+            "bytes() of a SecureBuffer is refused: it would copy the secret out of secure "
+            "memory; use memoryview(buf) to work on it in place"
+        )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a SecureBuffer cannot be pickled")
+
+    def __copy__(self) -> Any:
+        raise TypeError("a SecureBuffer cannot be copied; use SecureBuffer.copy_of explicitly")
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self.__copy__()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"locked={self.locked}"
+        return f"<SecureBuffer size={len(self)} {state}>"
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if not self.closed:
+            self.close()
+
+    @property
+    def size(self) -> int:
+        return len(self)
+
+    @property
+    def data(self) -> memoryview:
+        """A writable view of the secret, released by close()."""
+        if self._view is None:
+            self._view = memoryview(self)
+        return self._view
+
+    def zero(self) -> None:
+        """Alias of wipe() for code written for the published client."""
+        self.wipe()
+
+    def _release_view(self) -> None:
+        view, self._view = self._view, None
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:  # caller re-exported it; unmapping waits for that export
+                pass
+
+    @classmethod
+    def random(cls, size: int) -> Any:
+        """A buffer filled from the kernel CSPRNG: keys are born inside secure memory."""
+        buf = cls(size)
+        try:
+            buf._fill_random()
+        except BaseException:
+            buf.close()
+            raise
+        return buf
+
+    @classmethod
+    def copy_of(cls, data: Any) -> Any:
+        """A new buffer holding a copy of any bytes-like object."""
+        with memoryview(data) as src:
+            flat = src.cast("B") if src.format != "B" or src.ndim != 1 else src
+            buf = cls(flat.nbytes)
+            with memoryview(buf) as dst:
+                dst[:] = flat
+            if flat is not src:
+                flat.release()
+        return buf
+
+
+if _native.BACKEND == "native":
+
+    class SecureBuffer(_SecretPolicy, _native.pyobjects.Region):
+        """Fixed-size secret memory: guarded, locked, excluded from dumps, wiped on release.
+
+        Exposes the writable buffer protocol (memoryview, readinto, encrypt_into) and refuses
+        silent copies. close() wipes at once; the pages are unmapped as soon as no view is
+        left. Use after close raises ValueError.
+        """
+
+        __slots__ = ("_region", "_view", "__weakref__")
+
+        def __new__(cls, size: int, *, lock: Optional[bool] = None) -> "SecureBuffer":
+            n = _checked_size(size)
+            want_lock = settings.enabled() if lock is None else bool(lock)
+            flags = _native.ALLOCATOR_FLAGS | (0 if want_lock else lib.NM_FLAG_NO_LOCK)
+            region = ffi.new("nm_region *")
+            check_errno(lib.nm_region_alloc(region, n, flags), "secure allocation failed")
+            try:
+                if settings.required() and not (region.locked and region.dump_excluded):
+                    raise SecureMemoryUnavailable(
+                        limits.missing_protection_message(
+                            bool(region.locked), bool(region.dump_excluded), region.lock_errno
+                        )
+                    )
+                self = super().__new__(cls, int(ffi.cast("uintptr_t", region.data)), n)
+            except BaseException:
+                lib.nm_region_free(region)
+                raise
+            self._region = region
+            self._view = None
+            return self
+
+        @property
+        def locked(self) -> bool:
+            return bool(self._region.locked) and not self.closed
+
+        @property
+        def allocator(self) -> str:
+            return "memfd_secret" if self._region.allocator == lib.NM_ALLOC_MEMFD_SECRET else "mmap"
+
+        @property
+        def address(self) -> int:
+            return int(ffi.cast("uintptr_t", self._region.data))
+
+        def _fill_random(self) -> None:
+            if self._foreign or self.closed:
+                raise ValueError("secure buffer is closed")
+            check_errno(lib.nm_fill_random(self._region.data, len(self)), "getrandom failed")
+
+        def close(self) -> None:
+            """Wipe now; unlock and unmap now, or when the last live view is released."""
+            self._release_view()
+            exports = self._detach()
+            if exports < 0:
+                raise ValueError("secure buffer is already closed")
+            if exports == 0:
+                self._free()
+
+        def _free(self) -> None:
+            region = self._region
+            if region is None or region.base == ffi.NULL:
+                return
+            if self._foreign:  # forked child: the pages are absent or wiped, never touch them
+                lib.nm_region_unmap(region)
+            else:
+                check_errno(lib.nm_region_free(region), "secure free failed")
+
+        def __del__(self) -> None:
+            try:
+                self._detach()
+                self._free()
+            except Exception:  # interpreter shutdown: nothing sensible left to raise into
+                log.debug("secure buffer release at finalisation failed", exc_info=True)
+
+else:
+
+    class SecureBuffer(_SecretPolicy, mmap.mmap):  # type: ignore[no-redef]
+        """Fallback secure buffer (no native helper): private anonymous memory, wiped on close,
+        but not locked, not excluded from dumps and copied into forked children."""
+
+        __slots__ = ("_view", "__weakref__")
+
+        def __new__(cls, size: int, *, lock: Optional[bool] = None) -> "SecureBuffer":
+            n = _checked_size(size)
+            if settings.required():
+                raise SecureMemoryUnavailable(
+                    "secure memory is required (NOMYO_REQUIRE_SECURE_MEMORY=1) but the native "
+                    f"helper is not available ({_native.FALLBACK_REASON}); reinstall nomyo with "
+                    "a C compiler so that it builds"
+                )
+            self = super().__new__(cls, -1, n, flags=mmap.MAP_PRIVATE)
+            self._view = None
+            return self
+
+        locked = False
+        allocator = "mmap"
+
+        def wipe(self) -> None:
+            """Zero the whole buffer."""
+            self[:] = bytes(len(self))
+
+        def _fill_random(self) -> None:
+            import secrets
+
+            self[:] = secrets.token_bytes(len(self))  # fallback: the random bytes pass the heap
+
+        def close(self) -> None:
+            """Wipe now and unmap (later, if a view is still alive)."""
+            if self.closed:
+                raise ValueError("secure buffer is already closed")
+            self._release_view()
+            self.wipe()
+            try:
+                mmap.mmap.close(self)
+            except BufferError:
+                log.debug("fallback buffer still has views; unmapped when they go")

@@ -1,0 +1,101 @@
+"""The protection report: every value measured in this process, now."""
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Any
+
+from nomyo.memory import _native, limits, settings
+from nomyo.memory._native import ffi, lib
+
+
+class MemoryProtectionLevel(Enum):
+    """The published client's three levels."""
+
+    FULL = "full"
+    ZEROING_ONLY = "zeroing_only"
+    NONE = "none"
+
+
+_FORK = {0: None, 1: "wipeonfork", 2: "dontfork"}
+
+
+def _trial_region(flags: int) -> dict[str, Any]:
+    """Allocate and free one buffer the way new buffers are made, and record what held."""
+    region = ffi.new("nm_region *")
+    rc = lib.nm_region_alloc(region, 1, flags)
+    if rc != 0:
+        return {"ok": False, "locked": False, "dump_excluded": False, "allocator": None,
+                "fork": None, "errno": -rc}
+    result = {
+        "ok": True,
+        "locked": bool(region.locked),
+        "dump_excluded": bool(region.dump_excluded),
+        "allocator": "memfd_secret" if region.allocator == lib.NM_ALLOC_MEMFD_SECRET else "mmap",
+        "fork": _FORK.get(region.fork_protection),
+        "errno": region.lock_errno,
+    }
+    lib.nm_region_free(region)
+    return result
+
+
+def dumpable() -> int | None:
+    """The process dumpable flag (prctl PR_GET_DUMPABLE); None where it cannot be read."""
+    if lib is None:
+        return None
+    value = lib.nm_get_dumpable()
+    return value if value >= 0 else None
+
+
+def get_memory_protection_info() -> dict[str, Any]:
+    """Protection report for health checks: the published keys plus what was measured here."""
+    native = _native.BACKEND == "native"
+    enabled = settings.enabled()
+    if native:
+        # can_lock: can this process lock memory at all (measured even while disabled)
+        lock_trial = _trial_region(_native.ALLOCATOR_FLAGS)
+        live = lock_trial if enabled else _trial_region(
+            _native.ALLOCATOR_FLAGS | lib.NM_FLAG_NO_LOCK)
+        can_lock = lock_trial["locked"]
+        dump_excluded = live["dump_excluded"]
+        allocator = live["allocator"] or "mmap"
+        fork_protection = live["fork"]
+    else:
+        can_lock = dump_excluded = False
+        allocator, fork_protection = "heap", None
+
+    dump_flag = dumpable()
+    core = limits.core_limit()
+    suid = limits.suid_dumpable()
+    core_dumps_disabled = bool(
+        (dump_flag == 0 and suid != 2) or (core == 0 and not limits.core_pattern_is_pipe())
+    )
+    locking = native and enabled and can_lock
+    full = locking and dump_excluded
+    level = MemoryProtectionLevel.FULL if full else MemoryProtectionLevel.ZEROING_ONLY
+    report: dict[str, Any] = {
+        "enabled": enabled,
+        "platform": sys.platform,
+        "protection_level": level.value,
+        "has_memory_locking": locking,
+        "has_secure_zeroing": True,
+        "supports_full_protection": full,
+        "page_size": __import__("mmap").PAGESIZE,
+        "backend": _native.BACKEND,
+        "allocator": allocator,
+        "can_lock": can_lock,
+        "memlock_limit": limits.memlock_limit(),
+        "locked_bytes": limits.locked_bytes(),
+        "dump_excluded": dump_excluded,
+        "dumpable": None if dump_flag is None else bool(dump_flag),
+        "core_limit": core,
+        "core_dumps_disabled": core_dumps_disabled,
+        "method": "mlock" if locking else "zero-only",
+        "is_platform_secure": full,
+        "guard_pages": native,
+        "fork_protection": fork_protection,
+        "fail_closed": settings.required(),
+    }
+    if not native:
+        report["fallback_reason"] = _native.FALLBACK_REASON
+    return report

@@ -1,0 +1,128 @@
+"""JSON straight into and out of secure memory.
+
+`json.dumps` grows its output by reallocating, leaving prefixes of the whole document in
+freed heap memory; `bytes(...).decode()` leaves another copy. Here the document is sized
+first and written once into a SecureBuffer, strings escaped by the native glue directly
+from the caller's objects; parsing decodes into one exact str that is wiped afterwards.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from nomyo.errors import PackageError
+from nomyo.memory import _native
+from nomyo.memory.buffer import SecureBuffer
+
+MAX_DEPTH = 256
+
+_LITERALS = {True: b"true", False: b"false"}
+
+
+def _key_piece(key: Any) -> Any:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return _scalar(key).decode("ascii")  # JSON turns such keys into strings, like json
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+
+
+def _scalar(value: Any) -> bytes:
+    if value is None:
+        return b"null"
+    if value is True or value is False:
+        return _LITERALS[value]
+    if isinstance(value, int):
+        return int.__repr__(value).encode("ascii")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("NaN and infinity are not valid JSON")
+        return float.__repr__(value).encode("ascii")
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _collect(value: Any, out: list, depth: int) -> None:
+    """Flatten into pieces: str objects (quoted later, in C) and ASCII bytes literals."""
+    if depth > MAX_DEPTH:
+        raise ValueError("JSON document nested too deeply")
+    if isinstance(value, str):
+        out.append(value)
+    elif isinstance(value, dict):
+        out.append(b"{")
+        for i, (key, item) in enumerate(value.items()):
+            if i:
+                out.append(b",")
+            out.append(_key_piece(key))
+            out.append(b":")
+            _collect(item, out, depth + 1)
+        out.append(b"}")
+    elif isinstance(value, (list, tuple)):
+        out.append(b"[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(b",")
+            _collect(item, out, depth + 1)
+        out.append(b"]")
+    else:
+        out.append(_scalar(value))
+
+
+def dumps(obj: Any) -> SecureBuffer:
+    """Serialise obj as compact UTF-8 JSON into a new SecureBuffer (caller closes it)."""
+    pieces: list = []
+    _collect(obj, pieces, 0)
+    glue = _native.pyobjects
+    if glue is None:  # fallback backend: the document passes through the heap once
+        return _fallback_dumps(obj)
+    total = sum(len(p) if type(p) is bytes else glue.json_quote_len(p) for p in pieces)
+    buf = SecureBuffer(total)
+    try:
+        with memoryview(buf) as out:
+            offset = 0
+            for piece in pieces:
+                if type(piece) is bytes:
+                    end = offset + len(piece)
+                    out[offset:end] = piece
+                    offset = end
+                else:
+                    offset = glue.json_quote_into(piece, out, offset)
+    except BaseException:
+        buf.close()
+        raise
+    return buf
+
+
+def _fallback_dumps(obj: Any) -> SecureBuffer:
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return SecureBuffer.copy_of(text.encode("utf-8"))
+
+
+def loads(data: Any) -> Any:
+    """Parse UTF-8 JSON from a buffer; the one transient str is wiped before returning."""
+    glue = _native.pyobjects
+    if glue is None:
+        with memoryview(data) as view:
+            return _parse(str(view, "utf-8"))
+    try:
+        text = glue.decode_utf8(data)
+    except ValueError as exc:
+        raise PackageError(f"plaintext is not valid UTF-8: {exc}") from None
+    error = None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:  # its .doc holds the plaintext: keep only position
+        error = f"plaintext is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})"
+    except RecursionError:
+        error = "plaintext JSON is nested too deeply"
+    glue.wipe_str(text)  # the traceback that referenced it is gone; ours is the sole reference
+    if error is not None:
+        raise PackageError(error)
+    return value
+
+
+def _parse(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"plaintext is not valid JSON: {exc.msg}") from None
