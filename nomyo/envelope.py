@@ -1,0 +1,285 @@
+"""Protocol 1.0 packages: seal and open, in both directions (see PROTOCOL.md).
+
+Where each secret lives:
+- the AES key is born in `SecureBuffer.random(32)` and closed (wiped) before `seal` returns;
+- plaintext is encrypted straight from the caller's buffer and decrypted straight into a new
+  `SecureBuffer` (`encrypt_into` / `decrypt_into`), which the caller owns and closes;
+- the unwrapped AES key, which RSA-OAEP can only return as `bytes`, is copied into secure
+  memory and the `bytes` object is zeroed in place at once with `wipe_bytes`.
+Structural problems raise `PackageError` (a `ValueError`); anything that fails authentication
+raises `SecurityError` with one fixed message, so an attacker learns nothing from it.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from nomyo import keys
+from nomyo.errors import PackageError, SecurityError
+from nomyo.memory import SecureBuffer, secure_json, wipe_bytes
+
+VERSION = "1.0"
+ALGORITHM = "hybrid-aes256-rsa4096"
+KEY_ALGORITHM = "RSA-OAEP-SHA256"
+PAYLOAD_ALGORITHM = "AES-256-GCM"
+MAX_PLAINTEXT_BYTES = 10 * 1024 * 1024
+# Largest package that can carry MAX_PLAINTEXT_BYTES: base64 of plaintext + tag, an RSA-wrapped
+# key of at most 16384 bits, and generous room for the JSON around them.
+MAX_PACKAGE_BYTES = (MAX_PLAINTEXT_BYTES + 16 + 2) // 3 * 4 + 8192 + 4096
+
+TAG_SEPARATE = "separate"  # published Python client and router: `tag` field of its own
+TAG_APPENDED = "appended"  # nomyo-js: 16-byte tag appended to `ciphertext`, no `tag` field
+TAG_LAYOUTS = (TAG_SEPARATE, TAG_APPENDED)
+
+NONCE_BYTES = 12
+TAG_BYTES = 16
+AES_KEY_BYTES = 32
+AUTH_FAILED = "Decryption failed: integrity check or authentication failed"
+
+_OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+PublicKeyLike = rsa.RSAPublicKey | str | bytes
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    """What a package said about itself, besides its plaintext."""
+
+    tag_layout: str
+    processed_at: float | None
+    algorithm: str
+
+
+@dataclass(frozen=True)
+class Opened(PackageInfo):
+    """An opened package; `plaintext` is a SecureBuffer the caller must close (or use `with`)."""
+
+    plaintext: SecureBuffer
+
+    @property
+    def info(self) -> PackageInfo:
+        return PackageInfo(self.tag_layout, self.processed_at, self.algorithm)
+
+    def close(self) -> None:
+        self.plaintext.close()
+
+    def __enter__(self) -> Opened:  # noqa: PYI034 (frozen dataclass, no subclasses)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Opened(tag_layout={self.tag_layout!r}, plaintext=<{len(self.plaintext)} bytes>)"
+
+
+def seal(
+    plaintext: Any,
+    recipient_public_key: PublicKeyLike,
+    *,
+    tag_layout: str = TAG_SEPARATE,
+    processed_at: float | None = None,
+) -> bytes:
+    """Encrypt `plaintext` (any buffer, normally a SecureBuffer) to the recipient's RSA key.
+
+    Returns the package as UTF-8 JSON bytes; `processed_at` (response direction) is added
+    at top level when given.
+    """
+    if tag_layout not in TAG_LAYOUTS:
+        raise ValueError(f"tag_layout must be one of {TAG_LAYOUTS}, not {tag_layout!r}")
+    public_key = keys.load_public_key(recipient_public_key)
+    with _byte_view(plaintext) as data:
+        size = data.nbytes
+        if size > MAX_PLAINTEXT_BYTES:
+            raise PackageError(
+                f"plaintext is {size} bytes; the protocol allows at most {MAX_PLAINTEXT_BYTES}"
+            )
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = bytearray(size + TAG_BYTES)  # ciphertext || tag: not secret
+        with SecureBuffer.random(AES_KEY_BYTES) as aes_key, memoryview(aes_key) as key_view:
+            AESGCM(key_view).encrypt_into(nonce, data, None, sealed)
+            wrapped = _wrap_key(key_view, public_key)
+
+    ciphertext = sealed if tag_layout == TAG_APPENDED else memoryview(sealed)[:size]
+    payload = {"ciphertext": _b64(ciphertext), "nonce": _b64(nonce)}
+    if tag_layout == TAG_SEPARATE:
+        payload["tag"] = _b64(memoryview(sealed)[size:])
+    package: dict[str, Any] = {
+        "version": VERSION,
+        "algorithm": ALGORITHM,
+        "encrypted_payload": payload,
+        "encrypted_aes_key": _b64(wrapped),
+        "key_algorithm": KEY_ALGORITHM,
+        "payload_algorithm": PAYLOAD_ALGORITHM,
+    }
+    if processed_at is not None:
+        package["processed_at"] = processed_at
+    return json.dumps(package, separators=(",", ":")).encode("ascii")
+
+
+def open_package(package: Any, private_key: Any) -> Opened:
+    """Authenticate and decrypt a package with our RSA private key (or a `keys.KeyPair`).
+
+    Accepts both tag layouts; the returned `Opened.tag_layout` tells which one was used so
+    that an answer can be sealed the same way.
+    """
+    fields = _parse(package)
+    key = keys.private_key_of(private_key)
+    ciphertext_and_tag = fields["ciphertext"] + fields["tag"]
+    size = len(ciphertext_and_tag) - TAG_BYTES
+    plaintext = SecureBuffer(size)
+    try:
+        with (
+            _unwrap_key(fields["encrypted_aes_key"], key) as aes_key,
+            memoryview(aes_key) as key_view,
+            memoryview(plaintext) as out,
+        ):
+            try:
+                AESGCM(key_view).decrypt_into(fields["nonce"], ciphertext_and_tag, None, out)
+            except (InvalidTag, ValueError):
+                raise SecurityError(AUTH_FAILED) from None
+    except BaseException:
+        plaintext.close()  # may hold unauthenticated bytes: wipe them on every failure
+        raise
+    return Opened(fields["tag_layout"], fields["processed_at"], fields["algorithm"], plaintext)
+
+
+def seal_json(obj: Any, recipient_public_key: PublicKeyLike, **kwargs: Any) -> bytes:
+    """Serialise `obj` into secure memory and seal it; see `seal` for the keywords."""
+    with secure_json.dumps(obj) as plaintext:
+        return seal(plaintext, recipient_public_key, **kwargs)
+
+
+def open_json(package: Any, private_key: Any) -> tuple[Any, PackageInfo]:
+    """Open a package and parse its JSON plaintext; the plaintext buffer is wiped before return."""
+    with open_package(package, private_key) as opened:
+        try:
+            obj = secure_json.loads(opened.plaintext)
+        except (ValueError, RecursionError):
+            raise PackageError("decrypted payload is not valid UTF-8 JSON") from None
+        return obj, opened.info
+
+
+def _wrap_key(key_view: memoryview, public_key: rsa.RSAPublicKey) -> bytes:
+    # cryptography's RSA encrypt only takes `bytes`: make the one copy it forces on us,
+    # and zero it in place right after use.
+    key_copy = bytes(key_view)
+    try:
+        return public_key.encrypt(key_copy, _OAEP)
+    finally:
+        wipe_bytes(key_copy)
+
+
+def _unwrap_key(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> SecureBuffer:
+    try:
+        unwrapped = private_key.decrypt(wrapped, _OAEP)
+    except ValueError:
+        raise SecurityError(AUTH_FAILED) from None
+    # RSA decrypt returns an immutable `bytes`: copy it into secure memory, then zero the
+    # original in place at once (wipe_bytes refuses if anything else still references it).
+    try:
+        if len(unwrapped) != AES_KEY_BYTES:
+            raise SecurityError(AUTH_FAILED)
+        return SecureBuffer.copy_of(unwrapped)
+    finally:
+        wipe_bytes(unwrapped)
+
+
+def _byte_view(obj: Any) -> memoryview:
+    """A flat unsigned-byte view of any contiguous buffer (the caller releases it)."""
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise TypeError(f"plaintext must be a bytes-like buffer, not {type(obj).__name__}") from None
+    if view.format == "B" and view.ndim == 1:
+        return view
+    with view:
+        return view.cast("B")
+
+
+def _b64(data: Any) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _parse(package: Any) -> dict[str, Any]:
+    """Validate the package structure; every problem is a PackageError naming what is wrong."""
+    try:
+        raw = _byte_view(package)
+    except (TypeError, ValueError):
+        raise PackageError(f"package must be bytes, not {type(package).__name__}") from None
+    with raw:
+        if raw.nbytes == 0:
+            raise PackageError("empty package")
+        if raw.nbytes > MAX_PACKAGE_BYTES:
+            raise PackageError(f"package is larger than {MAX_PACKAGE_BYTES} bytes")
+        try:
+            text = str(raw, "utf-8")
+            doc = json.loads(text)
+        except UnicodeDecodeError:
+            raise PackageError("package is not valid UTF-8") from None
+        except (ValueError, RecursionError):
+            raise PackageError("package is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise PackageError("package must be a JSON object")
+    missing = [k for k in ("version", "algorithm", "encrypted_payload", "encrypted_aes_key")
+               if k not in doc]
+    if missing:
+        raise PackageError(f"package is missing required fields: {', '.join(missing)}")
+    if doc["version"] != VERSION:
+        raise PackageError(f"unsupported protocol version (expected {VERSION!r})")
+    if doc["algorithm"] != ALGORITHM:
+        raise PackageError(f"unsupported algorithm (expected {ALGORITHM!r})")
+    payload = doc["encrypted_payload"]
+    if not isinstance(payload, dict):
+        raise PackageError("encrypted_payload must be a JSON object")
+    for name in ("ciphertext", "nonce"):
+        if name not in payload:
+            raise PackageError(f"encrypted_payload is missing {name!r}")
+    ciphertext = _b64decode(payload["ciphertext"], "encrypted_payload.ciphertext")
+    nonce = _b64decode(payload["nonce"], "encrypted_payload.nonce")
+    if len(nonce) != NONCE_BYTES:
+        raise PackageError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
+    if "tag" in payload:
+        tag_layout = TAG_SEPARATE
+        tag = _b64decode(payload["tag"], "encrypted_payload.tag")
+        if len(tag) != TAG_BYTES:
+            raise PackageError(f"tag must be {TAG_BYTES} bytes, got {len(tag)}")
+    else:
+        tag_layout = TAG_APPENDED
+        if len(ciphertext) < TAG_BYTES:
+            raise PackageError("ciphertext too short to carry the appended 16-byte tag")
+        tag = b""
+    if len(ciphertext) + len(tag) - TAG_BYTES > MAX_PLAINTEXT_BYTES:
+        raise PackageError(f"plaintext would exceed {MAX_PLAINTEXT_BYTES} bytes")
+    processed_at = doc.get("processed_at")
+    if processed_at is not None and (
+        isinstance(processed_at, bool) or not isinstance(processed_at, (int, float))
+    ):
+        raise PackageError("processed_at must be a number")
+    return {
+        "ciphertext": ciphertext,
+        "nonce": nonce,
+        "tag": tag,
+        "tag_layout": tag_layout,
+        "encrypted_aes_key": _b64decode(doc["encrypted_aes_key"], "encrypted_aes_key"),
+        "processed_at": processed_at,
+        "algorithm": doc["algorithm"],
+    }
+
+
+def _b64decode(value: Any, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise PackageError(f"{name} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise PackageError(f"{name} is not valid base64") from None

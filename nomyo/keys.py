@@ -1,0 +1,260 @@
+"""RSA key pairs: generate, save (private key 0600, atomic), load into secure memory, fingerprint.
+
+The fingerprint a user pins is the lowercase hex SHA-256 of the public key's DER
+SubjectPublicKeyInfo (the bytes inside the `-----BEGIN PUBLIC KEY-----` PEM), e.g.
+`openssl pkey -pubin -in public_key.pem -outform DER | sha256sum`.
+File names match the published client: `private_key.pem` and `public_key.pem`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from nomyo.errors import DisposedError
+from nomyo.memory import SecureBuffer, wipe_bytes
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KEY_BITS = 4096
+GENERATE_KEY_BITS = (2048, 4096)
+MIN_KEY_BITS = 2048
+PRIVATE_KEY_FILE = "private_key.pem"
+PUBLIC_KEY_FILE = "public_key.pem"
+MAX_PEM_BYTES = 64 * 1024  # an RSA-16384 PKCS#8 PEM is about 13 KiB
+
+Password = str | bytes | bytearray | memoryview | SecureBuffer | None
+
+
+class KeyPair:
+    """An RSA private key with its public half; `close()` drops the private key."""
+
+    def __init__(self, private_key: rsa.RSAPrivateKey) -> None:
+        if not isinstance(private_key, rsa.RSAPrivateKey):
+            raise TypeError("KeyPair needs an RSA private key")
+        _check_size(private_key.key_size)
+        self._private_key: rsa.RSAPrivateKey | None = private_key
+        self.public_key = private_key.public_key()
+        self.public_pem = public_pem(self.public_key)
+        self.fingerprint = fingerprint(self.public_key)
+        self.key_size = private_key.key_size
+
+    @classmethod
+    def generate(cls, bits: int = DEFAULT_KEY_BITS) -> KeyPair:
+        """A fresh key pair of 2048 or 4096 bits (4096 by default)."""
+        if bits not in GENERATE_KEY_BITS:
+            raise ValueError(f"key size must be one of {GENERATE_KEY_BITS} bits, not {bits!r}")
+        return cls(rsa.generate_private_key(public_exponent=65537, key_size=bits))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, password: Password = None) -> KeyPair:
+        """Load a PEM private key file; the PEM is read straight into secure memory."""
+        with _read_secure(Path(path)) as pem:
+            return cls.from_pem(pem, password, source=str(path))
+
+    @classmethod
+    def from_pem(cls, pem: Any, password: Password = None, *, source: str = "PEM data") -> KeyPair:
+        """Parse a PEM private key held in any buffer (normally a SecureBuffer)."""
+        with _password_buffer(password) as pw, memoryview(pem) as data:
+            pw_view = memoryview(pw) if pw is not None else None
+            try:
+                key = serialization.load_pem_private_key(data, password=pw_view)
+            except TypeError:
+                raise ValueError(
+                    f"{source}: the private key is encrypted and no password was given"
+                    if pw_view is None else f"{source}: the key is not encrypted; drop the password"
+                ) from None
+            except ValueError:
+                raise ValueError(
+                    f"{source}: not a PEM private key, or wrong password"
+                ) from None
+            finally:
+                if pw_view is not None:
+                    pw_view.release()
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{source}: not an RSA private key")  # noqa: TRY004 (bad input value)
+        return cls(key)
+
+    @property
+    def private_key(self) -> rsa.RSAPrivateKey:
+        if self._private_key is None:
+            raise DisposedError("key pair is closed")
+        return self._private_key
+
+    @property
+    def closed(self) -> bool:
+        return self._private_key is None
+
+    def save(self, directory: str | os.PathLike, password: Password = None) -> Path:
+        """Write `private_key.pem` (0600, created atomically) and `public_key.pem` (0644).
+
+        With a password, the private key is PKCS#8 encrypted (best available algorithm).
+        Returns the private key path.
+        """
+        folder = Path(directory)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_path = folder / PRIVATE_KEY_FILE
+        with self._private_pem(password) as secure_pem:
+            _write_atomic(private_path, secure_pem, 0o600)
+        _write_atomic(folder / PUBLIC_KEY_FILE, self.public_pem.encode("ascii"), 0o644)
+        if password is None:
+            logger.warning("private key saved without a password in %s", folder)
+        return private_path
+
+    def _private_pem(self, password: Password) -> SecureBuffer:
+        """PKCS#8 PEM of the private key in secure memory, encrypted when a password is given."""
+        fmt = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8)
+        with _password_buffer(password) as pw:
+            if pw is None:
+                return _secure_copy(self.private_key.private_bytes(*fmt, serialization.NoEncryption()))
+            # cryptography takes the password only as `bytes`: one copy, zeroed right after use.
+            with memoryview(pw) as view:
+                pw_bytes = bytes(view)
+            try:
+                encryption = serialization.BestAvailableEncryption(pw_bytes)
+                pem = _secure_copy(self.private_key.private_bytes(*fmt, encryption))
+                del encryption
+                return pem
+            finally:
+                wipe_bytes(pw_bytes)
+
+    def close(self) -> None:
+        """Drop the private key (OpenSSL clears its numbers when the object is freed)."""
+        self._private_key = None
+
+    def __enter__(self) -> KeyPair:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.key_size} bits"
+        return f"KeyPair({state}, fingerprint={self.fingerprint[:16]}...)"
+
+
+def load_public_key(key: rsa.RSAPublicKey | str | bytes) -> rsa.RSAPublicKey:
+    """An RSA public key of at least 2048 bits from a key object or PEM text."""
+    if isinstance(key, rsa.RSAPublicKey):
+        public = key
+    elif isinstance(key, (str, bytes, bytearray)):
+        data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+        try:
+            public = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValueError("not a PEM public key") from None
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise ValueError("public key is not an RSA key")  # noqa: TRY004 (bad input value)
+    else:
+        raise TypeError(f"expected an RSA public key or PEM text, not {type(key).__name__}")
+    _check_size(public.key_size)
+    return public
+
+
+def private_key_of(key: KeyPair | rsa.RSAPrivateKey) -> rsa.RSAPrivateKey:
+    """The RSA private key held by a KeyPair, or the key itself."""
+    if isinstance(key, KeyPair):
+        return key.private_key
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key
+    raise TypeError(f"expected a KeyPair or an RSA private key, not {type(key).__name__}")
+
+
+def public_pem(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
+    """SubjectPublicKeyInfo PEM text of a key."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        key = key.public_key()
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
+def fingerprint(key: rsa.RSAPublicKey | str | bytes) -> str:
+    """Lowercase hex SHA-256 of the DER SubjectPublicKeyInfo: the value a user pins."""
+    der = load_public_key(key).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def _check_size(bits: int) -> None:
+    if bits < MIN_KEY_BITS:
+        raise ValueError(f"RSA keys under {MIN_KEY_BITS} bits are refused (got {bits})")
+
+
+def _secure_copy(data: bytes) -> SecureBuffer:
+    """Copy an immutable secret into secure memory and zero the original in place."""
+    try:
+        return SecureBuffer.copy_of(data)
+    finally:
+        wipe_bytes(data)
+
+
+class _NoPassword:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _password_buffer(password: Password) -> Any:
+    """The password in secure memory (a context manager yielding a SecureBuffer, or None)."""
+    if password is None:
+        return _NoPassword()
+    if isinstance(password, str):
+        if not password:
+            raise ValueError("password must not be empty")
+        # str.encode makes a bytes copy: move it into secure memory and zero it at once.
+        return _secure_copy(password.encode("utf-8"))
+    if isinstance(password, (SecureBuffer, bytes, bytearray, memoryview)):
+        return SecureBuffer.copy_of(password)
+    raise TypeError(f"password must be str or bytes-like, not {type(password).__name__}")
+
+
+def _read_secure(path: Path) -> SecureBuffer:
+    """Read a small file straight into a SecureBuffer (readinto, no intermediate bytes)."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0 or size > MAX_PEM_BYTES:
+            raise ValueError(f"{path}: expected a PEM key file of 1..{MAX_PEM_BYTES} bytes")
+        buf = SecureBuffer(size)
+        try:
+            with memoryview(buf) as view:
+                done = 0
+                while done < size:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise ValueError(f"{path}: file shrank while being read")
+                    done += n
+        except BaseException:
+            buf.close()
+            raise
+        return buf
+
+
+def _write_atomic(path: Path, data: Any, mode: int) -> None:
+    """Create a new file with `mode` from the start (O_EXCL temp name), then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have narrowed it; never widened beyond `mode`
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

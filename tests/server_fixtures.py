@@ -1,0 +1,53 @@
+"""Helpers shared by the envelope, keys and server tests (imported, not a conftest)."""
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_REPO = Path(__file__).resolve().parent.parent
+_VECTOR_DIRS = (
+    os.environ.get("NOMYO_VECTORS_DIR", ""),
+    str(_REPO / "tests" / "vectors" / "protocol"),
+    "/work/shared/vectors/protocol",
+)
+
+
+def vectors_dir() -> Path:
+    """The protocol vectors directory; the test is skipped, naming what is missing, if absent."""
+    for candidate in _VECTOR_DIRS:
+        if candidate and (Path(candidate) / "keys.json").is_file():
+            return Path(candidate)
+    pytest.skip("protocol vectors not found: set NOMYO_VECTORS_DIR or add tests/vectors/protocol")
+
+
+def vector(name: str) -> dict[str, Any]:
+    return json.loads((vectors_dir() / name).read_text(encoding="utf-8"))
+
+
+def vector_names(prefix: str) -> list[str]:
+    for candidate in _VECTOR_DIRS:
+        if candidate and (Path(candidate) / "keys.json").is_file():
+            return sorted(p.name for p in Path(candidate).glob(f"{prefix}_*.json"))
+    return [f"{prefix}_MISSING.json"]
+
+
+def package_bytes(vec: dict[str, Any]) -> bytes:
+    return json.dumps(vec["package"]).encode("utf-8")
+
+
+@cache
+def vector_keys() -> dict[str, str]:
+    return vector("keys.json")
+
+
+@cache
+def keypair(role: str) -> Any:
+    """The server or client KeyPair of keys.json (shared across tests; never closed)."""
+    from nomyo.keys import KeyPair
+
+    return KeyPair.from_pem(vector_keys()[f"{role}_private_pem"].encode("ascii"))

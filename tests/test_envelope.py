@@ -1,0 +1,167 @@
+"""Protocol 1.0 envelope: vectors of the published client, both tag layouts, every error path."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from nomyo import envelope
+from nomyo.errors import PackageError, SecurityError
+from nomyo.keys import KeyPair
+from nomyo.memory import SecureBuffer, secure_json
+from tests.server_fixtures import keypair, package_bytes, vector, vector_keys, vector_names
+
+
+@pytest.mark.parametrize("name", vector_names("request"))
+def test_opens_requests_sealed_by_published_client(name: str) -> None:
+    vec = vector(name)
+    obj, info = envelope.open_json(package_bytes(vec), keypair("server"))
+    assert obj == vec["plaintext"]
+    assert info.tag_layout == envelope.TAG_SEPARATE
+    assert info.algorithm == envelope.ALGORITHM
+
+
+@pytest.mark.parametrize("name", vector_names("response"))
+def test_opens_responses_with_processed_at(name: str) -> None:
+    vec = vector(name)
+    with envelope.open_package(package_bytes(vec), keypair("client")) as opened:
+        assert secure_json.loads(opened.plaintext) == vec["plaintext"]
+        assert opened.processed_at == vec["expected_metadata_added_by_client"]["processed_at"]
+    assert opened.plaintext.closed
+
+
+@pytest.mark.parametrize("layout", envelope.TAG_LAYOUTS)
+def test_round_trip_both_layouts(layout: str) -> None:
+    message = {"model": "m", "messages": [{"role": "user", "content": "Grüße \U0001f642 \"x\""}]}
+    package = envelope.seal_json(message, vector_keys()["client_public_pem"], tag_layout=layout,
+                                 processed_at=1700000000)
+    doc = json.loads(package)
+    assert doc["version"] == "1.0" and doc["algorithm"] == "hybrid-aes256-rsa4096"
+    assert doc["key_algorithm"] == "RSA-OAEP-SHA256"
+    assert doc["payload_algorithm"] == "AES-256-GCM"
+    assert doc["processed_at"] == 1700000000
+    assert ("tag" in doc["encrypted_payload"]) == (layout == envelope.TAG_SEPARATE)
+    assert len(base64.b64decode(doc["encrypted_payload"]["nonce"])) == 12
+    obj, info = envelope.open_json(package, keypair("client"))
+    assert obj == message and info.tag_layout == layout
+
+
+def test_appended_layout_is_ciphertext_plus_tag() -> None:
+    with SecureBuffer.copy_of(b"0123456789") as plaintext:
+        separate = json.loads(envelope.seal(plaintext, keypair("client").public_key))
+    payload = separate["encrypted_payload"]
+    joined = base64.b64decode(payload["ciphertext"]) + base64.b64decode(payload.pop("tag"))
+    payload["ciphertext"] = base64.b64encode(joined).decode()
+    with envelope.open_package(json.dumps(separate).encode(), keypair("client")) as opened:
+        assert opened.tag_layout == envelope.TAG_APPENDED
+        with memoryview(opened.plaintext) as view:
+            assert view.tobytes() == b"0123456789"
+
+
+def test_fresh_key_and_nonce_every_time() -> None:
+    packages = [json.loads(envelope.seal_json({"a": 1}, keypair("client").public_key))
+                for _ in range(3)]
+    assert len({p["encrypted_aes_key"] for p in packages}) == 3
+    assert len({p["encrypted_payload"]["nonce"] for p in packages}) == 3
+
+
+def test_plaintext_over_10_mib_refused_before_encrypting() -> None:
+    with (SecureBuffer(envelope.MAX_PLAINTEXT_BYTES + 1) as big,
+          pytest.raises(PackageError, match="at most")):
+        envelope.seal(big, keypair("client").public_key)
+    with SecureBuffer(envelope.MAX_PLAINTEXT_BYTES) as exact:
+        assert envelope.seal(exact, keypair("client").public_key)
+
+
+def _sealed() -> dict:
+    return json.loads(envelope.seal_json({"hello": "world"}, keypair("server").public_key))
+
+
+def _mutate(path: tuple, value: object) -> bytes:
+    doc = _sealed()
+    target = doc
+    for part in path[:-1]:
+        target = target[part]
+    if value is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return json.dumps(doc).encode()
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("package", "message"),
+    [
+        (b"", "empty"),
+        (b"not json", "not valid JSON"),
+        (b"\xff\xfe", "UTF-8"),
+        (b"[1, 2]", "JSON object"),
+        (b"[" * 100000, "not valid JSON"),
+        (lambda: _mutate(("version",), "0.9"), "version"),
+        (lambda: _mutate(("algorithm",), "aes128"), "algorithm"),
+        (lambda: _mutate(("encrypted_aes_key",), _DELETE), "missing required fields"),
+        (lambda: _mutate(("encrypted_payload",), "x"), "JSON object"),
+        (lambda: _mutate(("encrypted_payload", "nonce"), _DELETE), "nonce"),
+        (lambda: _mutate(("encrypted_payload", "nonce"), "AAAA"), "12 bytes"),
+        (lambda: _mutate(("encrypted_payload", "tag"), "AAAA"), "16 bytes"),
+        (lambda: _mutate(("encrypted_payload", "ciphertext"), "%%%"), "base64"),
+        (lambda: _mutate(("encrypted_payload", "ciphertext"), 5), "base64 string"),
+        (lambda: _mutate(("encrypted_aes_key",), "é"), "base64"),
+        (lambda: _mutate(("processed_at",), "soon"), "processed_at"),
+    ],
+)
+def test_structural_problems_are_package_errors(package, message: str) -> None:
+    data = package() if callable(package) else package
+    with pytest.raises(PackageError, match=message):
+        envelope.open_package(data, keypair("server"))
+
+
+def _flip(path: tuple) -> bytes:
+    doc = _sealed()
+    target = doc
+    for part in path[:-1]:
+        target = target[part]
+    raw = bytearray(base64.b64decode(target[path[-1]]))
+    raw[len(raw) // 2] ^= 1
+    target[path[-1]] = base64.b64encode(raw).decode()
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [("encrypted_payload", "ciphertext"), ("encrypted_payload", "tag"),
+     ("encrypted_payload", "nonce"), ("encrypted_aes_key",)],
+)
+def test_tampering_is_one_fixed_security_error(path: tuple) -> None:
+    with pytest.raises(SecurityError) as err:
+        envelope.open_package(_flip(path), keypair("server"))
+    assert str(err.value) == envelope.AUTH_FAILED
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_wrong_key_is_security_error() -> None:
+    other = KeyPair.generate(2048)
+    with pytest.raises(SecurityError, match="^Decryption failed"):
+        envelope.open_package(json.dumps(_sealed()).encode(), other)
+
+
+def test_non_json_plaintext_is_package_error() -> None:
+    with SecureBuffer.copy_of(b"\x00not json") as plaintext:
+        package = envelope.seal(plaintext, keypair("server").public_key)
+    with pytest.raises(PackageError, match="not valid UTF-8 JSON"):
+        envelope.open_json(package, keypair("server"))
+
+
+def test_bad_arguments_are_typed() -> None:
+    with pytest.raises(ValueError, match="tag_layout"):
+        envelope.seal(b"x", keypair("server").public_key, tag_layout="inline")
+    with pytest.raises(TypeError, match="bytes-like"):
+        envelope.seal("text", keypair("server").public_key)
+    with pytest.raises(PackageError, match="must be bytes"):
+        envelope.open_package({"version": "1.0"}, keypair("server"))
+    with pytest.raises(TypeError, match="KeyPair"):
+        envelope.open_package(json.dumps(_sealed()).encode(), "pem")
