@@ -135,6 +135,9 @@ class PeerServer:
         self.response_plaintexts: list[bytes] = []
         self.aes_keys: list[bytes] = []
         self.key_fetches = 0
+        self.delay = 0.0  # seconds each POST is held before it is answered
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         self.rotate_key()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -226,9 +229,21 @@ class PeerServer:
                 self._reply(200, {"Content-Type": "text/plain"}, peer.public_pem)
 
             def do_POST(self) -> None:
+                with peer._lock:
+                    peer.in_flight += 1
+                    peer.max_in_flight = max(peer.max_in_flight, peer.in_flight)
+                try:
+                    self._post()
+                finally:
+                    with peer._lock:
+                        peer.in_flight -= 1
+
+            def _post(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 peer.received.append({"headers": headers, "size": len(body)})
+                if peer.delay:
+                    time.sleep(peer.delay)
                 if self.path != "/v1/chat/secure_completion":
                     return self._reply(404, {}, b'{"detail": "Secure inference not enabled"}')
                 if peer.faults:
