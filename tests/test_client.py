@@ -15,11 +15,11 @@ from urllib.parse import unquote
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peer_server import PeerServer, open_with, seal_for  # noqa: E402
+from peer_server import PeerServer, open_with, seal_for
 
-from nomyo import keys  # noqa: E402
-from nomyo.client import SecureCompletionClient  # noqa: E402
-from nomyo.errors import (  # noqa: E402
+from nomyo import keys
+from nomyo.client import SecureCompletionClient
+from nomyo.errors import (
     APIConnectionError,
     DisposedError,
     InvalidRequestError,
@@ -109,9 +109,9 @@ def test_pinned_fingerprint_accepts_the_right_key(peer):
 
 def test_pin_mismatch_is_security_error_before_any_post(peer):
     with SecureCompletionClient(peer.url, allow_http=True, key_size=2048,
-                                server_key_fingerprint="ab" * 32) as c:
-        with pytest.raises(SecurityError, match="pinned"):
-            send(c)
+                                server_key_fingerprint="ab" * 32) as c, \
+            pytest.raises(SecurityError, match="pinned"):
+        send(c)
     assert peer.received == []
 
 
@@ -182,9 +182,9 @@ def test_429_retried_honouring_retry_after_with_same_payload_id(client, peer):
 @pytest.mark.parametrize("status,cls", [(429, RateLimitError), (503, ServiceUnavailableError)])
 def test_retries_run_out(peer, status, cls):
     peer.inject(status, {"Retry-After": "0"}, {"detail": "busy"}, times=3)
-    with SecureCompletionClient(peer.url, allow_http=True, key_size=2048, max_retries=2) as c:
-        with pytest.raises(cls) as info:
-            send(c)
+    with SecureCompletionClient(peer.url, allow_http=True, key_size=2048, max_retries=2) as c, \
+            pytest.raises(cls) as info:
+        send(c)
     assert info.value.status_code == status
     assert info.value.error_details == {"detail": "busy"}
     assert len(peer.received) == 3
@@ -195,9 +195,9 @@ def test_network_failure_is_api_connection_error():
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()
-    with SecureCompletionClient(url, allow_http=True, key_size=2048, max_retries=0) as c:
-        with pytest.raises(APIConnectionError) as info:
-            send(c)
+    with SecureCompletionClient(url, allow_http=True, key_size=2048, max_retries=0) as c, \
+            pytest.raises(APIConnectionError) as info:
+        send(c)
     assert info.value.__cause__ is not None
 
 
