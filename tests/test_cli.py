@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peer_server import PeerServer  # noqa: E402
+from peer_server import PeerServer
 
-from nomyo.memory import get_memory_protection_info  # noqa: E402
+from nomyo.memory import get_memory_protection_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def nomyo(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (),
           stdin: str | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([*prefix, sys.executable, "-m", "nomyo", *args], capture_output=True,
-                          text=True, env=full_env, timeout=120, input=stdin)
+                          text=True, env=full_env, timeout=120, input=stdin, check=False)
 
 
 @pytest.fixture
