@@ -51,3 +51,32 @@ def keypair(role: str) -> Any:
     from nomyo.keys import KeyPair
 
     return KeyPair.from_pem(vector_keys()[f"{role}_private_pem"].encode("ascii"))
+
+
+COMPLETION = "/v1/chat/secure_completion"
+
+
+def completion_headers(client_pem: str, *, payload_id: str = "test-payload-1", **extra: str) -> dict:
+    """Request headers as the published Python client sends them (quote() of the PEM)."""
+    from urllib.parse import quote
+
+    headers = {"X-Payload-ID": payload_id, "X-Public-Key": quote(client_pem),
+               "Content-Type": "application/octet-stream"}
+    headers.update(extra)
+    return headers
+
+
+def chat_request(text: str = "Hello, server", **extra: Any) -> dict[str, Any]:
+    return {"model": "test-model", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def seal_request(obj: Any, server_pem: str, **kwargs: Any) -> bytes:
+    from nomyo import envelope
+
+    return envelope.seal_json(obj, server_pem, **kwargs)
+
+
+def open_response(content: bytes, role: str = "client") -> tuple[Any, Any]:
+    from nomyo import envelope
+
+    return envelope.open_json(content, keypair(role))

@@ -1,0 +1,293 @@
+"""The secure-completion application: one request in, one response out, transport-agnostic.
+
+`SecureCompletionApp.handle` is used by the embedded HTTP server (nomyo.server.http) and by
+the WSGI entry point (`app(environ, start_response)`), so both speak exactly the same protocol.
+Plaintext only exists inside `envelope.open_package` / `seal_json` buffers and the parsed
+request object; nothing here logs a header value, a key or a payload.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+
+from nomyo import envelope, keys
+from nomyo.errors import PackageError, SecurityError
+from nomyo.memory import get_memory_protection_info
+from nomyo.server.backends import Backend, BackendError
+from nomyo.server.policy import DEFAULT_TIER, TIERS, ApiKeys, RateLimiter, TierPolicy
+
+logger = logging.getLogger("nomyo.server")
+
+COMPLETION_PATH = "/v1/chat/secure_completion"
+PUBLIC_KEY_PATH = "/pki/public_key"
+HEALTH_PATH = "/health"
+MAX_PAYLOAD_ID_CHARS = 256
+MAX_PUBLIC_KEY_HEADER_CHARS = 16 * 1024
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class HttpError(Exception):
+    """Ends a request with `{"detail": ...}` and a status; `headers` go along (Retry-After)."""
+
+    def __init__(self, status: int, detail: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = list(headers)
+
+
+def error_response(status: int, detail: str, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    return Response(status, json.dumps({"detail": detail}).encode("utf-8"), headers=list(headers))
+
+
+BodyReader = Callable[[int], Any]
+
+
+@dataclass
+class AppOptions:
+    """What the app enforces; the embedded server and the CLI fill it in."""
+
+    api_keys: ApiKeys | None = None
+    tier_policy: TierPolicy | None = None
+    rate_limit: float | None = None
+    max_request_bytes: int = envelope.MAX_PACKAGE_BYTES
+    attestor: Any = None  # object with .quote(payload_id) -> dict, or None
+
+
+class SecureCompletionApp:
+    """Protocol 1.0 endpoint logic over a server key pair and a backend."""
+
+    def __init__(self, keypair: keys.KeyPair, backend: Backend, options: AppOptions | None = None) -> None:
+        self.keypair = keypair
+        self.backend = backend
+        self.options = options or AppOptions()
+        self._limiter = RateLimiter(self.options.rate_limit) if self.options.rate_limit else None
+        self._public_pem = keypair.public_pem.encode("ascii")
+        self._memory_protection = _memory_protection_summary()
+
+    # -- transport-independent entry point -------------------------------------------------
+    def handle(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        content_length: int | None,
+        read_body: BodyReader,
+        client: str,
+    ) -> Response:
+        """Answer one request; `headers` keys are lowercase; `read_body(n)` returns n bytes."""
+        started = time.perf_counter()
+        try:
+            response = self._route(method, path.split("?", 1)[0], headers, content_length,
+                                   read_body, client)
+        except HttpError as err:
+            response = error_response(err.status, err.detail, err.headers)
+        except Exception:  # last resort: a 500 without traceback details
+            logger.exception("internal error handling %s %s", method, path.split("?", 1)[0])
+            response = error_response(500, "internal server error")
+        logger.info("%s %s %d %.1fms", method, path.split("?", 1)[0], response.status,
+                    (time.perf_counter() - started) * 1000)
+        return response
+
+    def _route(self, method: str, path: str, headers: Mapping[str, str],
+               content_length: int | None, read_body: BodyReader, client: str) -> Response:
+        routes = {PUBLIC_KEY_PATH: "GET", HEALTH_PATH: "GET", COMPLETION_PATH: "POST"}
+        if path not in routes:
+            raise HttpError(404, "not found")
+        if method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
+            raise HttpError(405, f"method not allowed; use {routes[path]}",
+                            [("Allow", routes[path])])
+        if path == PUBLIC_KEY_PATH:
+            return Response(200, self._public_pem, "application/x-pem-file")
+        if path == HEALTH_PATH:
+            return Response(200, json.dumps(self.health()).encode("utf-8"))
+        return self._secure_completion(headers, content_length, read_body, client)
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "backend": self.backend.name,
+                "key_fingerprint": self.keypair.fingerprint,
+                "memory_protection": self._memory_protection}
+
+    # -- POST /v1/chat/secure_completion ---------------------------------------------------
+    def _secure_completion(self, headers: Mapping[str, str], content_length: int | None,
+                           read_body: BodyReader, client: str) -> Response:
+        identity = self._authenticate(headers) or f"addr:{client}"
+        self._rate_limit(identity)
+        payload_id = _payload_id(headers.get("x-payload-id"))
+        client_key = _client_public_key(headers.get("x-public-key"))
+        tier = _security_tier(headers.get("x-security-tier"))
+        if content_length is None:
+            raise HttpError(411, "Content-Length is required")
+        if content_length > self.options.max_request_bytes:
+            raise HttpError(413, f"request body larger than {self.options.max_request_bytes} bytes")
+        body = read_body(content_length)
+        try:
+            request, info = envelope.open_json(body, self.keypair)
+        except (PackageError, SecurityError) as err:
+            raise HttpError(400, str(err)) from None
+        del body
+        _check_completion_request(request)
+        tier = self._resolve_tier(request["model"], tier)
+        try:
+            result = self.backend.complete(request)
+        except BackendError as err:
+            raise HttpError(err.status, err.detail) from None
+        processed_at = int(time.time())
+        result["_metadata"] = {
+            "payload_id": payload_id,
+            "processed_at": processed_at,
+            "is_encrypted": True,
+            "response_status": "success",
+            "security_tier": tier,
+            "memory_protection": self._memory_protection,
+            "tpm_attestation": self._attest(payload_id),
+        }
+        sealed = envelope.seal_json(result, client_key, tag_layout=info.tag_layout,
+                                    processed_at=processed_at)
+        return Response(200, sealed)
+
+    def _authenticate(self, headers: Mapping[str, str]) -> str | None:
+        if self.options.api_keys is None:
+            return None
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HttpError(401, "missing API key: send Authorization: Bearer <key>",
+                            [("WWW-Authenticate", "Bearer")])
+        identity = self.options.api_keys.identify(token.strip())
+        if identity is None:
+            raise HttpError(401, "invalid API key", [("WWW-Authenticate", "Bearer")])
+        return identity
+
+    def _rate_limit(self, identity: str) -> None:
+        if self._limiter is None:
+            return
+        wait = self._limiter.acquire(identity)
+        if wait > 0:
+            seconds = max(1, int(wait + 0.999))
+            raise HttpError(429, "rate limit exceeded", [("Retry-After", str(seconds))])
+
+    def _resolve_tier(self, model: str, requested: str | None) -> str:
+        if self.options.tier_policy is None:
+            return requested or DEFAULT_TIER
+        tier, reason = self.options.tier_policy.resolve(model, requested)
+        if tier is None:
+            raise HttpError(403, reason)
+        return tier
+
+    def _attest(self, payload_id: str) -> dict[str, Any]:
+        if self.options.attestor is None:
+            return {"is_available": False}
+        try:
+            return self.options.attestor.quote(payload_id)
+        except Exception as err:  # noqa: BLE001 - a failed quote must not fail the completion
+            logger.warning("TPM quote failed: %s", type(err).__name__)
+            return {"is_available": False}
+
+    # -- WSGI ------------------------------------------------------------------------------
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        """WSGI entry point, for running under a production server (gunicorn, waitress, ...)."""
+        headers = {key[5:].replace("_", "-").lower(): value
+                   for key, value in environ.items() if key.startswith("HTTP_")}
+        raw_length = environ.get("CONTENT_LENGTH") or ""
+        try:
+            content_length: int | None = int(raw_length) if raw_length else None
+        except ValueError:
+            content_length = -1
+        stream = environ["wsgi.input"]
+
+        def read_body(n: int) -> bytes:
+            data = stream.read(n)
+            if len(data) != n:
+                raise HttpError(400, "request body shorter than Content-Length")
+            return data
+
+        if content_length is not None and content_length < 0:
+            response = error_response(400, "invalid Content-Length")
+        else:
+            response = self.handle(environ.get("REQUEST_METHOD", "GET"),
+                                   environ.get("PATH_INFO", "/") or "/", headers, content_length,
+                                   read_body, environ.get("REMOTE_ADDR", "unknown"))
+        start_response(f"{response.status} {_reason(response.status)}",
+                       [("Content-Type", response.content_type),
+                        ("Content-Length", str(len(response.body))), *response.headers])
+        return [response.body]
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _payload_id(value: str | None) -> str:
+    if not value:
+        raise HttpError(400, "missing X-Payload-ID header")
+    if len(value) > MAX_PAYLOAD_ID_CHARS or not all(" " <= ch <= "~" for ch in value):
+        raise HttpError(400, f"X-Payload-ID must be 1..{MAX_PAYLOAD_ID_CHARS} printable ASCII characters")
+    return value
+
+
+def _client_public_key(value: str | None) -> Any:
+    if not value:
+        raise HttpError(400, "missing X-Public-Key header")
+    if len(value) > MAX_PUBLIC_KEY_HEADER_CHARS:
+        raise HttpError(400, "X-Public-Key header too long")
+    # Python quote() keeps '/', encodeURIComponent() encodes it: unquote() undoes both
+    # (never unquote_plus: '+' is a base64 character of the PEM).
+    try:
+        return keys.load_public_key(unquote(value, errors="strict"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise HttpError(400, f"invalid X-Public-Key: {err}") from None
+
+
+def _security_tier(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    if value not in TIERS:
+        raise HttpError(400, f"invalid X-Security-Tier; must be one of: {', '.join(TIERS)}")
+    return value
+
+
+def _check_completion_request(request: Any) -> None:
+    if not isinstance(request, dict):
+        raise HttpError(400, "payload must be a JSON object")
+    if not isinstance(request.get("model"), str) or not request["model"]:
+        raise HttpError(400, "payload needs a 'model' string")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise HttpError(400, "payload needs a non-empty 'messages' list of objects")
+    if request.get("stream"):
+        raise HttpError(400, "stream=true is not supported: the protocol carries whole responses")
+
+
+def _memory_protection_summary() -> dict[str, Any]:
+    """The four fields PROTOCOL.md puts in `_metadata.memory_protection`, from our own report."""
+    info = get_memory_protection_info()
+
+    def first(*names: str) -> bool:
+        for name in names:
+            if name in info:
+                return bool(info[name])
+        return False
+
+    return {
+        "platform": info.get("platform", ""),
+        "memory_locking": first("memory_locking", "locking_works", "can_lock", "has_memory_locking"),
+        "secure_zeroing": first("secure_zeroing", "has_secure_zeroing"),
+        "core_dump_prevention": first("core_dump_prevention", "core_dumps_disabled"),
+    }
+

@@ -1,0 +1,191 @@
+"""`nomyo serve`: argument definitions and the foreground runner (also `python -m nomyo.server`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import ssl
+import sys
+from typing import Any
+
+from nomyo.keys import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
+
+KEY_PASSWORD_ENV = "NOMYO_KEY_PASSWORD"
+DEFAULT_PORT = 12434
+DEFAULT_PCRS = "sha256:0,7,10"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `nomyo serve` options to `parser`."""
+    net = parser.add_argument_group("listening")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1; 0.0.0.0 for all IPv4)")
+    net.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                     help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    net.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    net.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    net.add_argument("--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                     help="socket timeout per read/write and keep-alive idle time (default 30)")
+    net.add_argument("--max-connections", type=_positive_int, default=64, metavar="N",
+                     help="concurrent connections (one thread each; default 64)")
+
+    inference = parser.add_argument_group("inference")
+    inference.add_argument("--backend", default="echo", metavar="echo|URL",
+                           help="'echo' (built in) or the base URL of an OpenAI-compatible "
+                                "server, e.g. http://127.0.0.1:8000 (default echo)")
+    inference.add_argument("--backend-timeout", type=_positive_float, default=120.0,
+                           metavar="SECONDS", help="read timeout for the backend (default 120)")
+
+    key = parser.add_argument_group("server key")
+    key.add_argument("--key-file", metavar="PEM",
+                     help=f"server private key (PEM); password from ${KEY_PASSWORD_ENV} if "
+                          "encrypted. Default: an ephemeral key generated at start")
+    key.add_argument("--key-bits", type=int, choices=GENERATE_KEY_BITS, default=DEFAULT_KEY_BITS,
+                     help=f"size of the ephemeral key (default {DEFAULT_KEY_BITS})")
+
+    policy = parser.add_argument_group("policy")
+    policy.add_argument("--api-key-file", metavar="FILE",
+                        help="require 'Authorization: Bearer <key>', one accepted key per line")
+    policy.add_argument("--tier-policy", metavar="FILE",
+                        help='JSON {"model": ["standard", "high"], "*": [...]}: tiers each '
+                             "model may be served at (403 otherwise)")
+    policy.add_argument("--rate-limit", type=_positive_float, metavar="N",
+                        help="requests per second per API key (or client address)")
+    policy.add_argument("--max-request-bytes", type=_positive_int, metavar="BYTES",
+                        help="largest request body accepted (413 above; default fits 10 MiB "
+                             "of plaintext)")
+
+    tpm = parser.add_argument_group("attestation")
+    tpm.add_argument("--tpm", metavar="TCTI",
+                     help="attach a TPM quote to every response, e.g. device:/dev/tpmrm0")
+    tpm.add_argument("--tpm-pcrs", default=DEFAULT_PCRS, metavar="BANK:LIST",
+                     help=f"PCR selection quoted with --tpm (default {DEFAULT_PCRS})")
+
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level (default INFO); plaintext and keys are never logged")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the server in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    from nomyo.server.factory import create_app
+    from nomyo.server.http import EmbeddedServer, serve_until_signalled, tls_context
+
+    _configure_logging(args.log_level)
+    _harden()
+    try:
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        context = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        options: dict[str, Any] = {}
+        if args.max_request_bytes is not None:
+            options["max_request_bytes"] = args.max_request_bytes
+        app = create_app(
+            backend=args.backend,
+            backend_timeout=args.backend_timeout,
+            key_file=args.key_file,
+            key_password=os.environ.get(KEY_PASSWORD_ENV) or None,
+            key_bits=args.key_bits,
+            api_key_file=args.api_key_file,
+            tier_policy_file=args.tier_policy,
+            rate_limit=args.rate_limit,
+            attestor=_attestor(args.tpm, args.tpm_pcrs),
+            **options,
+        )
+    except (ValueError, TypeError, OSError, ssl.SSLError) as err:
+        return _fail(err)
+    try:
+        server = EmbeddedServer((args.host, args.port), app, timeout=args.timeout,
+                                max_connections=args.max_connections, ssl_context=context)
+    except OSError as err:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+
+    def ready(url: str) -> None:
+        print(f"nomyo serve: listening on {url} (backend {app.backend.name}; key "
+              f"SHA-256 {app.keypair.fingerprint})", flush=True)
+
+    serve_until_signalled(server, on_ready=ready)
+    print("nomyo serve: stopped", flush=True)
+    return 0
+
+
+def _attestor(tcti: str | None, pcrs: str) -> Any:
+    if not tcti:
+        return None
+    try:
+        from nomyo.attestation.quote import TpmQuoter
+    except ImportError:
+        raise ValueError("--tpm needs nomyo.attestation.quote, which this installation "
+                         "does not have") from None
+    return TpmQuoter(tcti, pcrs)
+
+
+def _harden() -> None:
+    """Disable core dumps and ptrace for this process, when the memory layer offers it."""
+    try:
+        from nomyo.memory import harden_process
+    except ImportError:
+        return
+    harden_process()
+
+
+def _configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nomyo").setLevel(level)
+
+
+def _fail(err: object) -> int:
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        message = f"{err.filename}: {err.strerror}"
+    print(f"nomyo serve: error: {message}", file=sys.stderr)
+    return 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags give one line on stderr (and exit status 2), not the whole usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _OneLineParser(prog="nomyo serve", description=(
+        "Serve the NOMYO secure-completion protocol (1.0): clients encrypt prompts to this "
+        "server's key; it decrypts them in secure memory, asks the backend, and encrypts the "
+        "answer to the client's key."))
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))

@@ -1,0 +1,75 @@
+"""Build a `SecureCompletionApp` from plain options (shared by the CLI, tests and WSGI)."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from nomyo import envelope
+from nomyo.keys import DEFAULT_KEY_BITS, KeyPair
+from nomyo.server.app import AppOptions, SecureCompletionApp
+from nomyo.server.backends import create_backend
+from nomyo.server.policy import ApiKeys, TierPolicy
+
+logger = logging.getLogger("nomyo.server")
+
+
+def create_app(
+    *,
+    backend: str = "echo",
+    key: KeyPair | None = None,
+    key_file: str | Path | None = None,
+    key_password: str | None = None,
+    key_bits: int = DEFAULT_KEY_BITS,
+    api_keys: ApiKeys | Iterable[str] | None = None,
+    api_key_file: str | Path | None = None,
+    tier_policy: TierPolicy | Mapping[str, Any] | None = None,
+    tier_policy_file: str | Path | None = None,
+    rate_limit: float | None = None,
+    max_request_bytes: int = envelope.MAX_PACKAGE_BYTES,
+    backend_timeout: float = 120.0,
+    attestor: Any = None,
+) -> SecureCompletionApp:
+    """A ready application; the server key is `key`, loaded from `key_file`, or ephemeral.
+
+    Raises ValueError (one-line message) for any unusable option.
+    """
+    if sum(x is not None for x in (api_keys, api_key_file)) > 1:
+        raise ValueError("give api_keys or api_key_file, not both")
+    if sum(x is not None for x in (tier_policy, tier_policy_file)) > 1:
+        raise ValueError("give tier_policy or tier_policy_file, not both")
+    if max_request_bytes <= 0:
+        raise ValueError("max_request_bytes must be positive")
+    if not backend_timeout > 0:
+        raise ValueError("backend timeout must be positive")
+    keys_ = ApiKeys.from_file(api_key_file) if api_key_file is not None else _api_keys(api_keys)
+    policy = (TierPolicy.from_file(tier_policy_file) if tier_policy_file is not None
+              else _tier_policy(tier_policy))
+    options = AppOptions(api_keys=keys_, tier_policy=policy, rate_limit=rate_limit,
+                         max_request_bytes=max_request_bytes, attestor=attestor)
+    if rate_limit is not None and not rate_limit > 0:
+        raise ValueError("rate limit must be a positive number of requests per second")
+    inference = create_backend(backend, timeout=backend_timeout)
+    if key is None:
+        if key_file is not None:
+            key = KeyPair.load(key_file, key_password)
+        else:
+            logger.info("generating an ephemeral RSA-%d server key", key_bits)
+            key = KeyPair.generate(key_bits)
+    logger.info("server key fingerprint (SHA-256 of the public key) %s", key.fingerprint)
+    return SecureCompletionApp(key, inference, options)
+
+
+def _api_keys(value: ApiKeys | Iterable[str] | None) -> ApiKeys | None:
+    if value is None or isinstance(value, ApiKeys):
+        return value
+    if isinstance(value, str):
+        raise TypeError("api_keys must be an iterable of keys, not one string")
+    return ApiKeys(value)
+
+
+def _tier_policy(value: TierPolicy | Mapping[str, Any] | None) -> TierPolicy | None:
+    if value is None or isinstance(value, TierPolicy):
+        return value
+    return TierPolicy(value)
