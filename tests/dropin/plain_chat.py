@@ -26,7 +26,7 @@ async def main():
     assert isinstance(meta["payload_id"], str) and meta["payload_id"]
     assert "usage" in response
     again = await client.acreate(model="Qwen/Qwen3-0.6B", messages=[{"role": "user", "content": "ping"}])
-    assert again["choices"][0]["message"]["content"] == "ping"
+    assert "ping" in again["choices"][0]["message"]["content"]
     print("OK", message["content"])
 
 
