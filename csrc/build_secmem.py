@@ -11,7 +11,7 @@ def _cdef_from_header(path: str) -> str:
     """The declarations between the cdef markers of the header, so they live in one place."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    match = re.search(r"/\* cdef-begin \*/(.*?)/\* cdef-end \*/", text, re.S)
+    match = re.search(r"/\* cdef-begin \*/(.*?)/\* cdef-end \*/", text, re.DOTALL)
     if match is None:
         raise RuntimeError(f"no cdef markers in {path}")
     return match.group(1)

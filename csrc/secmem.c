@@ -51,6 +51,22 @@ int nm_fill_random(void *p, size_t n)
     return 0;
 }
 
+/* One random key per process, drawn on first use; 0 only if the kernel CSPRNG failed. */
+static uint64_t canary_key(void)
+{
+    static uint64_t key;
+    uint64_t k = __atomic_load_n(&key, __ATOMIC_ACQUIRE);
+    if (k != 0)
+        return k;
+    if (nm_fill_random(&k, sizeof(k)) != 0)
+        return 0;
+    k |= 1;
+    uint64_t expected = 0;
+    if (!__atomic_compare_exchange_n(&key, &expected, k, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        k = expected;
+    return k;
+}
+
 /* Map the accessible pages from a memfd_secret file over the middle of the reservation.
  * The kernel removes these pages from its direct map and locks them (counted in VmLck). */
 static int map_secret(nm_region *r)
@@ -139,11 +155,19 @@ int nm_region_alloc(nm_region *r, size_t size, int flags)
     }
 
     r->data = r->inner + r->inner_len - size;
-    int rc = nm_fill_random(&r->canary, sizeof(r->canary));
-    if (rc != 0) {
-        nm_region_free(r);
-        return rc;
+    uint64_t key = canary_key();
+    if (key == 0) {
+        int rc = -errno;
+        munmap(r->base, r->total);
+        memset(r, 0, sizeof(*r));
+        return rc ? rc : -EIO;
     }
+    /* Distinct per region without a syscall per allocation: the secret key mixed with
+     * the address (splitmix64 finaliser). */
+    uint64_t z = key ^ (uint64_t)(uintptr_t)r->data;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    r->canary = z ^ (z >> 31);
     memcpy(r->data - NM_CANARY_SIZE, &r->canary, NM_CANARY_SIZE);
     return 0;
 }

@@ -42,7 +42,7 @@ _EXPORTS = {
     "AttestationResult": "nomyo.attestation",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ keep working. Messages never carry plaintext, key material or API keys.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 
 class NomyoError(Exception):
@@ -33,13 +33,13 @@ class DisposedError(NomyoError, RuntimeError):
 class APIError(NomyoError):
     """An HTTP error answer from the endpoint; base of the status-specific classes."""
 
-    default_status: Optional[int] = None
+    default_status: int | None = None
 
     def __init__(
         self,
         message: str,
-        status_code: Optional[int] = None,
-        error_details: Optional[dict[str, Any]] = None,
+        status_code: int | None = None,
+        error_details: dict[str, Any] | None = None,
     ) -> None:
         self.message = message
         self.status_code = status_code if status_code is not None else self.default_status

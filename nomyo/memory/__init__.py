@@ -5,8 +5,9 @@ This layer depends on nothing above it; the envelope, keys, client and server bu
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from nomyo.memory import _native, secure_json
 from nomyo.memory.buffer import SecureBuffer

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 log = logging.getLogger("nomyo.memory")
 
 ffi: Any = None
 lib: Any = None
 pyobjects: Any = None
-FALLBACK_REASON: Optional[str] = None
+FALLBACK_REASON: str | None = None
 
 try:
     if os.environ.get("NOMYO_BACKEND", "").strip().lower() == "fallback":
         raise ImportError("forced by NOMYO_BACKEND=fallback")
-    from nomyo import _pyobjects as pyobjects  # noqa: F811
-    from nomyo._secmem import ffi, lib  # noqa: F811
+    from nomyo import _pyobjects as pyobjects
+    from nomyo._secmem import ffi, lib
 except ImportError as exc:  # exotic platform or a source checkout that was never built
     ffi = lib = pyobjects = None
     FALLBACK_REASON = str(exc)

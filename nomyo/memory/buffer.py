@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import mmap
 import operator
-from typing import Any, Optional
+from typing import Any
 
 from nomyo.errors import SecureMemoryUnavailable
 from nomyo.memory import _native, limits, settings
@@ -57,7 +57,7 @@ class _SecretPolicy:
     def __enter__(self) -> Any:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if not self.closed:
             self.close()
 
@@ -118,9 +118,9 @@ if _native.BACKEND == "native":
         left. Use after close raises ValueError.
         """
 
-        __slots__ = ("_region", "_view", "__weakref__")
+        __slots__ = ("__weakref__", "_region", "_view")
 
-        def __new__(cls, size: int, *, lock: Optional[bool] = None) -> "SecureBuffer":
+        def __new__(cls, size: int, *, lock: bool | None = None) -> SecureBuffer:
             n = _checked_size(size)
             want_lock = settings.enabled() if lock is None else bool(lock)
             flags = _native.ALLOCATOR_FLAGS | (0 if want_lock else lib.NM_FLAG_NO_LOCK)
@@ -189,9 +189,9 @@ else:
         """Fallback secure buffer (no native helper): private anonymous memory, wiped on close,
         but not locked, not excluded from dumps and copied into forked children."""
 
-        __slots__ = ("_view", "__weakref__")
+        __slots__ = ("_view",)
 
-        def __new__(cls, size: int, *, lock: Optional[bool] = None) -> "SecureBuffer":
+        def __new__(cls, size: int, *, lock: bool | None = None) -> SecureBuffer:
             n = _checked_size(size)
             if settings.required():
                 raise SecureMemoryUnavailable(

@@ -4,25 +4,24 @@ from __future__ import annotations
 import errno
 import os
 import resource
-from typing import Optional
 
 
-def _soft(limit: int) -> Optional[int]:
+def _soft(limit: int) -> int | None:
     soft = resource.getrlimit(limit)[0]
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def memlock_limit() -> Optional[int]:
+def memlock_limit() -> int | None:
     """Soft RLIMIT_MEMLOCK in bytes, None when unlimited."""
     return _soft(resource.RLIMIT_MEMLOCK)
 
 
-def core_limit() -> Optional[int]:
+def core_limit() -> int | None:
     """Soft RLIMIT_CORE in bytes, None when unlimited."""
     return _soft(resource.RLIMIT_CORE)
 
 
-def _proc_status_kib(field: str) -> Optional[int]:
+def _proc_status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -33,13 +32,13 @@ def _proc_status_kib(field: str) -> Optional[int]:
     return None
 
 
-def locked_bytes() -> Optional[int]:
+def locked_bytes() -> int | None:
     """This process's locked memory now (VmLck), None where /proc does not say."""
     kib = _proc_status_kib("VmLck")
     return None if kib is None else kib * 1024
 
 
-def _read_sys(path: str) -> Optional[str]:
+def _read_sys(path: str) -> str | None:
     try:
         with open(path, encoding="ascii") as f:
             return f.read().strip()
@@ -52,7 +51,7 @@ def core_pattern_is_pipe() -> bool:
     return (_read_sys("/proc/sys/kernel/core_pattern") or "").startswith("|")
 
 
-def suid_dumpable() -> Optional[int]:
+def suid_dumpable() -> int | None:
     value = _read_sys("/proc/sys/fs/suid_dumpable")
     return int(value) if value and value.isdigit() else None
 

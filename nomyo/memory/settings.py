@@ -10,7 +10,7 @@ _enabled = True
 
 
 def required() -> bool:
-    """Fail-closed mode: NOMYO_REQUIRE_SECURE_MEMORY=1 (read on every call, so it can be set late)."""
+    """Fail-closed mode: NOMYO_REQUIRE_SECURE_MEMORY=1 (read on every call: it may be set late)."""
     return os.environ.get("NOMYO_REQUIRE_SECURE_MEMORY", "").strip().lower() in _TRUE
 
 

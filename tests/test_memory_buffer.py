@@ -1,0 +1,134 @@
+"""SecureBuffer behaviour in the pytest process: the API contract, refusals, lifecycles."""
+import copy
+import io
+import os
+import pickle
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+import nomyo
+from nomyo.memory import SecureBuffer, secure_bytearray, wipe_bytes, wipe_str
+
+
+def test_new_buffer_is_zeroed_writable_and_sized():
+    with SecureBuffer(100) as buf:
+        assert len(buf) == 100 and buf.size == 100
+        with memoryview(buf) as mv:
+            assert mv.format == "B" and not mv.readonly and mv.tobytes() == bytes(100)
+            mv[:5] = b"hello"
+            assert mv[:5].tobytes() == b"hello"
+
+
+def test_wipe_zeroes_in_place():
+    buf = SecureBuffer.copy_of(b"top secret material")
+    buf.wipe()
+    assert buf.data.tobytes() == bytes(len(buf))
+    buf.close()
+
+
+def test_random_is_filled_from_the_kernel():
+    a, b = SecureBuffer.random(32), SecureBuffer.random(32)
+    assert a.data.tobytes() != bytes(32) and a.data.tobytes() != b.data.tobytes()
+    a.close(), b.close()
+
+
+def test_silent_copies_are_refused():
+    with SecureBuffer.copy_of(b"secret-value") as buf:
+        with pytest.raises(TypeError):
+            bytes(buf)
+        with pytest.raises(TypeError):
+            pickle.dumps(buf)
+        with pytest.raises(TypeError):
+            copy.copy(buf)
+        with pytest.raises(TypeError):
+            list(buf)
+        assert "secret" not in repr(buf) and "SecureBuffer size=12" in repr(buf)
+        other = SecureBuffer.copy_of(b"secret-value")
+        assert buf != other  # never compared by value
+        other.close()
+
+
+def test_use_after_close_and_double_close_raise():
+    buf = SecureBuffer(16)
+    buf.close()
+    assert buf.closed and not buf.locked
+    with pytest.raises(ValueError):
+        memoryview(buf)
+    with pytest.raises(ValueError):
+        buf.wipe()
+    with pytest.raises(ValueError):
+        buf.close()
+    assert "closed" in repr(buf)
+
+
+def test_close_with_a_live_view_wipes_now_and_unmaps_later():
+    buf = SecureBuffer.copy_of(b"still-viewed secret")
+    view = memoryview(buf)
+    buf.close()
+    assert view.tobytes() == bytes(len(view))  # wiped at once, memory still valid
+    view.release()
+    with pytest.raises(ValueError):
+        memoryview(buf)
+
+
+def test_bad_sizes_are_typed_errors():
+    for bad in (0, -1, 1 << 40):
+        with pytest.raises(ValueError):
+            SecureBuffer(bad)
+    with pytest.raises(TypeError):
+        SecureBuffer("32")
+
+
+def test_readinto_and_aead_write_straight_into_secure_memory():
+    key = SecureBuffer.random(32)
+    nonce = os.urandom(12)
+    plaintext = SecureBuffer.copy_of(b"patient record 4711")
+    aead = AESGCM(key.data)
+    sealed = bytearray(len(plaintext) + 16)
+    aead.encrypt_into(nonce, plaintext.data, None, sealed)
+    out = SecureBuffer(len(plaintext))
+    aead.decrypt_into(nonce, bytes(sealed), None, out)
+    assert out.data.tobytes() == b"patient record 4711"
+    target = SecureBuffer(5)
+    assert io.BytesIO(b"abcde").readinto(target) == 5
+    assert target.data.tobytes() == b"abcde"
+    for b in (key, plaintext, out, target):
+        b.close()
+
+
+def test_secure_bytearray_wipes_the_caller_and_releases_on_error():
+    data = bytearray(b"ssn 078-05-1120")
+    with pytest.raises(RuntimeError), secure_bytearray(data) as protected:
+        assert data == bytearray(len(data))  # caller's copy wiped at once
+        assert protected.data.tobytes() == b"ssn 078-05-1120"
+        assert memoryview(protected).nbytes == len(data)
+        kept = protected
+        raise RuntimeError("boom")
+    assert kept.closed
+
+
+def test_public_names_are_exported_from_the_package():
+    assert nomyo.SecureBuffer is SecureBuffer
+    assert nomyo.secure_bytearray is secure_bytearray
+    for name in ("get_memory_protection_info", "enable_secure_memory", "disable_secure_memory",
+                 "harden_process", "SecurityError", "secure_bytes"):
+        assert callable(getattr(nomyo, name))
+
+
+def _fresh_bytes() -> bytes:
+    return os.urandom(24)
+
+
+def test_wipe_bytes_zeroes_a_sole_reference_and_refuses_shared_ones():
+    secret = _fresh_bytes()
+    assert wipe_bytes(secret) is True and secret == bytes(24)
+    shared = _fresh_bytes()
+    holder = [shared]
+    with pytest.raises(ValueError):
+        wipe_bytes(shared)
+    assert holder[0] == shared
+    text = "".join(["pass", "word-", str(os.getpid())])
+    assert wipe_str(text) is True and set(text) == {"\x00"}
+    with pytest.raises(TypeError):
+        wipe_bytes(bytearray(3))

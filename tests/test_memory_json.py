@@ -1,0 +1,51 @@
+"""secure_json writes and reads exactly what the json module does, without heap copies."""
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nomyo.errors import PackageError
+from nomyo.memory import SecureBuffer, secure_json
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_round_trip_matches_the_json_module(value):
+    buf = secure_json.dumps(value)
+    try:
+        text = buf.data.tobytes().decode("utf-8", "surrogatepass")
+        assert json.loads(text) == value
+        assert secure_json.loads(buf) == value
+    finally:
+        buf.close()
+
+
+def test_output_is_compact_utf8():
+    buf = secure_json.dumps({"content": "é\n\"", "n": [1, 2.5, None, True]})
+    assert buf.data.tobytes() == '{"content":"é\\n\\"","n":[1,2.5,null,true]}'.encode()
+    buf.close()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), {1j: 2}, object(), {"x": {1, 2}}])
+def test_unserialisable_values_are_typed_errors(bad):
+    with pytest.raises((TypeError, ValueError)):
+        secure_json.dumps(bad)
+
+
+@pytest.mark.parametrize("raw", [b'{"marker-x1": ', b'\xff"marker-x1"', b'{"marker-x1": }',
+                                 b'["marker-x1",' + b"[" * 100000])
+def test_bad_documents_raise_package_error_without_content(raw):
+    buf = SecureBuffer.copy_of(raw)
+    with pytest.raises(PackageError) as info:
+        secure_json.loads(buf)
+    assert "marker-x1" not in str(info.value)
+    buf.close()
