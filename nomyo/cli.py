@@ -21,7 +21,8 @@ EXIT_USAGE = 2
 REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
     "mlock": (
         lambda r: bool(r.get("has_memory_locking")),
-        "grant CAP_IPC_LOCK or raise RLIMIT_MEMLOCK (docker: --ulimit memlock=-1 or --cap-add IPC_LOCK)",
+        "grant CAP_IPC_LOCK or raise RLIMIT_MEMLOCK "
+        "(docker: --ulimit memlock=-1 or --cap-add IPC_LOCK)",
     ),
     "no-core-dumps": (
         lambda r: bool(r.get("core_dumps_disabled")),

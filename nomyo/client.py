@@ -97,7 +97,8 @@ class SecureCompletionClient:
         self.max_retries = max_retries
         self.timeout = timeout
         self.key_size = key_size
-        self._pin = normalise_fingerprint(server_key_fingerprint) if server_key_fingerprint else None
+        self._pin = (normalise_fingerprint(server_key_fingerprint)
+                     if server_key_fingerprint else None)
         self._keyring = KeyRing(
             key_size=key_size, key_dir=key_dir, key_password=key_password,
             rotation_interval=key_rotation_interval,

@@ -224,7 +224,8 @@ class Transport:
             if status in RETRYABLE_STATUS and not last:
                 wait = self.retry.delay(attempt + 1, response.headers.get("Retry-After"))
                 logger.warning(
-                    "HTTP %d on attempt %d/%d; retrying in %.2fs", status, attempt + 1, attempts, wait
+                    "HTTP %d on attempt %d/%d; retrying in %.2fs",
+                    status, attempt + 1, attempts, wait,
                 )
                 self._sleep(wait)
                 continue

@@ -136,6 +136,7 @@ class PeerServer:
         self.aes_keys: list[bytes] = []
         self.key_fetches = 0
         self.delay = 0.0  # seconds each POST is held before it is answered
+        self.attestation: dict[str, Any] | None = None  # served as _metadata.tpm_attestation
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -195,7 +196,10 @@ class PeerServer:
             raise ProtocolFault(400, "Streaming is not supported")
         if tier == "maximum" and str(request.get("model", "")).startswith("forbidden"):
             raise ProtocolFault(403, "Model not allowed for the requested security tier")
-        answer = json.dumps(echo_completion(request, payload_id, tier)).encode()
+        completion = echo_completion(request, payload_id, tier)
+        if self.attestation is not None:
+            completion["_metadata"]["tpm_attestation"] = self.attestation
+        answer = json.dumps(completion).encode()
         package, response_key = seal_for(client_key, answer)
         if self.record:
             with self._lock:

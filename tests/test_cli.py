@@ -133,6 +133,7 @@ def test_chat_without_base_url_uses_the_embedded_endpoint():
 
 
 def test_serve_delegates_to_the_server_cli():
-    pytest.importorskip("nomyo.server.cli", reason="nomyo.server.cli (server branch) not merged yet")
+    pytest.importorskip("nomyo.server.cli",
+                        reason="nomyo.server.cli (server branch) not merged yet")
     result = nomyo("serve", "--help")
     assert result.returncode == 0 and "serve" in result.stdout

@@ -112,7 +112,9 @@ class Clock:
 
 def make(max_retries: int = 2, timeout: float = 5.0, **kw) -> tuple[Transport, Clock]:
     clock = Clock()
-    return Transport(timeout=timeout, retry=RetryPolicy(max_retries=max_retries), sleep=clock, **kw), clock
+    transport = Transport(timeout=timeout, retry=RetryPolicy(max_retries=max_retries),
+                          sleep=clock, **kw)
+    return transport, clock
 
 
 HEADERS = {"X-Payload-ID": "pid-1", "Content-Type": "application/octet-stream"}
@@ -169,7 +171,7 @@ def test_backoff_is_exponential_and_jittered_without_retry_after(server):
     with pytest.raises(ServerError):
         transport.post(server.url, b"c", HEADERS)
     assert len(server.received) == 4
-    for exact, got in zip([1.0, 2.0, 4.0], clock.sleeps):
+    for exact, got in zip([1.0, 2.0, 4.0], clock.sleeps, strict=True):
         assert 0.75 * exact <= got <= exact
 
 

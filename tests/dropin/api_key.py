@@ -9,7 +9,8 @@ async def main():
     url = os.environ["NOMYO_URL"]
     key = os.environ["NOMYO_TEST_API_KEY"]
     client = SecureChatCompletion(base_url=url, allow_http=True, api_key=key)
-    response = await client.create(model="Qwen/Qwen3-0.6B", messages=[{"role": "user", "content": "authed"}])
+    response = await client.create(model="Qwen/Qwen3-0.6B",
+                                   messages=[{"role": "user", "content": "authed"}])
     assert response["choices"][0]["message"]["content"] == "authed"
     try:
         await client.create(model="Qwen/Qwen3-0.6B", messages=[{"role": "user", "content": "x"}],
@@ -21,7 +22,8 @@ async def main():
         raise AssertionError("wrong per-call api_key accepted")
     anonymous = SecureChatCompletion(base_url=url, allow_http=True)
     override = await anonymous.create(model="Qwen/Qwen3-0.6B",
-                                      messages=[{"role": "user", "content": "per call"}], api_key=key)
+                                      messages=[{"role": "user", "content": "per call"}],
+                                      api_key=key)
     assert override["choices"][0]["message"]["content"] == "per call"
     print("OK")
 

@@ -34,7 +34,8 @@ async def main():
     client = SecureChatCompletion(base_url=os.environ["NOMYO_URL"], allow_http=True, max_retries=0)
     for status, cls in EXPECTED:
         try:
-            await client.create(model="Qwen/Qwen3-0.6B", messages=[{"role": "user", "content": "hi"}])
+            await client.create(model="Qwen/Qwen3-0.6B",
+                                messages=[{"role": "user", "content": "hi"}])
         except APIError as err:
             assert type(err) is cls, (status, type(err))
             assert err.status_code == status, (status, err.status_code)

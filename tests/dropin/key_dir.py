@@ -19,7 +19,8 @@ async def main(key_dir):
         public_pem = f.read()
     assert public_pem.startswith("-----BEGIN PUBLIC KEY-----")
     second = SecureChatCompletion(base_url=url, allow_http=True, key_dir=key_dir)
-    response = await second.create(model="Qwen/Qwen3-0.6B", messages=[{"role": "user", "content": "two"}])
+    response = await second.create(model="Qwen/Qwen3-0.6B",
+                                   messages=[{"role": "user", "content": "two"}])
     assert response["choices"][0]["message"]["content"] == "two"
     with open(public_path) as f:  # noqa: ASYNC230
         assert f.read() == public_pem, "second client replaced the saved key pair"

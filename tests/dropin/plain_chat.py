@@ -25,7 +25,8 @@ async def main():
     assert meta["encryption_algorithm"] == "hybrid-aes256-rsa4096"
     assert isinstance(meta["payload_id"], str) and meta["payload_id"]
     assert "usage" in response
-    again = await client.acreate(model="Qwen/Qwen3-0.6B", messages=[{"role": "user", "content": "ping"}])
+    again = await client.acreate(model="Qwen/Qwen3-0.6B",
+                                 messages=[{"role": "user", "content": "ping"}])
     assert "ping" in again["choices"][0]["message"]["content"]
     print("OK", message["content"])
 
