@@ -9,6 +9,7 @@ Where each secret lives:
 Structural problems raise `PackageError` (a `ValueError`); anything that fails authentication
 raises `SecurityError` with one fixed message, so an attacker learns nothing from it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,7 +46,9 @@ TAG_BYTES = 16
 AES_KEY_BYTES = 32
 AUTH_FAILED = "Decryption failed: integrity check or authentication failed"
 
-_OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+_OAEP = padding.OAEP(
+    mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
+)
 
 PublicKeyLike = rsa.RSAPublicKey | str | bytes
 
@@ -72,7 +75,7 @@ class Opened(PackageInfo):
     def close(self) -> None:
         self.plaintext.close()
 
-    def __enter__(self) -> Opened:  # noqa: PYI034 (frozen dataclass, no subclasses)
+    def __enter__(self) -> Opened:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -199,7 +202,8 @@ def _byte_view(obj: Any) -> memoryview:
     try:
         view = memoryview(obj)
     except TypeError:
-        raise TypeError(f"plaintext must be a bytes-like buffer, not {type(obj).__name__}") from None
+        kind = type(obj).__name__
+        raise TypeError(f"plaintext must be a bytes-like buffer, not {kind}") from None
     if view.format == "B" and view.ndim == 1:
         return view
     with view:
@@ -230,8 +234,11 @@ def _parse(package: Any) -> dict[str, Any]:
             raise PackageError("package is not valid JSON") from None
     if not isinstance(doc, dict):
         raise PackageError("package must be a JSON object")
-    missing = [k for k in ("version", "algorithm", "encrypted_payload", "encrypted_aes_key")
-               if k not in doc]
+    missing = [
+        k
+        for k in ("version", "algorithm", "encrypted_payload", "encrypted_aes_key")
+        if k not in doc
+    ]
     if missing:
         raise PackageError(f"package is missing required fields: {', '.join(missing)}")
     if doc["version"] != VERSION:

@@ -5,6 +5,7 @@ SubjectPublicKeyInfo (the bytes inside the `-----BEGIN PUBLIC KEY-----` PEM), e.
 `openssl pkey -pubin -in public_key.pem -outform DER | sha256sum`.
 File names match the published client: `private_key.pem` and `public_key.pem`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,17 +70,16 @@ class KeyPair:
             except TypeError:
                 raise ValueError(
                     f"{source}: the private key is encrypted and no password was given"
-                    if pw_view is None else f"{source}: the key is not encrypted; drop the password"
+                    if pw_view is None
+                    else f"{source}: the key is not encrypted; drop the password"
                 ) from None
             except ValueError:
-                raise ValueError(
-                    f"{source}: not a PEM private key, or wrong password"
-                ) from None
+                raise ValueError(f"{source}: not a PEM private key, or wrong password") from None
             finally:
                 if pw_view is not None:
                     pw_view.release()
         if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError(f"{source}: not an RSA private key")  # noqa: TRY004 (bad input value)
+            raise ValueError(f"{source}: not an RSA private key")
         return cls(key)
 
     @property
@@ -113,7 +113,9 @@ class KeyPair:
         fmt = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8)
         with _password_buffer(password) as pw:
             if pw is None:
-                return _secure_copy(self.private_key.private_bytes(*fmt, serialization.NoEncryption()))
+                return _secure_copy(
+                    self.private_key.private_bytes(*fmt, serialization.NoEncryption())
+                )
             # cryptography takes the password only as `bytes`: one copy, zeroed right after use.
             with memoryview(pw) as view:
                 pw_bytes = bytes(view)
@@ -129,7 +131,7 @@ class KeyPair:
         """Drop the private key (OpenSSL clears its numbers when the object is freed)."""
         self._private_key = None
 
-    def __enter__(self) -> KeyPair:  # noqa: PYI034
+    def __enter__(self) -> KeyPair:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -151,7 +153,7 @@ def load_public_key(key: rsa.RSAPublicKey | str | bytes) -> rsa.RSAPublicKey:
         except (ValueError, TypeError, UnsupportedAlgorithm):
             raise ValueError("not a PEM public key") from None
         if not isinstance(public, rsa.RSAPublicKey):
-            raise ValueError("public key is not an RSA key")  # noqa: TRY004 (bad input value)
+            raise ValueError("public key is not an RSA key")
     else:
         raise TypeError(f"expected an RSA public key or PEM text, not {type(key).__name__}")
     _check_size(public.key_size)

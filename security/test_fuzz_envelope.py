@@ -1,4 +1,5 @@
 """Fuzz `open_package`: for any input bytes only PackageError or SecurityError may escape."""
+
 from __future__ import annotations
 
 import base64
@@ -12,12 +13,13 @@ from nomyo import envelope
 from nomyo.errors import PackageError, SecurityError
 from tests.server_fixtures import keypair
 
-_SETTINGS = settings(max_examples=400, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow])
+_SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _b64 = st.binary(max_size=600).map(lambda b: base64.b64encode(b).decode())
 _json_value = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | _b64,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -43,9 +45,13 @@ def test_random_bytes(data: bytes) -> None:
     version=st.sampled_from(["1.0", "1.1", 1.0, None]) | _json_value,
     algorithm=st.sampled_from([envelope.ALGORITHM, "x"]) | _json_value,
     ciphertext=_b64 | _json_value,
-    nonce=st.binary(min_size=11, max_size=13).map(lambda b: base64.b64encode(b).decode()) | _json_value,
-    tag=st.one_of(st.just(None), st.binary(min_size=15, max_size=17).map(
-        lambda b: base64.b64encode(b).decode()), _json_value),
+    nonce=st.binary(min_size=11, max_size=13).map(lambda b: base64.b64encode(b).decode())
+    | _json_value,
+    tag=st.one_of(
+        st.just(None),
+        st.binary(min_size=15, max_size=17).map(lambda b: base64.b64encode(b).decode()),
+        _json_value,
+    ),
     wrapped=st.binary(min_size=510, max_size=514).map(lambda b: base64.b64encode(b).decode())
     | _json_value,
     extra=st.dictionaries(st.text(max_size=10), _json_value, max_size=3),
@@ -54,8 +60,13 @@ def test_structured_packages(version, algorithm, ciphertext, nonce, tag, wrapped
     payload = {"ciphertext": ciphertext, "nonce": nonce}
     if tag is not None:
         payload["tag"] = tag
-    doc = {**extra, "version": version, "algorithm": algorithm, "encrypted_payload": payload,
-           "encrypted_aes_key": wrapped}
+    doc = {
+        **extra,
+        "version": version,
+        "algorithm": algorithm,
+        "encrypted_payload": payload,
+        "encrypted_aes_key": wrapped,
+    }
     _open(json.dumps(doc).encode())
 
 

@@ -1,4 +1,5 @@
 """Helpers shared by the envelope, keys and server tests (imported, not a conftest)."""
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,17 @@ def keypair(role: str) -> Any:
 COMPLETION = "/v1/chat/secure_completion"
 
 
-def completion_headers(client_pem: str, *, payload_id: str = "test-payload-1", **extra: str) -> dict:
+def completion_headers(
+    client_pem: str, *, payload_id: str = "test-payload-1", **extra: str
+) -> dict:
     """Request headers as the published Python client sends them (quote() of the PEM)."""
     from urllib.parse import quote
 
-    headers = {"X-Payload-ID": payload_id, "X-Public-Key": quote(client_pem),
-               "Content-Type": "application/octet-stream"}
+    headers = {
+        "X-Payload-ID": payload_id,
+        "X-Public-Key": quote(client_pem),
+        "Content-Type": "application/octet-stream",
+    }
     headers.update(extra)
     return headers
 

@@ -1,4 +1,5 @@
 """Protocol 1.0 envelope: vectors of the published client, both tag layouts, every error path."""
+
 from __future__ import annotations
 
 import base64
@@ -33,9 +34,10 @@ def test_opens_responses_with_processed_at(name: str) -> None:
 
 @pytest.mark.parametrize("layout", envelope.TAG_LAYOUTS)
 def test_round_trip_both_layouts(layout: str) -> None:
-    message = {"model": "m", "messages": [{"role": "user", "content": "Grüße \U0001f642 \"x\""}]}
-    package = envelope.seal_json(message, vector_keys()["client_public_pem"], tag_layout=layout,
-                                 processed_at=1700000000)
+    message = {"model": "m", "messages": [{"role": "user", "content": 'Grüße \U0001f642 "x"'}]}
+    package = envelope.seal_json(
+        message, vector_keys()["client_public_pem"], tag_layout=layout, processed_at=1700000000
+    )
     doc = json.loads(package)
     assert doc["version"] == "1.0" and doc["algorithm"] == "hybrid-aes256-rsa4096"
     assert doc["key_algorithm"] == "RSA-OAEP-SHA256"
@@ -60,15 +62,18 @@ def test_appended_layout_is_ciphertext_plus_tag() -> None:
 
 
 def test_fresh_key_and_nonce_every_time() -> None:
-    packages = [json.loads(envelope.seal_json({"a": 1}, keypair("client").public_key))
-                for _ in range(3)]
+    packages = [
+        json.loads(envelope.seal_json({"a": 1}, keypair("client").public_key)) for _ in range(3)
+    ]
     assert len({p["encrypted_aes_key"] for p in packages}) == 3
     assert len({p["encrypted_payload"]["nonce"] for p in packages}) == 3
 
 
 def test_plaintext_over_10_mib_refused_before_encrypting() -> None:
-    with (SecureBuffer(envelope.MAX_PLAINTEXT_BYTES + 1) as big,
-          pytest.raises(PackageError, match="at most")):
+    with (
+        SecureBuffer(envelope.MAX_PLAINTEXT_BYTES + 1) as big,
+        pytest.raises(PackageError, match="at most"),
+    ):
         envelope.seal(big, keypair("client").public_key)
     with SecureBuffer(envelope.MAX_PLAINTEXT_BYTES) as exact:
         assert envelope.seal(exact, keypair("client").public_key)
@@ -133,8 +138,12 @@ def _flip(path: tuple) -> bytes:
 
 @pytest.mark.parametrize(
     "path",
-    [("encrypted_payload", "ciphertext"), ("encrypted_payload", "tag"),
-     ("encrypted_payload", "nonce"), ("encrypted_aes_key",)],
+    [
+        ("encrypted_payload", "ciphertext"),
+        ("encrypted_payload", "tag"),
+        ("encrypted_payload", "nonce"),
+        ("encrypted_aes_key",),
+    ],
 )
 def test_tampering_is_one_fixed_security_error(path: tuple) -> None:
     with pytest.raises(SecurityError) as err:

@@ -1,4 +1,5 @@
 """RSA key pairs: generation sizes, atomic 0600 save, password round trip, fingerprints."""
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,10 @@ def test_save_and_load_with_password(tmp_path) -> None:
     public_file = tmp_path / "k" / "public_key.pem"
     assert public_file.read_text() == pair.public_pem
     assert b"ENCRYPTED" in path.read_bytes()
-    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["private_key.pem", "public_key.pem"]
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
+        "private_key.pem",
+        "public_key.pem",
+    ]
     loaded = KeyPair.load(path, password="correct horse")
     assert loaded.fingerprint == pair.fingerprint
     with pytest.raises(ValueError, match="wrong password"):
@@ -60,8 +64,9 @@ def test_private_key_mode_is_0600_from_creation_under_open_umask(tmp_path) -> No
         "from nomyo.keys import KeyPair; p = KeyPair.generate(2048).save(sys.argv[1]);"
         "print(oct(stat.S_IMODE(p.stat().st_mode)))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True, text=True
+    ).stdout.strip()
     assert out == "0o600"
 
 
@@ -85,7 +90,8 @@ def test_load_rejects_garbage_and_huge_files(tmp_path) -> None:
 def test_fingerprint_is_sha256_of_der_spki() -> None:
     pem = vector_keys()["server_public_pem"]
     der = serialization.load_pem_public_key(pem.encode()).public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     assert keys.fingerprint(pem) == hashlib.sha256(der).hexdigest()
     assert keypair("server").fingerprint == keys.fingerprint(pem)
     assert keypair("server").public_pem.strip() == pem.strip()

@@ -1,4 +1,5 @@
 """nomyo.server over real loopback HTTP: protocol, vectors, every 4xx path, policy, connections."""
+
 from __future__ import annotations
 
 import base64
@@ -45,8 +46,11 @@ def _post(url: str, body: bytes, headers: dict, session=None) -> requests.Respon
 
 
 def _complete(server, client_pem: str, text: str = "still serving?") -> dict:
-    response = _post(server.url, seal_request(chat_request(text), server.public_key_pem),
-                     completion_headers(client_pem))
+    response = _post(
+        server.url,
+        seal_request(chat_request(text), server.public_key_pem),
+        completion_headers(client_pem),
+    )
     assert response.status_code == 200, response.text
     obj, _ = open_response(response.content)
     return obj
@@ -65,8 +69,11 @@ def test_public_key_and_health(server) -> None:
 @pytest.mark.parametrize("name", vector_names("request"))
 def test_opens_every_vector_and_answers_sealed_to_client_key(server, client_pem, name) -> None:
     vec = vector(name)
-    response = _post(server.url, package_bytes(vec), completion_headers(client_pem,
-                     payload_id="6f1c2a4e-1d2b-4c1e-9a7e-d3b42c4e598a"))
+    response = _post(
+        server.url,
+        package_bytes(vec),
+        completion_headers(client_pem, payload_id="6f1c2a4e-1d2b-4c1e-9a7e-d3b42c4e598a"),
+    )
     assert response.status_code == 200, response.text
     obj, info = open_response(response.content)
     last = vec["plaintext"]["messages"][-1]["content"]
@@ -80,16 +87,21 @@ def test_opens_every_vector_and_answers_sealed_to_client_key(server, client_pem,
     assert meta["payload_id"] == "6f1c2a4e-1d2b-4c1e-9a7e-d3b42c4e598a"
     assert meta["processed_at"] == info.processed_at
     assert meta["response_status"] == "success" and meta["security_tier"] == "standard"
-    assert set(meta["memory_protection"]) == {"platform", "memory_locking", "secure_zeroing",
-                                              "core_dump_prevention"}
+    assert set(meta["memory_protection"]) == {
+        "platform",
+        "memory_locking",
+        "secure_zeroing",
+        "core_dump_prevention",
+    }
     assert meta["tpm_attestation"] == {"is_available": False}
     assert info.tag_layout == envelope.TAG_SEPARATE
 
 
 def test_nomyo_js_layout_and_header_encoding(server, client_pem) -> None:
     """nomyo-js: tag appended to ciphertext, encodeURIComponent(PEM) without final newline."""
-    package = seal_request(chat_request("from js"), server.public_key_pem,
-                           tag_layout=envelope.TAG_APPENDED)
+    package = seal_request(
+        chat_request("from js"), server.public_key_pem, tag_layout=envelope.TAG_APPENDED
+    )
     headers = completion_headers(client_pem, payload_id="openai-compat-1700000000000-k3j5x")
     headers["X-Public-Key"] = quote(client_pem.rstrip("\n"), safe="-_.!~*'()")
     assert "%2F" in headers["X-Public-Key"] or "/" not in client_pem
@@ -104,8 +116,11 @@ def test_nomyo_js_layout_and_header_encoding(server, client_pem) -> None:
 
 @pytest.mark.parametrize("tier", ["standard", "high", "maximum"])
 def test_security_tier_header_is_reported(server, client_pem, tier) -> None:
-    response = _post(server.url, seal_request(chat_request(), server.public_key_pem),
-                     completion_headers(client_pem, **{"X-Security-Tier": tier}))
+    response = _post(
+        server.url,
+        seal_request(chat_request(), server.public_key_pem),
+        completion_headers(client_pem, **{"X-Security-Tier": tier}),
+    )
     assert open_response(response.content)[0]["_metadata"]["security_tier"] == tier
 
 
@@ -133,8 +148,20 @@ def _bad_bodies(server_pem: str) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("case", ["garbage", "empty", "truncated", "tampered", "wrong-key",
-                                  "old-version", "not-a-chat-request", "no-messages", "stream"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "garbage",
+        "empty",
+        "truncated",
+        "tampered",
+        "wrong-key",
+        "old-version",
+        "not-a-chat-request",
+        "no-messages",
+        "stream",
+    ],
+)
 def test_bad_bodies_get_400_json_and_server_keeps_serving(server, client_pem, case) -> None:
     body = _bad_bodies(server.public_key_pem)[case]
     response = _post(server.url, body, completion_headers(client_pem))
@@ -143,13 +170,17 @@ def test_bad_bodies_get_400_json_and_server_keeps_serving(server, client_pem, ca
     assert isinstance(detail, str) and detail
     if case in ("tampered", "wrong-key"):
         assert detail == envelope.AUTH_FAILED
-    assert "Echo: still serving?" in _complete(server, client_pem)["choices"][0]["message"]["content"]
+    assert (
+        "Echo: still serving?" in _complete(server, client_pem)["choices"][0]["message"]["content"]
+    )
 
 
 def _header_cases(client_pem: str) -> dict[str, dict]:
     base = completion_headers(client_pem)
-    without = {name: {k: v for k, v in base.items() if k != name}
-               for name in ("X-Payload-ID", "X-Public-Key")}
+    without = {
+        name: {k: v for k, v in base.items() if k != name}
+        for name in ("X-Payload-ID", "X-Public-Key")
+    }
     weak = quote(_weak_pem())
     return {
         "no-payload-id": without["X-Payload-ID"],
@@ -171,9 +202,19 @@ def _weak_pem() -> str:
     return public_pem(rsa.generate_private_key(public_exponent=65537, key_size=1024))
 
 
-@pytest.mark.parametrize("case", ["no-payload-id", "no-public-key", "payload-id-too-long",
-                                  "payload-id-control-char", "public-key-garbage",
-                                  "public-key-bad-escape", "public-key-1024-bit", "invalid-tier"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no-payload-id",
+        "no-public-key",
+        "payload-id-too-long",
+        "payload-id-control-char",
+        "public-key-garbage",
+        "public-key-bad-escape",
+        "public-key-1024-bit",
+        "invalid-tier",
+    ],
+)
 def test_bad_headers_get_400(server, client_pem, case) -> None:
     headers = _header_cases(client_pem)[case]
     response = _post(server.url, seal_request(chat_request(), server.public_key_pem), headers)
@@ -199,8 +240,11 @@ def _raw(url: str, data: bytes, *, read: bool = True) -> bytes:
 
 def test_oversized_body_refused_with_413_before_reading(server, client_pem) -> None:
     headers = "".join(f"{k}: {v}\r\n" for k, v in completion_headers(client_pem).items())
-    answer = _raw(server.url, f"POST {COMPLETION} HTTP/1.1\r\nHost: x\r\n{headers}"
-                              f"Content-Length: {envelope.MAX_PACKAGE_BYTES + 1}\r\n\r\n".encode())
+    answer = _raw(
+        server.url,
+        f"POST {COMPLETION} HTTP/1.1\r\nHost: x\r\n{headers}"
+        f"Content-Length: {envelope.MAX_PACKAGE_BYTES + 1}\r\n\r\n".encode(),
+    )
     status, _, rest = answer.partition(b"\r\n")
     assert b" 413 " in status and b"Connection: close" in rest
     assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["detail"]
@@ -209,21 +253,31 @@ def test_oversized_body_refused_with_413_before_reading(server, client_pem) -> N
 
 def test_configured_size_limit_and_chunked_and_bad_length(client_pem) -> None:
     with start_background(key=keypair("server"), max_request_bytes=1500) as small:
-        response = _post(small.url, seal_request(chat_request("x" * 2000), small.public_key_pem),
-                         completion_headers(client_pem))
+        response = _post(
+            small.url,
+            seal_request(chat_request("x" * 2000), small.public_key_pem),
+            completion_headers(client_pem),
+        )
         assert response.status_code == 413
         chunked = _post(small.url, iter([b"abc"]), completion_headers(client_pem))
         assert chunked.status_code == 411
-        bad = _raw(small.url, f"POST {COMPLETION} HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"
-                   .encode())
+        bad = _raw(
+            small.url,
+            f"POST {COMPLETION} HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n".encode(),
+        )
         assert b" 400 " in bad.split(b"\r\n")[0]
         assert _complete(small, client_pem)["object"] == "chat.completion"
 
 
-@pytest.mark.parametrize(("method", "path", "status"), [
-    ("GET", "/nope", 404), ("GET", COMPLETION, 405), ("POST", "/pki/public_key", 405),
-    ("DELETE", "/health", 405),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/nope", 404),
+        ("GET", COMPLETION, 405),
+        ("POST", "/pki/public_key", 405),
+        ("DELETE", "/health", 405),
+    ],
+)
 def test_unknown_paths_and_methods(server, method, path, status) -> None:
     response = requests.request(method, server.url + path, timeout=10)
     assert response.status_code == status
@@ -244,8 +298,12 @@ def test_keep_alive_reuses_one_connection(server, client_pem) -> None:
         conn.getresponse().read()
         first = conn.sock
         for i in range(3):
-            conn.request("POST", COMPLETION, seal_request(chat_request(f"n{i}"), server.public_key_pem),
-                         completion_headers(client_pem))
+            conn.request(
+                "POST",
+                COMPLETION,
+                seal_request(chat_request(f"n{i}"), server.public_key_pem),
+                completion_headers(client_pem),
+            )
             response = conn.getresponse()
             body = response.read()
             assert response.status == 200 and response.getheader("Connection") != "close"
@@ -269,8 +327,11 @@ def test_slow_client_cannot_pin_the_server(client_pem) -> None:
         host, port = srv.url.rsplit("/", 1)[1].rsplit(":", 1)
         headers = "".join(f"{k}: {v}\r\n" for k, v in completion_headers(client_pem).items())
         with socket.create_connection((host, int(port)), timeout=10) as slow:
-            slow.sendall(f"POST {COMPLETION} HTTP/1.1\r\nHost: x\r\n{headers}"
-                         "Content-Length: 5000\r\n\r\n".encode() + b"{")
+            slow.sendall(
+                f"POST {COMPLETION} HTTP/1.1\r\nHost: x\r\n{headers}"
+                "Content-Length: 5000\r\n\r\n".encode()
+                + b"{"
+            )
             started = time.monotonic()
             assert _complete(srv, client_pem)["object"] == "chat.completion"  # not blocked
             answer = slow.recv(65536)
@@ -317,12 +378,21 @@ def test_stop_closes_idle_keep_alive_connections_promptly(client_pem) -> None:
 def test_nothing_secret_is_logged(caplog, client_pem) -> None:
     marker = "PLAINTEXT-MARKER-5e1f"
     api_key = "sk-test-SECRET-KEY-77"
-    with caplog.at_level("DEBUG"), start_background(key=keypair("server"), api_keys=[api_key]) as srv:
-        response = _post(srv.url, seal_request(chat_request(marker), srv.public_key_pem),
-                         completion_headers(client_pem, Authorization=f"Bearer {api_key}"))
+    with (
+        caplog.at_level("DEBUG"),
+        start_background(key=keypair("server"), api_keys=[api_key]) as srv,
+    ):
+        response = _post(
+            srv.url,
+            seal_request(chat_request(marker), srv.public_key_pem),
+            completion_headers(client_pem, Authorization=f"Bearer {api_key}"),
+        )
         assert response.status_code == 200
-        _post(srv.url, b"{" + marker.encode(), completion_headers(client_pem,
-              Authorization=f"Bearer {api_key}"))
+        _post(
+            srv.url,
+            b"{" + marker.encode(),
+            completion_headers(client_pem, Authorization=f"Bearer {api_key}"),
+        )
         _post(srv.url, b"x", completion_headers(client_pem, Authorization=f"Bearer {marker}"))
     text = caplog.text
     assert "POST /v1/chat/secure_completion 200" in text

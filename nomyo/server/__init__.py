@@ -3,6 +3,7 @@
 `start_background()` runs one in a thread (tests, `nomyo chat`); `nomyo serve` runs one in the
 foreground; `nomyo.server.wsgi` exposes the same application to production WSGI servers.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -42,6 +43,12 @@ def start_background(
         raise ValueError("TLS needs both a certificate and a key file")
     app = create_app(backend=backend, **options)
     context = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
-    server = EmbeddedServer((host, port), app, timeout=timeout, body_timeout=body_timeout,
-                            max_connections=max_connections, ssl_context=context)
+    server = EmbeddedServer(
+        (host, port),
+        app,
+        timeout=timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
+        ssl_context=context,
+    )
     return ServerHandle(server)

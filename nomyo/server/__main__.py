@@ -1,4 +1,5 @@
 """`python -m nomyo.server` runs `nomyo serve`."""
+
 import sys
 
 from nomyo.server.cli import main

@@ -5,6 +5,7 @@ the WSGI entry point (`app(environ, start_response)`), so both speak exactly the
 Plaintext only exists inside `envelope.open_package` / `seal_json` buffers and the parsed
 request object; nothing here logs a header value, a key or a payload.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,9 @@ class AppOptions:
 class SecureCompletionApp:
     """Protocol 1.0 endpoint logic over a server key pair and a backend."""
 
-    def __init__(self, keypair: keys.KeyPair, backend: Backend, options: AppOptions | None = None) -> None:
+    def __init__(
+        self, keypair: keys.KeyPair, backend: Backend, options: AppOptions | None = None
+    ) -> None:
         self.keypair = keypair
         self.backend = backend
         self.options = options or AppOptions()
@@ -91,25 +94,39 @@ class SecureCompletionApp:
         """Answer one request; `headers` keys are lowercase; `read_body(n)` returns n bytes."""
         started = time.perf_counter()
         try:
-            response = self._route(method, path.split("?", 1)[0], headers, content_length,
-                                   read_body, client)
+            response = self._route(
+                method, path.split("?", 1)[0], headers, content_length, read_body, client
+            )
         except HttpError as err:
             response = error_response(err.status, err.detail, err.headers)
         except Exception:  # last resort: a 500 without traceback details
             logger.exception("internal error handling %s %s", method, path.split("?", 1)[0])
             response = error_response(500, "internal server error")
-        logger.info("%s %s %d %.1fms", method, path.split("?", 1)[0], response.status,
-                    (time.perf_counter() - started) * 1000)
+        logger.info(
+            "%s %s %d %.1fms",
+            method,
+            path.split("?", 1)[0],
+            response.status,
+            (time.perf_counter() - started) * 1000,
+        )
         return response
 
-    def _route(self, method: str, path: str, headers: Mapping[str, str],
-               content_length: int | None, read_body: BodyReader, client: str) -> Response:
+    def _route(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        content_length: int | None,
+        read_body: BodyReader,
+        client: str,
+    ) -> Response:
         routes = {PUBLIC_KEY_PATH: "GET", HEALTH_PATH: "GET", COMPLETION_PATH: "POST"}
         if path not in routes:
             raise HttpError(404, "not found")
         if method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
-            raise HttpError(405, f"method not allowed; use {routes[path]}",
-                            [("Allow", routes[path])])
+            raise HttpError(
+                405, f"method not allowed; use {routes[path]}", [("Allow", routes[path])]
+            )
         if path == PUBLIC_KEY_PATH:
             return Response(200, self._public_pem, "application/x-pem-file")
         if path == HEALTH_PATH:
@@ -117,13 +134,21 @@ class SecureCompletionApp:
         return self._secure_completion(headers, content_length, read_body, client)
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "backend": self.backend.name,
-                "key_fingerprint": self.keypair.fingerprint,
-                "memory_protection": self._memory_protection}
+        return {
+            "status": "ok",
+            "backend": self.backend.name,
+            "key_fingerprint": self.keypair.fingerprint,
+            "memory_protection": self._memory_protection,
+        }
 
     # -- POST /v1/chat/secure_completion ---------------------------------------------------
-    def _secure_completion(self, headers: Mapping[str, str], content_length: int | None,
-                           read_body: BodyReader, client: str) -> Response:
+    def _secure_completion(
+        self,
+        headers: Mapping[str, str],
+        content_length: int | None,
+        read_body: BodyReader,
+        client: str,
+    ) -> Response:
         identity = self._authenticate(headers) or f"addr:{client}"
         self._rate_limit(identity)
         payload_id = _payload_id(headers.get("x-payload-id"))
@@ -155,8 +180,9 @@ class SecureCompletionApp:
             "memory_protection": self._memory_protection,
             "tpm_attestation": self._attest(payload_id),
         }
-        sealed = envelope.seal_json(result, client_key, tag_layout=info.tag_layout,
-                                    processed_at=processed_at)
+        sealed = envelope.seal_json(
+            result, client_key, tag_layout=info.tag_layout, processed_at=processed_at
+        )
         return Response(200, sealed)
 
     def _authenticate(self, headers: Mapping[str, str]) -> str | None:
@@ -164,8 +190,11 @@ class SecureCompletionApp:
             return None
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise HttpError(401, "missing API key: send Authorization: Bearer <key>",
-                            [("WWW-Authenticate", "Bearer")])
+            raise HttpError(
+                401,
+                "missing API key: send Authorization: Bearer <key>",
+                [("WWW-Authenticate", "Bearer")],
+            )
         identity = self.options.api_keys.identify(token.strip())
         if identity is None:
             raise HttpError(401, "invalid API key", [("WWW-Authenticate", "Bearer")])
@@ -192,15 +221,18 @@ class SecureCompletionApp:
             return {"is_available": False}
         try:
             return self.options.attestor.quote(payload_id)
-        except Exception as err:  # noqa: BLE001 - a failed quote must not fail the completion
+        except Exception as err:  # a failed quote must not fail the completion
             logger.warning("TPM quote failed: %s", type(err).__name__)
             return {"is_available": False}
 
     # -- WSGI ------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         """WSGI entry point, for running under a production server (gunicorn, waitress, ...)."""
-        headers = {key[5:].replace("_", "-").lower(): value
-                   for key, value in environ.items() if key.startswith("HTTP_")}
+        headers = {
+            key[5:].replace("_", "-").lower(): value
+            for key, value in environ.items()
+            if key.startswith("HTTP_")
+        }
         raw_length = environ.get("CONTENT_LENGTH") or ""
         try:
             content_length: int | None = int(raw_length) if raw_length else None
@@ -217,12 +249,22 @@ class SecureCompletionApp:
         if content_length is not None and content_length < 0:
             response = error_response(400, "invalid Content-Length")
         else:
-            response = self.handle(environ.get("REQUEST_METHOD", "GET"),
-                                   environ.get("PATH_INFO", "/") or "/", headers, content_length,
-                                   read_body, environ.get("REMOTE_ADDR", "unknown"))
-        start_response(f"{response.status} {_reason(response.status)}",
-                       [("Content-Type", response.content_type),
-                        ("Content-Length", str(len(response.body))), *response.headers])
+            response = self.handle(
+                environ.get("REQUEST_METHOD", "GET"),
+                environ.get("PATH_INFO", "/") or "/",
+                headers,
+                content_length,
+                read_body,
+                environ.get("REMOTE_ADDR", "unknown"),
+            )
+        start_response(
+            f"{response.status} {_reason(response.status)}",
+            [
+                ("Content-Type", response.content_type),
+                ("Content-Length", str(len(response.body))),
+                *response.headers,
+            ],
+        )
         return [response.body]
 
 
@@ -237,7 +279,9 @@ def _payload_id(value: str | None) -> str:
     if not value:
         raise HttpError(400, "missing X-Payload-ID header")
     if len(value) > MAX_PAYLOAD_ID_CHARS or not all(" " <= ch <= "~" for ch in value):
-        raise HttpError(400, f"X-Payload-ID must be 1..{MAX_PAYLOAD_ID_CHARS} printable ASCII characters")
+        raise HttpError(
+            400, f"X-Payload-ID must be 1..{MAX_PAYLOAD_ID_CHARS} printable ASCII characters"
+        )
     return value
 
 
@@ -268,7 +312,11 @@ def _check_completion_request(request: Any) -> None:
     if not isinstance(request.get("model"), str) or not request["model"]:
         raise HttpError(400, "payload needs a 'model' string")
     messages = request.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) for m in messages)
+    ):
         raise HttpError(400, "payload needs a non-empty 'messages' list of objects")
     if request.get("stream"):
         raise HttpError(400, "stream=true is not supported: the protocol carries whole responses")
@@ -277,17 +325,9 @@ def _check_completion_request(request: Any) -> None:
 def _memory_protection_summary() -> dict[str, Any]:
     """The four fields PROTOCOL.md puts in `_metadata.memory_protection`, from our own report."""
     info = get_memory_protection_info()
-
-    def first(*names: str) -> bool:
-        for name in names:
-            if name in info:
-                return bool(info[name])
-        return False
-
     return {
-        "platform": info.get("platform", ""),
-        "memory_locking": first("memory_locking", "locking_works", "can_lock", "has_memory_locking"),
-        "secure_zeroing": first("secure_zeroing", "has_secure_zeroing"),
-        "core_dump_prevention": first("core_dump_prevention", "core_dumps_disabled"),
+        "platform": info["platform"],
+        "memory_locking": bool(info["has_memory_locking"]),
+        "secure_zeroing": bool(info["has_secure_zeroing"]),
+        "core_dump_prevention": bool(info["core_dumps_disabled"]),
     }
-

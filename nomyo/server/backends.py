@@ -1,4 +1,5 @@
-"""Inference backends behind the server: the built-in echo model and any OpenAI-compatible HTTP API."""
+"""Inference backends behind the server: the built-in echo model, any OpenAI-compatible API."""
+
 from __future__ import annotations
 
 import hashlib
@@ -64,15 +65,20 @@ class EchoBackend:
         finish_reason = "stop"
         tool = _chosen_tool(request)
         if tool is not None:
-            message["tool_calls"] = [{
-                "id": f"call_{digest[:24]}",
-                "type": "function",
-                "function": {"name": tool.get("name", ""),
-                             "arguments": json.dumps(_arguments_for(tool, last), ensure_ascii=False)},
-            }]
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{digest[:24]}",
+                    "type": "function",
+                    "function": {
+                        "name": tool.get("name", ""),
+                        "arguments": json.dumps(_arguments_for(tool, last), ensure_ascii=False),
+                    },
+                }
+            ]
             finish_reason = "tool_calls"
-        prompt_tokens = sum(_count_tokens(_text_of(m.get("content"))) for m in messages
-                            if isinstance(m, dict))
+        prompt_tokens = sum(
+            _count_tokens(_text_of(m.get("content"))) for m in messages if isinstance(m, dict)
+        )
         completion_tokens = _count_tokens(content)
         return {
             "id": f"chatcmpl-echo-{digest[:24]}",
@@ -80,10 +86,14 @@ class EchoBackend:
             "created": int(time.time()),
             "model": request.get("model", "echo"),
             "system_fingerprint": "nomyo-echo",
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": finish_reason}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
 
     def close(self) -> None:
@@ -95,8 +105,11 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content
-                       if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return "".join(
+            p.get("text", "")
+            for p in content
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
     return ""
 
 
@@ -116,8 +129,9 @@ def _chosen_tool(request: dict[str, Any]) -> dict[str, Any] | None:
     choice = request.get("tool_choice", "auto")
     if not isinstance(tools, list) or not tools or choice == "none":
         return None
-    functions = [t["function"] for t in tools
-                 if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    functions = [
+        t["function"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
+    ]
     if isinstance(choice, dict):
         wanted = (choice.get("function") or {}).get("name")
         functions = [f for f in functions if f.get("name") == wanted] or functions
@@ -130,16 +144,26 @@ def _arguments_for(function: dict[str, Any], text: str) -> dict[str, Any]:
     props = schema.get("properties") if isinstance(schema, dict) else None
     if not isinstance(props, dict):
         return {}
-    defaults = {"string": text, "number": 0, "integer": 0, "boolean": False, "array": [],
-                "object": {}}
-    return {name: defaults.get(spec.get("type") if isinstance(spec, dict) else None, text)
-            for name, spec in props.items()}
+    defaults = {
+        "string": text,
+        "number": 0,
+        "integer": 0,
+        "boolean": False,
+        "array": [],
+        "object": {},
+    }
+    return {
+        name: defaults.get(spec.get("type") if isinstance(spec, dict) else None, text)
+        for name, spec in props.items()
+    }
 
 
 class HttpBackend:
     """Forwards to `<base>/v1/chat/completions` of an OpenAI-compatible server (requests)."""
 
-    def __init__(self, base_url: str, *, timeout: float = 120.0, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 120.0, connect_timeout: float = 5.0
+    ) -> None:
         self.url = base_url.rstrip("/") + "/v1/chat/completions"
         self.name = base_url.rstrip("/")
         self._timeout = (connect_timeout, timeout)
@@ -161,7 +185,10 @@ class HttpBackend:
         with secure_json.dumps(request) as body, memoryview(body) as view:
             try:
                 response = self._session().post(
-                    self.url, data=view, timeout=self._timeout, stream=True,
+                    self.url,
+                    data=view,
+                    timeout=self._timeout,
+                    stream=True,
                     headers={"Content-Type": "application/json", "Accept": "application/json"},
                 )
             except requests.ConnectTimeout:
@@ -216,7 +243,7 @@ def _read_secure(response: requests.Response) -> SecureBuffer:
             offset = 0
             for part in chunks:
                 with memoryview(part) as view:
-                    out[offset:offset + len(view)] = view
+                    out[offset : offset + len(view)] = view
                 offset += len(part)
         return joined
     finally:

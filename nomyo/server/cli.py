@@ -1,4 +1,5 @@
 """`nomyo serve`: argument definitions and the foreground runner (also `python -m nomyo.server`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ import ssl
 import sys
 from typing import Any
 
+from nomyo.errors import NomyoError
 from nomyo.keys import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
 
 KEY_PASSWORD_ENV = "NOMYO_KEY_PASSWORD"
@@ -49,52 +51,117 @@ def _positive_int(text: str) -> int:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `nomyo serve` options to `parser`."""
     net = parser.add_argument_group("listening")
-    net.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on (default 127.0.0.1; 0.0.0.0 for all IPv4)")
-    net.add_argument("--port", type=_port, default=DEFAULT_PORT,
-                     help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    net.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for all IPv4)",
+    )
+    net.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
     net.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
     net.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    net.add_argument("--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
-                     help="socket timeout per read/write and keep-alive idle time (default 30)")
-    net.add_argument("--max-connections", type=_positive_int, default=64, metavar="N",
-                     help="concurrent connections (one thread each; default 64)")
+    net.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="socket timeout per read/write and keep-alive idle time (default 30)",
+    )
+    net.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="server processes sharing the port (default 1); RSA decryption holds "
+        "Python's GIL, so N > 1 is what uses more than one CPU core",
+    )
+    net.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="concurrent connections (one thread each; default 64)",
+    )
 
     inference = parser.add_argument_group("inference")
-    inference.add_argument("--backend", default="echo", metavar="echo|URL",
-                           help="'echo' (built in) or the base URL of an OpenAI-compatible "
-                                "server, e.g. http://127.0.0.1:8000 (default echo)")
-    inference.add_argument("--backend-timeout", type=_positive_float, default=120.0,
-                           metavar="SECONDS", help="read timeout for the backend (default 120)")
+    inference.add_argument(
+        "--backend",
+        default="echo",
+        metavar="echo|URL",
+        help="'echo' (built in) or the base URL of an OpenAI-compatible "
+        "server, e.g. http://127.0.0.1:8000 (default echo)",
+    )
+    inference.add_argument(
+        "--backend-timeout",
+        type=_positive_float,
+        default=120.0,
+        metavar="SECONDS",
+        help="read timeout for the backend (default 120)",
+    )
 
     key = parser.add_argument_group("server key")
-    key.add_argument("--key-file", metavar="PEM",
-                     help=f"server private key (PEM); password from ${KEY_PASSWORD_ENV} if "
-                          "encrypted. Default: an ephemeral key generated at start")
-    key.add_argument("--key-bits", type=int, choices=GENERATE_KEY_BITS, default=DEFAULT_KEY_BITS,
-                     help=f"size of the ephemeral key (default {DEFAULT_KEY_BITS})")
+    key.add_argument(
+        "--key-file",
+        metavar="PEM",
+        help=f"server private key (PEM); password from ${KEY_PASSWORD_ENV} if "
+        "encrypted. Default: an ephemeral key generated at start",
+    )
+    key.add_argument(
+        "--key-bits",
+        type=int,
+        choices=GENERATE_KEY_BITS,
+        default=DEFAULT_KEY_BITS,
+        help=f"size of the ephemeral key (default {DEFAULT_KEY_BITS})",
+    )
 
     policy = parser.add_argument_group("policy")
-    policy.add_argument("--api-key-file", metavar="FILE",
-                        help="require 'Authorization: Bearer <key>', one accepted key per line")
-    policy.add_argument("--tier-policy", metavar="FILE",
-                        help='JSON {"model": ["standard", "high"], "*": [...]}: tiers each '
-                             "model may be served at (403 otherwise)")
-    policy.add_argument("--rate-limit", type=_positive_float, metavar="N",
-                        help="requests per second per API key (or client address)")
-    policy.add_argument("--max-request-bytes", type=_positive_int, metavar="BYTES",
-                        help="largest request body accepted (413 above; default fits 10 MiB "
-                             "of plaintext)")
+    policy.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="require 'Authorization: Bearer <key>', one accepted key per line",
+    )
+    policy.add_argument(
+        "--tier-policy",
+        metavar="FILE",
+        help='JSON {"model": ["standard", "high"], "*": [...]}: tiers each '
+        "model may be served at (403 otherwise)",
+    )
+    policy.add_argument(
+        "--rate-limit",
+        type=_positive_float,
+        metavar="N",
+        help="requests per second per API key (or client address)",
+    )
+    policy.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        metavar="BYTES",
+        help="largest request body accepted (413 above; default fits 10 MiB of plaintext)",
+    )
 
     tpm = parser.add_argument_group("attestation")
-    tpm.add_argument("--tpm", metavar="TCTI",
-                     help="attach a TPM quote to every response, e.g. device:/dev/tpmrm0")
-    tpm.add_argument("--tpm-pcrs", default=DEFAULT_PCRS, metavar="BANK:LIST",
-                     help=f"PCR selection quoted with --tpm (default {DEFAULT_PCRS})")
+    tpm.add_argument(
+        "--tpm",
+        metavar="TCTI",
+        help="attach a TPM quote to every response, e.g. device:/dev/tpmrm0",
+    )
+    tpm.add_argument(
+        "--tpm-pcrs",
+        default=DEFAULT_PCRS,
+        metavar="BANK:LIST",
+        help=f"PCR selection quoted with --tpm (default {DEFAULT_PCRS})",
+    )
 
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging level (default INFO); plaintext and keys are never logged")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (default INFO); plaintext and keys are never logged",
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -123,21 +190,35 @@ def run_serve(args: argparse.Namespace) -> int:
             attestor=_attestor(args.tpm, args.tpm_pcrs),
             **options,
         )
-    except (ValueError, TypeError, OSError, ssl.SSLError) as err:
+    except (NomyoError, ValueError, TypeError, OSError, ssl.SSLError) as err:
         return _fail(err)
     try:
-        server = EmbeddedServer((args.host, args.port), app, timeout=args.timeout,
-                                max_connections=args.max_connections, ssl_context=context)
+        server = EmbeddedServer(
+            (args.host, args.port),
+            app,
+            timeout=args.timeout,
+            max_connections=args.max_connections,
+            ssl_context=context,
+        )
     except OSError as err:
         return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
 
     def ready(url: str) -> None:
-        print(f"nomyo serve: listening on {url} (backend {app.backend.name}; key "
-              f"SHA-256 {app.keypair.fingerprint})", flush=True)
+        print(
+            f"nomyo serve: listening on {url} (backend {app.backend.name}; key "
+            f"SHA-256 {app.keypair.fingerprint})",
+            flush=True,
+        )
 
-    serve_until_signalled(server, on_ready=ready)
+    if args.workers > 1:
+        from nomyo.server.workers import serve_workers
+
+        status = serve_workers(server, args.workers, on_ready=ready)
+    else:
+        serve_until_signalled(server, on_ready=ready)
+        status = 0
     print("nomyo serve: stopped", flush=True)
-    return 0
+    return status
 
 
 def _attestor(tcti: str | None, pcrs: str) -> Any:
@@ -146,8 +227,9 @@ def _attestor(tcti: str | None, pcrs: str) -> Any:
     try:
         from nomyo.attestation.quote import TpmQuoter
     except ImportError:
-        raise ValueError("--tpm needs nomyo.attestation.quote, which this installation "
-                         "does not have") from None
+        raise ValueError(
+            "--tpm needs nomyo.attestation.quote, which this installation does not have"
+        ) from None
     return TpmQuoter(tcti, pcrs)
 
 
@@ -183,9 +265,13 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog="nomyo serve", description=(
-        "Serve the NOMYO secure-completion protocol (1.0): clients encrypt prompts to this "
-        "server's key; it decrypts them in secure memory, asks the backend, and encrypts the "
-        "answer to the client's key."))
+    parser = _OneLineParser(
+        prog="nomyo serve",
+        description=(
+            "Serve the NOMYO secure-completion protocol (1.0): clients encrypt prompts to this "
+            "server's key; it decrypts them in secure memory, asks the backend, and encrypts the "
+            "answer to the client's key."
+        ),
+    )
     add_serve_arguments(parser)
     return run_serve(parser.parse_args(argv))

@@ -1,4 +1,5 @@
 """Build a `SecureCompletionApp` from plain options (shared by the CLI, tests and WSGI)."""
+
 from __future__ import annotations
 
 import logging
@@ -44,10 +45,18 @@ def create_app(
     if not backend_timeout > 0:
         raise ValueError("backend timeout must be positive")
     keys_ = ApiKeys.from_file(api_key_file) if api_key_file is not None else _api_keys(api_keys)
-    policy = (TierPolicy.from_file(tier_policy_file) if tier_policy_file is not None
-              else _tier_policy(tier_policy))
-    options = AppOptions(api_keys=keys_, tier_policy=policy, rate_limit=rate_limit,
-                         max_request_bytes=max_request_bytes, attestor=attestor)
+    policy = (
+        TierPolicy.from_file(tier_policy_file)
+        if tier_policy_file is not None
+        else _tier_policy(tier_policy)
+    )
+    options = AppOptions(
+        api_keys=keys_,
+        tier_policy=policy,
+        rate_limit=rate_limit,
+        max_request_bytes=max_request_bytes,
+        attestor=attestor,
+    )
     if rate_limit is not None and not rate_limit > 0:
         raise ValueError("rate limit must be a positive number of requests per second")
     inference = create_backend(backend, timeout=backend_timeout)

@@ -4,6 +4,7 @@ Standard library only (`http.server`), so `nomyo serve` needs nothing beyond the
 dependencies. Every socket operation has a timeout and a request body must arrive within
 `body_timeout`, so a slow or oversized client cannot pin a worker.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,6 +37,9 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.io_timeout  # per socket operation, incl. keep-alive idling
         super().setup()
+        # Answers are written in one piece; without NODELAY a keep-alive client's delayed ACK
+        # could still stall the next small write by ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()  # in this worker thread, never in the accept loop
 
@@ -71,8 +75,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(error_response(400, "invalid Content-Length"))
             return
         self._unread = content_length or 0
-        response = self.server.app.handle(self.command, self.path, headers, content_length,
-                                          self._read_body, self.client_address[0])
+        response = self.server.app.handle(
+            self.command,
+            self.path,
+            headers,
+            content_length,
+            self._read_body,
+            self.client_address[0],
+        )
         if self._unread:
             self.close_connection = True  # the body was refused unread: cannot reuse the stream
         self._send(response)
@@ -109,9 +119,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        # Status line, headers and body leave in one write (one TCP segment for small answers).
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(response.body)
+            self._headers_buffer.append(response.body)
+        self.flush_headers()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Protocol-level errors of http.server (bad request line, huge headers) as JSON too."""
@@ -164,8 +176,15 @@ class EmbeddedServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         if ssl_context is not None:
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True,
-                                                  do_handshake_on_connect=False)
+            self.socket = ssl_context.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -173,8 +192,9 @@ class EmbeddedServer(ThreadingHTTPServer):
             return
         with self._lock:
             self._connections[request] = False
-        thread = threading.Thread(target=self.process_request_thread,
-                                  args=(request, client_address), daemon=True)
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), daemon=True
+        )
         with self._lock:
             self._workers.add(thread)
         thread.start()
@@ -194,9 +214,13 @@ class EmbeddedServer(ThreadingHTTPServer):
             body = b'{"detail": "server busy: too many connections"}'
             try:
                 request.settimeout(1.0)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
-                                b"\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: "
-                                + str(len(body)).encode() + b"\r\n\r\n" + body)
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                    b"\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
             except OSError:
                 pass
         self.shutdown_request(request)
@@ -208,8 +232,9 @@ class EmbeddedServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Client-side failures (TLS handshake refused, reset, timeouts) are routine: no traceback.
-        logger.debug("connection from %s ended: %s", client_address[0],
-                     type(sys.exc_info()[1]).__name__)
+        logger.debug(
+            "connection from %s ended: %s", client_address[0], type(sys.exc_info()[1]).__name__
+        )
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, close idle keep-alive connections, let requests in flight finish."""
@@ -238,15 +263,17 @@ class ServerHandle:
     def __init__(self, server: EmbeddedServer) -> None:
         self.server = server
         self.app = server.app
-        host, port = server.server_address[:2]
-        scheme = "https" if server.ssl_context is not None else "http"
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"{scheme}://{shown}:{port}"
+        port = server.server_address[1]
+        self.url = server.url
         self.port = port
         self.public_key_pem = server.app.keypair.public_pem
         self.fingerprint = server.app.keypair.fingerprint
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"nomyo-server-{port}", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"nomyo-server-{port}",
+            daemon=True,
+        )
         self._thread.start()
         self._stopped = False
 
@@ -257,7 +284,7 @@ class ServerHandle:
         self.server.stop(grace)
         self._thread.join(timeout=grace)
 
-    def __enter__(self) -> ServerHandle:  # noqa: PYI034
+    def __enter__(self) -> ServerHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -275,12 +302,14 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
-def serve_until_signalled(server: EmbeddedServer, *, on_ready: Callable[[str], None] | None = None,
-                          grace: float = 10.0) -> None:
+def serve_until_signalled(
+    server: EmbeddedServer, *, on_ready: Callable[[str], None] | None = None, grace: float = 10.0
+) -> None:
     """Serve in the foreground until SIGTERM or SIGINT, then shut down cleanly."""
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         handle = ServerHandle(server)
         if on_ready is not None:

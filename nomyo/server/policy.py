@@ -1,4 +1,5 @@
 """Request policy of the server: API keys (401), model-to-tier policy (403), rate limits (429)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,9 @@ class ApiKeys:
     def from_file(cls, path: str | Path) -> ApiKeys:
         """One key per line; blank lines and lines starting with '#' are ignored."""
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-        keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        keys = [
+            line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
+        ]
         if not keys:
             raise ValueError(f"{path}: no API keys in the file")
         return cls(keys)
@@ -60,11 +63,12 @@ class TierPolicy:
         self._allowed: dict[str, tuple[str, ...]] = {}
         for model, tiers in mapping.items():
             if not isinstance(model, str) or isinstance(tiers, str) or not isinstance(tiers, list):
-                raise ValueError(  # noqa: TRY004 - a bad policy file is a value problem
-                    f"tier policy entry {model!r} must map to a list of tiers")
+                raise ValueError(f"tier policy entry {model!r} must map to a list of tiers")
             bad = [t for t in tiers if t not in TIERS]
             if bad or not tiers:
-                raise ValueError(f"tier policy entry {model!r}: tiers must be a non-empty subset of {TIERS}")
+                raise ValueError(
+                    f"tier policy entry {model!r}: tiers must be a non-empty subset of {TIERS}"
+                )
             self._allowed[model] = tuple(t for t in TIERS if t in tiers)
 
     @classmethod
@@ -121,8 +125,11 @@ class RateLimiter:
     def _store(self, identity: str, tokens: float, now: float) -> None:
         if len(self._buckets) >= self._MAX_CLIENTS and identity not in self._buckets:
             # Forget clients whose buckets have refilled: they carry no state worth keeping.
-            full = [k for k, (t, s) in self._buckets.items()
-                    if t + (now - s) * self.rate >= self.capacity]
+            full = [
+                k
+                for k, (t, s) in self._buckets.items()
+                if t + (now - s) * self.rate >= self.capacity
+            ]
             for key in full:
                 del self._buckets[key]
         self._buckets[identity] = (tokens, now)

@@ -8,6 +8,7 @@ NOMYO_API_KEY_FILE, NOMYO_TIER_POLICY, NOMYO_RATE_LIMIT, NOMYO_BACKEND_TIMEOUT.
 Without NOMYO_KEY_FILE the key is ephemeral: with several worker processes use a key file
 (or gunicorn --preload) so that every worker serves the same key.
 """
+
 from __future__ import annotations
 
 import os

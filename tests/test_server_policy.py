@@ -1,0 +1,114 @@
+"""Server policy over HTTP: API keys (401), tier policy (403), rate limit (429 + Retry-After)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from nomyo.server import start_background
+from nomyo.server.policy import ApiKeys, RateLimiter, TierPolicy
+from tests.server_fixtures import (
+    COMPLETION,
+    chat_request,
+    completion_headers,
+    keypair,
+    open_response,
+    seal_request,
+    vector_keys,
+)
+
+
+def _post(srv, obj=None, **headers: str) -> requests.Response:
+    body = seal_request(obj or chat_request(), srv.public_key_pem)
+    return requests.post(
+        srv.url + COMPLETION,
+        data=body,
+        timeout=30,
+        headers=completion_headers(vector_keys()["client_public_pem"], **headers),
+    )
+
+
+def test_api_key_file(tmp_path) -> None:
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("# team keys\nsk-alpha\n\n  sk-beta  \n")
+    with start_background(key=keypair("server"), api_key_file=str(key_file)) as srv:
+        missing = _post(srv)
+        assert missing.status_code == 401 and missing.json()["detail"].startswith("missing API key")
+        wrong = _post(srv, Authorization="Bearer sk-alph")
+        assert wrong.status_code == 401 and wrong.json() == {"detail": "invalid API key"}
+        assert _post(srv, Authorization="Basic sk-alpha").status_code == 401
+        for key in ("sk-alpha", "sk-beta"):
+            ok = _post(srv, Authorization=f"Bearer {key}")
+            assert ok.status_code == 200, ok.text
+        assert requests.get(srv.url + "/pki/public_key", timeout=10).status_code == 200
+
+
+def test_api_keys_compare_every_key_and_hide_values() -> None:
+    keys = ApiKeys(["k1", "k2"])
+    assert keys.identify("k2") and keys.identify("k1") != keys.identify("k2")
+    assert keys.identify("k3") is None and keys.identify("") is None
+    assert "k1" not in repr(keys)
+    with pytest.raises(ValueError, match="empty"):
+        ApiKeys([])
+
+
+def test_tier_policy_file(tmp_path) -> None:
+    policy = tmp_path / "tiers.json"
+    policy.write_text(json.dumps({"test-model": ["high", "maximum"], "open": ["standard"]}))
+    with start_background(key=keypair("server"), tier_policy_file=str(policy)) as srv:
+        forbidden = _post(srv, **{"X-Security-Tier": "standard"})
+        assert forbidden.status_code == 403 and "tier" in forbidden.json()["detail"]
+        unknown = _post(srv, {"model": "other", "messages": [{"role": "user", "content": "x"}]})
+        assert unknown.status_code == 403
+        allowed = _post(srv, **{"X-Security-Tier": "maximum"})
+        assert open_response(allowed.content)[0]["_metadata"]["security_tier"] == "maximum"
+        default = _post(srv)  # no tier asked: the lowest the model allows
+        assert open_response(default.content)[0]["_metadata"]["security_tier"] == "high"
+        # an in-payload security_tier (nomyo-js) is an ordinary field, never used for routing
+        sneaky = _post(
+            srv, chat_request(security_tier="maximum"), **{"X-Security-Tier": "standard"}
+        )
+        assert sneaky.status_code == 403
+
+
+@pytest.mark.parametrize("bad", [[], {"m": "high"}, {"m": []}, {"m": ["ultra"]}, {"m": [1]}])
+def test_tier_policy_validation(bad) -> None:
+    with pytest.raises(ValueError, match="tier policy"):
+        TierPolicy(bad)
+
+
+def test_tier_policy_wildcard() -> None:
+    policy = TierPolicy({"*": ["standard", "high"], "secret": ["maximum"]})
+    assert policy.resolve("anything", None) == ("standard", "")
+    assert policy.resolve("secret", "high")[0] is None
+
+
+def test_rate_limit_burst_gets_429_with_retry_after() -> None:
+    with start_background(key=keypair("server"), rate_limit=2) as srv:
+        statuses = [_post(srv) for _ in range(6)]
+        codes = [r.status_code for r in statuses]
+        assert codes[:2] == [200, 200] and 429 in codes
+        limited = next(r for r in statuses if r.status_code == 429)
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert limited.json()["detail"] == "rate limit exceeded"
+
+
+def test_rate_limit_is_per_api_key(tmp_path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("a\nb\n")
+    with start_background(key=keypair("server"), api_key_file=str(key_file), rate_limit=1) as srv:
+        assert _post(srv, Authorization="Bearer a").status_code == 200
+        assert _post(srv, Authorization="Bearer a").status_code == 429
+        assert _post(srv, Authorization="Bearer b").status_code == 200
+
+
+def test_rate_limiter_refills() -> None:
+    limiter = RateLimiter(2)
+    assert limiter.acquire("x") == 0 and limiter.acquire("x") == 0
+    wait = limiter.acquire("x")
+    assert 0 < wait <= 0.5
+    assert limiter.acquire("y") == 0
+    with pytest.raises(ValueError):
+        RateLimiter(0)

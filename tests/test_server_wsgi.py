@@ -1,0 +1,85 @@
+"""The same application under a production WSGI server (waitress), configured by environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from nomyo.keys import KeyPair
+from tests.server_fixtures import (
+    COMPLETION,
+    chat_request,
+    completion_headers,
+    open_response,
+    seal_request,
+    vector_keys,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+pytest.importorskip("waitress", reason="waitress (WSGI server) is needed for the WSGI test")
+
+
+@pytest.mark.slow
+def test_runs_under_waitress(tmp_path) -> None:
+    pair = KeyPair.generate(2048)
+    pair.save(tmp_path, password="pw")
+    (tmp_path / "api_keys").write_text("wsgi-key\n")
+    env = {
+        **os.environ,
+        "NOMYO_KEY_FILE": str(tmp_path / "private_key.pem"),
+        "NOMYO_KEY_PASSWORD": "pw",
+        "NOMYO_API_KEY_FILE": str(tmp_path / "api_keys"),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "waitress",
+            "--listen=127.0.0.1:0",
+            "--threads=4",
+            "--call",
+            "nomyo.server.wsgi:create_app",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = None
+        for _ in range(50):
+            match = re.search(r"Serving on (http://\S+)", proc.stdout.readline())
+            if match:
+                url = match.group(1)
+                break
+        assert url, "waitress did not start"
+        assert requests.get(url + "/pki/public_key", timeout=10).text == pair.public_pem
+        headers = completion_headers(
+            vector_keys()["client_public_pem"], Authorization="Bearer wsgi-key"
+        )
+        body = seal_request(chat_request("through WSGI"), pair.public_pem)
+        ok = requests.post(url + COMPLETION, data=body, headers=headers, timeout=30)
+        assert ok.status_code == 200, ok.text
+        obj, _ = open_response(ok.content)
+        assert "through WSGI" in obj["choices"][0]["message"]["content"]
+        assert obj["_metadata"]["payload_id"] == headers["X-Payload-ID"]
+        bad = requests.post(url + COMPLETION, data=b"junk", headers=headers, timeout=30)
+        assert bad.status_code == 400 and bad.json()["detail"]
+        unauthorized = requests.post(
+            url + COMPLETION,
+            data=body,
+            timeout=30,
+            headers={**headers, "Authorization": "Bearer nope"},
+        )
+        assert unauthorized.status_code == 401
+        assert requests.get(url + "/health", timeout=10).json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
