@@ -107,7 +107,7 @@ def published_python() -> str:
     python = where / "bin" / "python"
     probe = [str(python), "-c", "import importlib.metadata as m; print(m.version('nomyo'))"]
     if python.exists() and subprocess.run(probe, capture_output=True, text=True,
-                                          check=False).stdout.strip() == "0.2.9":
+                                          check=False, cwd="/").stdout.strip() == "0.2.9":
         return str(python)
     print(f"installing {PUBLISHED} into {where} ...", file=sys.stderr)
     venv.create(where, with_pip=True, clear=True)

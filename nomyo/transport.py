@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies
@@ -47,9 +48,9 @@ _NETWORK_ERRORS = (
     requests.ConnectionError,
     requests.Timeout,
     requests.exceptions.ChunkedEncodingError,
-    urllib3.exceptions.HTTPError,  # raised while reading a streamed body (timeouts, cut-offs)
+    urllib3.exceptions.HTTPError,  # connection, timeout and protocol errors of the pool
 )
-_TIMEOUTS = (requests.Timeout, urllib3.exceptions.TimeoutError)
+_BASE_HEADERS = {"User-Agent": "nomyo-python", "Accept": "*/*"}
 MAX_DETAIL_CHARS = 500
 
 # Per status: exception class, message prefix, fallback detail when the body has none.
@@ -173,6 +174,8 @@ class Transport:
             verify = env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or True
         self._verify = verify
         self._proxies: dict[str, dict[str, str]] = {}
+        self._routes: dict[tuple[str, str], tuple[requests.PreparedRequest, str]] = {}
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
         session = requests.Session()
         session.trust_env = False
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
@@ -213,9 +216,9 @@ class Transport:
             last = attempt + 1 == attempts
             try:
                 status, retry_after, content = self._exchange(session, method, url, headers, body)
-            except requests.exceptions.InvalidURL:
+            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema):
                 raise InvalidRequestError("Invalid endpoint URL", status_code=None) from None
-            except requests.exceptions.SSLError as err:
+            except (requests.exceptions.SSLError, urllib3.exceptions.SSLError) as err:
                 if "CERTIFICATE_VERIFY_FAILED" in str(err):
                     raise SecurityError("TLS certificate verification failed") from err
                 raise APIConnectionError(_connection_message(err, url)) from err
@@ -242,22 +245,41 @@ class Transport:
         self, session: requests.Session, method: str, url: str,
         headers: Mapping[str, str], body: bytes | None,
     ) -> tuple[int, str | None, bytes]:
-        """One HTTP exchange: (status, Retry-After, body), the body read in a single call.
+        """One HTTP exchange on the Session's pooled connections: (status, Retry-After, body).
 
-        Streaming and one `read()` of the announced length avoids requests' assembly of the
-        body from 10 KiB chunks (a tenth of a second for an 8 MiB answer).
+        The Session's adapter picks the connection pool (TLS verification, CA bundle, proxy);
+        the exchange itself goes straight to that urllib3 pool, which saves requests'
+        per-call preparation (about 0.4 ms, a tenth of the client's cryptographic floor),
+        and the body is read in one call of its announced length.
         """
-        response = session.request(
-            method, url, headers=dict(headers), data=body, timeout=self.timeout,
-            verify=self._verify, proxies=self._proxies_for(url), stream=True,
+        adapter = session.get_adapter(url)
+        proxies = self._proxies_for(url)
+        stub, target = self._route(adapter, method, url, proxies)
+        pool = adapter.get_connection_with_tls_context(stub, self._verify, proxies=proxies)
+        response = pool.urlopen(
+            method, target, body=body, headers={**_BASE_HEADERS, **headers}, retries=False,
+            redirect=False, assert_same_host=False, timeout=self._timeout,
+            preload_content=False, decode_content=False,
         )
         try:
-            content = response.raw.read(decode_content=True)
+            content = response.read(decode_content=True)
         except BaseException:
-            response.close()  # a half-read connection must not go back to the pool
+            response.close()  # a half-read connection must not be reused
             raise
-        response.raw.release_conn()
-        return response.status_code, response.headers.get("Retry-After"), content
+        finally:
+            response.release_conn()
+        return response.status, response.headers.get("Retry-After"), content
+
+    def _route(
+        self, adapter: HTTPAdapter, method: str, url: str, proxies: dict[str, str]
+    ) -> tuple[requests.PreparedRequest, str]:
+        """A prepared stub of the URL (for the pool lookup) and the request target; cached."""
+        key = (method, url)
+        route = self._routes.get(key)
+        if route is None:
+            stub = requests.Request(method, url).prepare()
+            route = self._routes[key] = (stub, adapter.request_url(stub, proxies))
+        return route
 
     def _proxies_for(self, url: str) -> dict[str, str]:
         """Proxies from the environment for this scheme and host (looked up once, cached)."""
@@ -279,6 +301,7 @@ def _secrets_in(headers: Mapping[str, str]) -> tuple[str, ...]:
 def _connection_message(err: Exception, url: str) -> str:
     """A message naming the failure kind and host only."""
     host = urlsplit(url).netloc or "the server"
-    if isinstance(err, _TIMEOUTS):
+    timeout = isinstance(err, (requests.Timeout, urllib3.exceptions.TimeoutError))
+    if timeout and not isinstance(err, urllib3.exceptions.NewConnectionError):
         return f"Request to {host} timed out"
     return f"Failed to connect to {host} ({type(err).__name__})"
