@@ -198,6 +198,37 @@ def crypto_floor(n: int = 60) -> dict[str, float]:
     return parts
 
 
+def our_stages(server_pem: str, n: int) -> dict[str, dict[str, float]]:
+    """Median seconds of our client's local steps (no network), small and 8 MiB."""
+    from nomyo.memory import secure_json
+
+    pair = keys.KeyPair.generate(4096)
+    server_key = keys.load_public_key(server_pem)
+    out = {}
+    for name, content, reps in (("small", SMALL_MESSAGES[0]["content"], n),
+                                ("8 MiB", "x" * LARGE_BYTES, 3)):
+        payload = {"model": "bench", "messages": [{"role": "user", "content": content}]}
+        answer = envelope.seal_json({"id": "r", "choices": [{"index": 0, "message": {
+            "role": "assistant", "content": "Echo: " + content}}]}, pair.public_key)
+        times: dict[str, list[float]] = {"secure_json.dumps": [], "envelope.seal": [],
+                                         "envelope.open_json": []}
+        for _ in range(reps):
+            start = time.perf_counter()
+            plaintext = secure_json.dumps(payload)
+            dumped = time.perf_counter()
+            envelope.seal(plaintext, server_key)
+            sealed = time.perf_counter()
+            plaintext.close()
+            opened_at = time.perf_counter()
+            envelope.open_json(answer, pair)
+            done = time.perf_counter()
+            times["secure_json.dumps"].append(dumped - start)
+            times["envelope.seal"].append(sealed - dumped)
+            times["envelope.open_json"].append(done - opened_at)
+        out[name] = {k: statistics.median(v) for k, v in times.items()}
+    return out
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.2f} ms"
 
@@ -225,6 +256,7 @@ def main() -> int:
         "raw_large", "ours_large", "pub_large")}
     try:
         floor = crypto_floor()
+        stages = our_stages(raw.server_key, args.small)
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
             results["raw_small"] += raw.run("small", args.small)
@@ -267,6 +299,9 @@ def main() -> int:
     print(f"  ours                   {ms(med['ours_large'])}  overhead {ms(ours_large_over)}")
     print(f"  published 0.2.9        {ms(med['pub_large'])}  overhead {ms(pub_large_over)}")
     print(f"  ratio published/ours   {pub_large_over / ours_large_over:8.2f}x (goal >= 6x)")
+    print("\nwhere our client's local time goes (no network; includes the crypto above)")
+    for size, parts in stages.items():
+        print("  " + size.ljust(7) + "  ".join(f"{k} {ms(v).strip()}" for k, v in parts.items()))
     return 0
 
 

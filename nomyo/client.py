@@ -223,7 +223,7 @@ class SecureCompletionClient:
         check_header_values(headers)  # before any key is made or byte is sent
         self._server_key(url)  # fetched (once) while a first key pair may still be in the making
         with self._keyring.lease() as pair:
-            headers["X-Public-Key"] = quote(pair.public_pem)
+            headers["X-Public-Key"] = _quoted(pair.public_pem)
             with secure_json.dumps(payload) as plaintext:
                 content = self._post_sealed(url, plaintext, headers)
             return _open_response(content, pair, str(payload_id))
@@ -330,6 +330,12 @@ class SecureCompletionClient:
             logger.info("retrying once with the server's new public key")
         body = envelope.seal(plaintext, fresh.public_key)
         return self._transport.post(url + COMPLETION_PATH, body, headers)
+
+
+@functools.lru_cache(maxsize=8)
+def _quoted(public_pem: str) -> str:
+    """The percent-encoded PEM for X-Public-Key (public data; quoting it costs ~0.1 ms)."""
+    return quote(public_pem)
 
 
 def _check_payload(payload: Any) -> None:
