@@ -40,6 +40,7 @@ class SecureChatCompletion:
         ca_bundle: str | None = None,
         attestation: str | None = None,
         expected_pcrs: Mapping[str, Mapping[Any, str]] | None = None,
+        require_secure_memory: bool = False,
         debug: bool = False,
     ) -> None:
         if attestation not in ATTESTATION_MODES:
@@ -48,7 +49,8 @@ class SecureChatCompletion:
             router_url=base_url, allow_http=allow_http, secure_memory=secure_memory,
             max_retries=max_retries, timeout=timeout, key_size=key_size, key_dir=key_dir,
             key_password=key_password, key_rotation_interval=key_rotation_interval,
-            server_key_fingerprint=server_key_fingerprint, ca_bundle=ca_bundle, debug=debug,
+            server_key_fingerprint=server_key_fingerprint, ca_bundle=ca_bundle,
+            require_secure_memory=require_secure_memory, debug=debug,
         )
         self.api_key = api_key
         self.attestation = attestation

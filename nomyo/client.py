@@ -23,9 +23,15 @@ from urllib.parse import quote, urlsplit
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import envelope, keys
-from .errors import DisposedError, InvalidRequestError, PackageError, SecurityError
+from .errors import (
+    DisposedError,
+    InvalidRequestError,
+    PackageError,
+    SecureMemoryUnavailable,
+    SecurityError,
+)
 from .keyring import KeyRing
-from .memory import secure_json
+from .memory import get_memory_protection_info, secure_json
 from .transport import (
     DEFAULT_TIMEOUT,
     RetryPolicy,
@@ -85,6 +91,7 @@ class SecureCompletionClient:
         key_rotation_interval: float | None = 24 * 3600,
         server_key_fingerprint: str | None = None,
         ca_bundle: str | None = None,
+        require_secure_memory: bool = False,
         debug: bool = False,
     ) -> None:
         if max_retries < 0:
@@ -93,7 +100,12 @@ class SecureCompletionClient:
             logging.getLogger("nomyo").setLevel(logging.DEBUG)
         self.router_url = router_url.rstrip("/")
         self.allow_http = allow_http
+        # Accepted for the published signature: locking is process-wide here
+        # (nomyo.disable_secure_memory()), and buffers are always guarded and wiped.
         self.secure_memory = secure_memory
+        self.require_secure_memory = require_secure_memory
+        if require_secure_memory:
+            _require_secure_memory(get_memory_protection_info())
         self.max_retries = max_retries
         self.timeout = timeout
         self.key_size = key_size
@@ -225,6 +237,8 @@ class SecureCompletionClient:
         with self._keyring.lease() as pair:
             headers["X-Public-Key"] = _quoted(pair.public_pem)
             with secure_json.dumps(payload) as plaintext:
+                if self.require_secure_memory and not plaintext.locked:
+                    _require_secure_memory(get_memory_protection_info())
                 content = self._post_sealed(url, plaintext, headers)
             return _open_response(content, pair, str(payload_id))
 
@@ -371,6 +385,20 @@ def _open_response(content: bytes, pair: keys.KeyPair, payload_id: str) -> dict[
         encryption_algorithm=info.algorithm,
     )
     return response
+
+
+def _require_secure_memory(report: dict[str, Any]) -> None:
+    """Fail closed unless memory locking and dump exclusion are really in force."""
+    missing = [what for what, ok in (
+        ("memory locking", report.get("has_memory_locking")),
+        ("exclusion from core dumps", report.get("dump_excluded")),
+    ) if not ok]
+    if missing:
+        raise SecureMemoryUnavailable(
+            f"secure memory is required (require_secure_memory=True) but {' and '.join(missing)} "
+            "is not in force: grant CAP_IPC_LOCK or raise RLIMIT_MEMLOCK (ulimit -l; docker "
+            "--ulimit memlock=-1); `nomyo doctor` shows what this process can do"
+        )
 
 
 def _warn_if_plain_http(url: str, allow_http: bool) -> None:

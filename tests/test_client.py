@@ -308,3 +308,32 @@ def test_repr_and_messages_never_leak_secrets(peer):
     pem = c.public_key_pem
     assert "PRIVATE" not in repr(c) and pem not in repr(c)
     c.close()
+
+
+def test_require_secure_memory_fails_closed_without_the_right_to_lock(peer):
+    from tests.helpers import run_python, unprivileged_prefix
+
+    code = f"""
+        from nomyo import SecureMemoryUnavailable
+        from nomyo.client import SecureCompletionClient
+        try:
+            SecureCompletionClient({peer.url!r}, allow_http=True, key_size=2048,
+                                   require_secure_memory=True)
+        except SecureMemoryUnavailable as err:
+            print("REFUSED", err)
+    """
+    result = run_python(code, prefix=unprivileged_prefix())
+    assert "REFUSED" in result.stdout, result.stderr
+    assert "memory locking" in result.stdout and "CAP_IPC_LOCK" in result.stdout
+    assert peer.received == [] and peer.key_fetches == 0
+
+
+def test_require_secure_memory_sends_where_locking_works(peer):
+    from nomyo.memory import get_memory_protection_info
+
+    report = get_memory_protection_info()
+    if not (report["has_memory_locking"] and report["dump_excluded"]):
+        pytest.skip("this machine cannot lock memory (no CAP_IPC_LOCK / RLIMIT_MEMLOCK too small)")
+    with SecureCompletionClient(peer.url, allow_http=True, key_size=2048,
+                                require_secure_memory=True) as c:
+        send(c)
