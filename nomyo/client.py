@@ -233,7 +233,8 @@ class SecureCompletionClient:
         if security_tier:
             headers["X-Security-Tier"] = security_tier
         check_header_values(headers)  # before any key is made or byte is sent
-        self._server_key(url)  # fetched (once) while a first key pair may still be in the making
+        self._keyring.start()  # no-op once a pair exists; else it is made while we fetch
+        self._server_key(url)
         with self._keyring.lease() as pair:
             headers["X-Public-Key"] = _quoted(pair.public_pem)
             with secure_json.dumps(payload) as plaintext:

@@ -89,7 +89,10 @@ class KeyRing:
         """Use `pair` from now on (generate_keys / load_keys); the previous pair is retired."""
         with self._lock:
             self._check_open()
+            pending, self._first = self._first, None
             self._swap(_Slot(pair, self._clock() if born is None else born))
+        if pending is not None:
+            pending.add_done_callback(_close_result)  # a pair being born is not needed now
 
     def generate(self) -> KeyPair:
         """A fresh pair of this ring's size, made in the calling thread."""

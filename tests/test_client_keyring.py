@@ -169,3 +169,16 @@ def test_bad_options():
         KeyRing(key_size=1024)
     with pytest.raises(ValueError):
         KeyRing(rotation_interval=-1)
+
+
+def test_install_supersedes_a_pair_still_being_born():
+    ring = KeyRing(key_size=2048)
+    ring.start()
+    pending = ring._first
+    mine = ring.generate()
+    ring.install(mine)
+    with ring.lease() as pair:
+        assert pair is mine
+    wait_until(lambda: pending.done() and pending.result()[0].closed)
+    ring.close()
+    assert mine.closed
