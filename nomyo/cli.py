@@ -1,5 +1,6 @@
 """The `nomyo` command: `chat` (one encrypted request), `doctor` (protection report for humans,
-`--json` for machines, `--require` for health checks) and `serve` (the self-hosted endpoint).
+`--json` for machines, `--require` for health checks), `keys` (generate a pair, show the
+fingerprint to pin) and `serve` (the self-hosted endpoint).
 
 Heavy modules are imported by the command that needs them, so `nomyo doctor` in a container
 health check loads only the secure-memory layer.
@@ -102,6 +103,25 @@ def _parser(serve_arguments: bool) -> argparse.ArgumentParser:
     doctor.add_argument("--harden", action="store_true",
                         help="apply nomyo.harden_process() first, as an application would")
     doctor.set_defaults(run=_run_doctor)
+
+    key_cmd = sub.add_parser("keys", help="make key pairs; show fingerprints for pinning")
+    key_sub = key_cmd.add_subparsers(title="key commands", metavar="ACTION")
+    generate = key_sub.add_parser("generate", help="generate a key pair into a directory")
+    generate.add_argument("directory", help="where private_key.pem (0600) and public_key.pem go")
+    generate.add_argument("--key-size", type=int, choices=(2048, 4096), default=4096)
+    generate.add_argument("--password-env", metavar="VAR",
+                          help="encrypt the private key with the password in this variable")
+    generate.set_defaults(run=_run_keys_generate)
+    show = key_sub.add_parser("fingerprint",
+                              help="SHA-256 fingerprint of a key file or of a server's key")
+    source = show.add_mutually_exclusive_group(required=True)
+    source.add_argument("pem", nargs="?", help="a public or private key PEM file")
+    source.add_argument("--url", help="fetch the server key from this endpoint")
+    show.add_argument("--allow-http", action="store_true", help="allow a plain HTTP --url")
+    show.add_argument("--ca-bundle", help="CA bundle for a private certificate authority")
+    show.add_argument("--password-env", metavar="VAR",
+                      help="password of an encrypted private key file, from this variable")
+    show.set_defaults(run=_run_keys_fingerprint)
 
     serve = sub.add_parser("serve", help="run the self-hostable secure-completion endpoint")
     if serve_arguments:
@@ -228,6 +248,62 @@ def _print_answer(response: dict[str, Any], show_metadata: bool) -> None:
             print(json.dumps(message["tool_calls"], indent=2))
     if show_metadata:
         print(json.dumps({"_metadata": response.get("_metadata")}, indent=2, sort_keys=True))
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+def _password(variable: str | None) -> str | None:
+    if variable is None:
+        return None
+    value = os.environ.get(variable)
+    if not value:
+        raise ValueError(f"${variable} is empty or not set")
+    return value
+
+
+def _run_keys_generate(args: argparse.Namespace) -> int:
+    from nomyo.keys import KeyPair
+
+    try:
+        password = _password(args.password_env)
+    except ValueError as err:
+        print(f"nomyo keys: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    with KeyPair.generate(args.key_size) as pair:
+        path = pair.save(args.directory, password)
+        print(f"{path}\nfingerprint {pair.fingerprint}")
+    return EXIT_OK
+
+
+def _run_keys_fingerprint(args: argparse.Namespace) -> int:
+    from nomyo import keys
+    from nomyo.errors import NomyoError
+
+    try:
+        if args.url:
+            from nomyo.client import PUBLIC_KEY_PATH
+            from nomyo.transport import Transport, require_secure_url
+
+            url = args.url.rstrip("/")
+            require_secure_url(url, args.allow_http)
+            transport = Transport(verify=args.ca_bundle or True)
+            try:
+                pem = transport.get(url + PUBLIC_KEY_PATH).decode("ascii")
+            finally:
+                transport.close()
+            print(keys.fingerprint(pem))
+            return EXIT_OK
+        with open(args.pem, encoding="ascii") as f:
+            header = f.readline()  # only the BEGIN line: a private key never enters a str
+            if "PRIVATE KEY" not in header:
+                print(keys.fingerprint(header + f.read()))
+                return EXIT_OK
+        with keys.KeyPair.load(args.pem, _password(args.password_env)) as pair:
+            print(pair.fingerprint)
+    except (NomyoError, ValueError, OSError) as err:
+        print(f"nomyo keys: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 # -- serve -------------------------------------------------------------------------------------

@@ -137,3 +137,30 @@ def test_serve_delegates_to_the_server_cli():
                         reason="nomyo.server.cli (server branch) not merged yet")
     result = nomyo("serve", "--help")
     assert result.returncode == 0 and "serve" in result.stdout
+
+
+def test_keys_generate_and_fingerprint(tmp_path):
+    made = nomyo("keys", "generate", str(tmp_path / "k"), "--key-size", "2048",
+                 "--password-env", "KEYPW", env={"KEYPW": "pw-for-the-test"})
+    assert made.returncode == 0, made.stderr
+    fingerprint = made.stdout.split("fingerprint ")[1].strip()
+    private = tmp_path / "k" / "private_key.pem"
+    assert b"ENCRYPTED PRIVATE KEY" in private.read_bytes()
+    assert os.stat(private).st_mode & 0o777 == 0o600
+    public = nomyo("keys", "fingerprint", str(tmp_path / "k" / "public_key.pem"))
+    assert public.stdout.strip() == fingerprint
+    unlocked = nomyo("keys", "fingerprint", str(private), "--password-env", "KEYPW",
+                     env={"KEYPW": "pw-for-the-test"})
+    assert unlocked.stdout.strip() == fingerprint
+    locked = nomyo("keys", "fingerprint", str(private))
+    assert locked.returncode == 1 and "pw-for-the-test" not in locked.stderr
+
+
+def test_keys_fingerprint_of_a_server_for_pinning(peer):
+    from nomyo import keys
+
+    result = nomyo("keys", "fingerprint", "--url", peer.url, "--allow-http")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == keys.fingerprint(peer.public_pem.decode())
+    refused = nomyo("keys", "fingerprint", "--url", peer.url)
+    assert refused.returncode == 1 and "SecurityError" in refused.stderr
