@@ -438,6 +438,10 @@ PyInit__pyobjects(void)
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;
+    if (PyModule_AddIntConstant(m, "ABI_VERSION", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&RegionType);
     if (PyModule_AddObject(m, "Region", (PyObject *)&RegionType) < 0) {
         Py_DECREF(&RegionType);

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
+#define NM_ABI_VERSION 1   /* bump on any change the Python layer must know about */
 #define NM_ALLOC_MMAP 1
 #define NM_ALLOC_MEMFD_SECRET 2
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import random
 import time
 
 import pytest
 
 from nomyo.attestation import AttestationResult, Reason, verify_tpm_attestation
+from nomyo.attestation import tpm_structures as ts
 from tests.tpm_fixtures import BLOCK_KEYS, FIELDS, block_of, load_vectors
+
+log = logging.getLogger(__name__)
 
 SEED = 20261122
 CASES = 10_000
@@ -127,7 +131,7 @@ def test_ten_thousand_random_and_mutated_blocks_never_escape():
             # the catch-all is a safety net only: every input must fail on a named check
             assert Reason.VERIFIER_ERROR not in result.reasons, (i, json.dumps(block)[:500])
     elapsed = time.perf_counter() - start
-    print(f"fuzz: {CASES} blocks in {elapsed:.2f} s, {valid} valid (untouched quotes)")
+    log.info("fuzz: %d blocks in %.2f s, %d valid (untouched quotes)", CASES, elapsed, valid)
 
 
 def test_non_dict_blocks_raise_type_error_only():
@@ -139,3 +143,27 @@ def test_non_dict_blocks_raise_type_error_only():
             continue
         with pytest.raises(TypeError):
             verify_tpm_attestation(value, "id")
+
+
+_PARSERS = {"quote_b64": ts.parse_attest, "signature_b64": ts.parse_signature,
+            "aik_pubkey_b64": ts.parse_public}
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_parsers_raise_only_their_format_error(field):
+    """The structure parsers themselves (below the verifier's safety net) either parse or
+    raise TpmFormatError with a known reason, for random and for mutated real bytes."""
+    parser = _PARSERS[field]
+    vectors = list(load_vectors().values())
+    donors = [base64.b64decode(v[f]) for v in vectors for f in FIELDS]
+    known = {v for k, v in vars(Reason).items() if k.isupper()}
+    rng = random.Random(SEED + 2)
+    for i in range(3000):
+        if i % 3 == 0:
+            data = rng.randbytes(rng.randint(0, 400))
+        else:
+            data = _mutate_bytes(rng, base64.b64decode(rng.choice(vectors)[field]), donors)
+        try:
+            parser(data)
+        except ts.TpmFormatError as exc:
+            assert exc.reason in known, (i, exc.reason)

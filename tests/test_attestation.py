@@ -58,6 +58,8 @@ def test_vector_verifies(name):
     assert VECTORS[name]["aik_alg"].endswith(result.signature_scheme)
     assert result.pcr_values == VECTORS[name]["pcr_values"]
     assert result.aik_certified is False
+    assert result.firmware_version == 0x2019102300163636  # swtpm / libtpms, per the README
+    assert set(result.clock_info) == {"clock", "reset_count", "restart_count", "safe"}
     assert "not certified" in result.note and "not certified" in AttestationResult.__doc__
 
 
@@ -125,6 +127,7 @@ def test_each_changed_pcr_value_is_rejected(name):
     {"sha256": {}},
     {"sha256": {"0": "00", "7": "00", "10": "00"}},
     {"sha256": {"0": "zz" * 32, "7": "00" * 32, "10": "00" * 32}},
+    {"sha256": {"0": "0 " * 32, "7": "00" * 32, "10": "00" * 32}},
     {"sha1": {"0": "00" * 20, "7": "00" * 20, "10": "00" * 20}},
     "sha256:0",
     None,
@@ -150,6 +153,7 @@ def test_extra_reported_pcr_is_rejected():
     ("sha384:0,7,10", Reason.PCR_SELECTION_MISMATCH),
     ("sha256:0,7,10+sha1:0", Reason.PCR_SELECTION_MISMATCH),
     ("sha256:0,7,99", Reason.PCR_BANKS_INVALID),
+    ("sha256:\u0660,\u0667,\u0661\u0660", Reason.PCR_BANKS_INVALID),  # Arabic-Indic digits
     ("md5:0,7,10", Reason.PCR_BANKS_INVALID),
     ("sha256", Reason.PCR_BANKS_INVALID),
     ("sha256:0,7,10+sha256:0", Reason.PCR_BANKS_INVALID),
@@ -253,7 +257,9 @@ def test_expected_pcrs_mismatch(expected):
 @pytest.mark.parametrize("expected", [{}, [], "sha256:0", {"sha256": []}, {"md5": {0: "00"}},
                                       {"sha256": {0: "zz"}}, {"sha256": {"x": "00"}},
                                       {"sha256": {-1: "00"}}, {"sha256": {True: "00"}},
-                                      {"sha256": {0: None}}])
+                                      {"sha256": {0: None}}, {"sha256": {0: "00"}},
+                                      {"sha256": {0: "00 " * 31 + "00"}},
+                                      {"sha256": {"1_0": "00" * 32}}])
 def test_malformed_expected_pcrs(expected):
     result = verify(NAMES[0], expected_pcrs=expected)
     assert not result.valid and result.expected_pcrs_match is False

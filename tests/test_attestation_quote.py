@@ -3,8 +3,13 @@ ones do not, exactly like the shipped vectors (these quotes were never seen befo
 from __future__ import annotations
 
 import base64
+import logging
+import multiprocessing
+import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import uuid
 
@@ -124,18 +129,23 @@ def test_concurrent_quotes_are_serialised_and_leave_no_transient_objects(tcti, e
     assert "0x80" not in _tpm2(tcti, "tpm2_getcap", "handles-transient")
 
 
-def test_unreachable_tpm_is_a_typed_error():
+def test_unreachable_tpm_is_a_typed_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket is closed
     with pytest.raises(AttestationError) as info:
         TpmQuoter(f"swtpm:host=127.0.0.1,port={port}")
     assert isinstance(info.value, SecurityError) and str(port) in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no working directory left behind
 
 
-def test_closed_quoter_refuses(tcti):
+def test_closed_quoter_refuses_and_leaves_nothing(tcti, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     quoter = TpmQuoter(tcti)
+    assert len(list(tmp_path.iterdir())) == 1
     quoter.close()
+    assert list(tmp_path.iterdir()) == []
     quoter.close()
     with pytest.raises(AttestationError):
         quoter.quote("x")
@@ -164,3 +174,83 @@ def test_quote_bytes_have_the_vector_layouts(ecc_quoter):
     assert quote[:6] == bytes.fromhex("ff5443478018") and len(quote) == 149
     assert sig[:6] == bytes.fromhex("0018000b0020") and len(sig) == 72
     assert int.from_bytes(aik[:2], "big") == len(aik) - 2 == 88
+
+
+@pytest.mark.parametrize("pcrs", ["sha1:0+sha256:0,7",
+                                  "sha256:0,1,2,3,4,5,6,7,8,9,10,11,12,16,23",
+                                  "sha512:0,7+sha384:1+sha256:2,3+sha1:4"])
+def test_pcr_selections_keep_their_bank_order(tcti, pcrs):
+    """Values are reported in the quote's selection order, also past 8 PCRs per read."""
+    with TpmQuoter(tcti, pcrs) as quoter:
+        block = quoter.quote("banks")
+    assert block["pcr_banks"] == pcrs
+    assert verify_tpm_attestation(block, "banks").valid
+
+
+def test_quoter_survives_a_tpm_restart(caplog):
+    """After a power cycle the primary's saved context is dead; the quoter makes a new one."""
+    if shutil.which("swtpm_ioctl") is None:
+        pytest.skip("TPM restart test needs swtpm_ioctl (Debian package swtpm-tools)")
+    with running_swtpm() as tcti, TpmQuoter(tcti) as quoter:
+        assert verify_tpm_attestation(quoter.quote("one"), "one").valid
+        ctrl_port = int(tcti.rsplit("=", 1)[1]) + 1
+        _tpm2(tcti, "swtpm_ioctl", "--tcp", f"127.0.0.1:{ctrl_port}", "-i")
+        _tpm2(tcti, "tpm2_startup", "-c")
+        with caplog.at_level(logging.INFO, logger="nomyo.attestation.quote"):
+            assert verify_tpm_attestation(quoter.quote("two"), "two").valid
+    assert "re-creating the TPM storage primary" in caplog.text
+
+
+@pytest.mark.parametrize("aik", ["ecc256", "rsa2048"])
+def test_an_independent_verifier_agrees(tcti, aik, tmp_path):
+    """tpm2_checkquote (tpm2-tools' own verifier) accepts our quotes and rejects a tampered
+    one, as ours does. (It cannot check RSAPSS quotes: tpm2-tools issue #3283.)"""
+    with TpmQuoter(tcti, aik=aik) as quoter:
+        block = quoter.quote("oracle")
+    for name, key in (("aik.pub", "aik_pubkey_b64"), ("quote.msg", "quote_b64"),
+                      ("quote.sig", "signature_b64")):
+        (tmp_path / name).write_bytes(base64.b64decode(block[key]))
+
+    def checkquote() -> int:
+        return subprocess.run(
+            ["tpm2_checkquote", "-u", "aik.pub", "-m", "quote.msg", "-s", "quote.sig",
+             "-g", "sha256", "-q", b"oracle".hex()],
+            cwd=tmp_path, capture_output=True, timeout=60, check=False).returncode
+
+    assert checkquote() == 0 and verify_tpm_attestation(block, "oracle").valid
+    quote = bytearray((tmp_path / "quote.msg").read_bytes())
+    quote[-1] ^= 1
+    (tmp_path / "quote.msg").write_bytes(bytes(quote))
+    block["quote_b64"] = base64.b64encode(bytes(quote)).decode()
+    assert checkquote() != 0 and not verify_tpm_attestation(block, "oracle").valid
+
+
+def _quote_in_child(quoter: TpmQuoter, tag: str) -> None:
+    """Child body: several quotes that must all verify; the exit code reports it."""
+    ok = True
+    for n in range(3):
+        payload_id = f"{tag}-{n}"
+        try:
+            ok = ok and verify_tpm_attestation(quoter.quote(payload_id), payload_id).valid
+        except Exception:  # noqa: BLE001 - reported through the exit code
+            ok = False
+    os._exit(0 if ok else 1)
+
+
+def test_forked_workers_share_the_tpm_safely(tcti):
+    """`nomyo serve --workers N` forks after making the quoter: the children and the parent
+    quote at the same time without flushing each other's objects, and a child exiting does
+    not remove the parent's working directory."""
+    ctx = multiprocessing.get_context("fork")
+    with TpmQuoter(tcti) as quoter:
+        children = [ctx.Process(target=_quote_in_child, args=(quoter, f"child{n}"))
+                    for n in range(3)]
+        for child in children:
+            child.start()
+        parent_ok = [verify_tpm_attestation(quoter.quote(f"parent-{n}"), f"parent-{n}").valid
+                     for n in range(3)]
+        for child in children:
+            child.join(timeout=120)
+        assert [child.exitcode for child in children] == [0, 0, 0]
+        assert parent_ok == [True, True, True]
+        assert verify_tpm_attestation(quoter.quote("after"), "after").valid

@@ -9,6 +9,8 @@ TPM traffic of a quoter.
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -16,8 +18,15 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no fork-based workers there, the thread lock suffices
+    fcntl = None  # type: ignore[assignment]
 
 from nomyo.attestation import tpm_structures as ts
 from nomyo.attestation.verify import Reason, parse_pcr_banks, verify_tpm_attestation
@@ -51,6 +60,21 @@ def _canonical_banks(selections: tuple[ts.PcrSelection, ...]) -> str:
                     for s in selections)
 
 
+def _remove_dir(path: Path, owner_pid: int) -> None:
+    """Remove the quoter's directory, but only in the process that created it (a forked
+    worker exiting must not pull it from under its siblings)."""
+    if os.getpid() == owner_pid:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _after_fork(ref: weakref.ReferenceType[TpmQuoter]) -> None:
+    quoter = ref()
+    if quoter is not None:
+        if quoter._lock_file is not None:
+            quoter._lock_file.close()  # the parent's handle; its lock is the parent's
+        quoter._reset_process_state()
+
+
 class TpmQuoter:
     """Makes `tpm_attestation` blocks (PROTOCOL.md) for payload ids with the TPM at `tcti`,
     e.g. `swtpm:host=127.0.0.1,port=2321` or `device:/dev/tpmrm0`."""
@@ -74,16 +98,21 @@ class TpmQuoter:
         self.pcr_banks = _canonical_banks(self._selections)
         self._key_spec, self._scheme, self._hash = AIK_KINDS[aik]
         self._timeout = timeout
-        self._env = dict(os.environ, TPM2TOOLS_TCTI=tcti)
+        # The tools get only what they need, never the server's other variables (API keys).
+        self._env = {"PATH": os.environ.get("PATH", os.defpath), "TPM2TOOLS_TCTI": tcti}
         self._raw_binding = True  # dropped for good if the TPM refuses raw payload ids
-        self._lock = threading.Lock()
-        self._dir = Path(tempfile.mkdtemp(prefix="nomyo-tpm-"))
+        self._root = Path(tempfile.mkdtemp(prefix="nomyo-tpm-"))
+        self._cleanup = weakref.finalize(self, _remove_dir, self._root, os.getpid())
         self._closed = False
+        self._reset_process_state()
+        # `nomyo serve --workers N` forks after building the quoter: each child gets its own
+        # lock, lock-file handle and working directory (with its own primary).
+        os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
         try:
-            with self._lock:
-                self._create_primary()
+            with self._tpm():
+                pass  # the first use creates this process's storage primary
         except BaseException:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self.close()
             raise
 
     # ---- public ----
@@ -95,9 +124,7 @@ class TpmQuoter:
                 or len(payload_id) > MAX_PAYLOAD_ID_CHARS):
             raise ValueError("payload_id must be a non-empty string of sane length")
         raw = payload_id.encode("utf-8")
-        with self._lock:
-            if self._closed:
-                raise AttestationError("TPM quoter is closed")
+        with self._tpm():
             for _attempt in range(PCR_RETRIES):
                 block = self._quote_once(raw)
                 result = verify_tpm_attestation(block, payload_id)
@@ -110,10 +137,16 @@ class TpmQuoter:
         raise AttestationError("PCR values kept changing while quoting")
 
     def close(self) -> None:
-        """Forget the primary's context and remove the working directory (idempotent)."""
+        """Forget the primary's context and remove the working directory (idempotent; also
+        done when the quoter is garbage-collected or the interpreter exits)."""
         with self._lock:
             self._closed = True
-            shutil.rmtree(self._dir, ignore_errors=True)
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+            self._cleanup()  # the directory of all processes, in the process that made it
 
     def __enter__(self) -> Self:
         return self
@@ -124,11 +157,41 @@ class TpmQuoter:
     def __repr__(self) -> str:
         return f"TpmQuoter(tcti={self.tcti!r}, pcrs={self.pcr_banks!r}, closed={self._closed})"
 
-    # ---- TPM commands (caller holds the lock) ----
+    # ---- exclusive use of the TPM ----
+
+    def _reset_process_state(self) -> None:
+        self._lock = threading.Lock()
+        self._lock_file: BinaryIO | None = None  # flock belongs to the open file: per process
+        self._workdir: Path | None = None
+
+    @contextlib.contextmanager
+    def _tpm(self) -> Iterator[None]:
+        """Hold the TPM: one thread of this process, and one of the processes forked from
+        the one that made the quoter (without a resource manager, `tpm2_flushcontext -t`
+        would flush the objects of a concurrent user)."""
+        with self._lock:
+            if self._closed:
+                raise AttestationError("TPM quoter is closed")
+            if self._lock_file is None:
+                self._lock_file = open(self._root / "tpm.lock", "ab")
+            if fcntl is not None:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                if self._workdir is None:
+                    workdir = self._root / f"pid{os.getpid()}"
+                    workdir.mkdir(mode=0o700, exist_ok=True)
+                    self._workdir = workdir
+                    self._create_primary()
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    # ---- TPM commands (caller holds the TPM) ----
 
     def _run(self, *args: str) -> None:
         try:
-            proc = subprocess.run(args, env=self._env, cwd=self._dir, capture_output=True,
+            proc = subprocess.run(args, env=self._env, cwd=self._workdir, capture_output=True,
                                   timeout=self._timeout, check=False)
         except FileNotFoundError:
             raise AttestationError(f"{args[0]} not found (Debian package tpm2-tools)") from None
@@ -184,11 +247,11 @@ class TpmQuoter:
         finally:
             for name in ("aik.pub", "aik.ctx", "qualifying.bin", "quote.msg", "quote.sig",
                          "pcrs.bin"):
-                (self._dir / name).unlink(missing_ok=True)
+                (self._workdir / name).unlink(missing_ok=True)
 
     def _tpm_quote(self, qualifying: bytes) -> None:
         # tpm2_quote -q takes "a hex string or a file path"; a file works for any bytes.
-        (self._dir / "qualifying.bin").write_bytes(qualifying)
+        (self._workdir / "qualifying.bin").write_bytes(qualifying)
         self._run_then_flush(
             "tpm2_quote", "-c", "aik.ctx", "-l", self.pcr_banks, "-q", "qualifying.bin",
             "-g", self._hash, "--scheme", self._scheme, "-m", "quote.msg", "-s", "quote.sig",
@@ -196,7 +259,7 @@ class TpmQuoter:
 
     def _block(self) -> dict[str, Any]:
         """Assemble the protocol block from the files tpm2_quote wrote."""
-        pcr_bytes = (self._dir / "pcrs.bin").read_bytes()
+        pcr_bytes = (self._workdir / "pcrs.bin").read_bytes()
         sizes = [(ts.HASH_ALGS[s.hash_alg], s.indices) for s in self._selections]
         if len(pcr_bytes) != sum(size * len(idx) for (_, size), idx in sizes):
             raise AttestationError("tpm2_quote wrote PCR values of an unexpected length")
@@ -211,7 +274,7 @@ class TpmQuoter:
             "is_available": True,
             "pcr_banks": self.pcr_banks,
             "pcr_values": values,
-            "quote_b64": base64.b64encode((self._dir / "quote.msg").read_bytes()).decode(),
-            "signature_b64": base64.b64encode((self._dir / "quote.sig").read_bytes()).decode(),
-            "aik_pubkey_b64": base64.b64encode((self._dir / "aik.pub").read_bytes()).decode(),
+            "quote_b64": base64.b64encode((self._workdir / "quote.msg").read_bytes()).decode(),
+            "signature_b64": base64.b64encode((self._workdir / "quote.sig").read_bytes()).decode(),
+            "aik_pubkey_b64": base64.b64encode((self._workdir / "aik.pub").read_bytes()).decode(),
         }

@@ -98,6 +98,8 @@ class AttestationResult:
     pcr_values: dict[str, dict[str, str]] | None = None  # as quoted, when the digest matched
     aik_name: str | None = None  # hex TPM Name of the AIK
     qualified_signer: str | None = None  # hex, from the quote (parent QN not carried)
+    firmware_version: int | None = None  # TPMS_ATTEST.firmwareVersion (vendor-defined)
+    clock_info: dict[str, int] | None = None  # clock (ms), resetCount, restartCount, safe
     aik_certified: bool = False  # always False: no endorsement-key certificate is checked
     note: ClassVar[str] = NOT_CERTIFIED_NOTE
 
@@ -116,9 +118,30 @@ class AttestationResult:
             "signature_scheme": self.signature_scheme,
             "aik_name": self.aik_name,
             "qualified_signer": self.qualified_signer,
+            "firmware_version": self.firmware_version,
+            "clock_info": self.clock_info,
             "aik_certified": self.aik_certified,
             "note": self.note,
         }
+
+
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _hex_digest(value: Any, size: int) -> bytes | None:
+    """Exactly `size` bytes written as 2 * size hex digits (nothing else), or None."""
+    if isinstance(value, str) and len(value) == 2 * size and _HEX_DIGITS.issuperset(value):
+        return bytes.fromhex(value)
+    return None
+
+
+def _pcr_index(value: Any) -> int | None:
+    """A PCR index from an int or a string of at most two ASCII digits, or None."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 2:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < ts.MAX_PCR_INDEX:
+        return value
+    return None
 
 
 def parse_pcr_banks(text: Any) -> tuple[ts.PcrSelection, ...]:
@@ -135,10 +158,10 @@ def parse_pcr_banks(text: Any) -> tuple[ts.PcrSelection, ...]:
         seen_banks.add(alg)
         indices = set()
         for item in idx_text.split(","):
-            item = item.strip()
-            if not item.isdecimal() or len(item) > 2 or int(item) >= ts.MAX_PCR_INDEX:
+            index = _pcr_index(item.strip())
+            if index is None:
                 raise ts.TpmFormatError(Reason.PCR_BANKS_INVALID, "index")
-            indices.add(int(item))
+            indices.add(index)
         selections.append(ts.PcrSelection(alg, tuple(sorted(indices))))
     if len(selections) > ts.MAX_PCR_BANKS:
         raise ts.TpmFormatError(Reason.PCR_BANKS_INVALID, "too many banks")
@@ -175,13 +198,11 @@ def _pcr_values(reported: Any, selections: tuple[ts.PcrSelection, ...]
             raise ts.TpmFormatError(Reason.PCR_VALUES_INVALID, name)
         for idx in sel.indices:
             value = bank.get(str(idx))
-            if not isinstance(value, str) or len(value) != 2 * size:
+            digest = _hex_digest(value, size)
+            if digest is None:
                 raise ts.TpmFormatError(Reason.PCR_VALUES_INVALID, f"{name}:{idx}")
-            try:
-                values.append(bytes.fromhex(value))
-            except ValueError:
-                raise ts.TpmFormatError(Reason.PCR_VALUES_INVALID, f"{name}:{idx}") from None
-            normalised[name][str(idx)] = value.lower()
+            values.append(digest)
+            normalised[name][str(idx)] = digest.hex()
     return values, normalised
 
 
@@ -195,15 +216,12 @@ def _normalise_expected(expected: Any) -> dict[str, dict[int, bytes]]:
             raise ts.TpmFormatError(Reason.EXPECTED_PCRS_INVALID, "bank")
         if not isinstance(values, Mapping) or not values:
             raise ts.TpmFormatError(Reason.EXPECTED_PCRS_INVALID, "values")
+        size = ts.HASH_ALGS[ts.HASH_IDS_BY_NAME[bank.lower()]][1]
         bank_out = out.setdefault(bank.lower(), {})
         for idx, value in values.items():
-            try:
-                index = int(idx)
-                digest = bytes.fromhex(value)
-            except (TypeError, ValueError):
-                raise ts.TpmFormatError(Reason.EXPECTED_PCRS_INVALID, "entry") from None
-            if isinstance(idx, bool) or not 0 <= index < ts.MAX_PCR_INDEX:
-                raise ts.TpmFormatError(Reason.EXPECTED_PCRS_INVALID, "index")
+            index, digest = _pcr_index(idx), _hex_digest(value, size)
+            if index is None or digest is None:
+                raise ts.TpmFormatError(Reason.EXPECTED_PCRS_INVALID, "entry")
             bank_out[index] = digest
     return out
 
@@ -300,42 +318,56 @@ def _verify(attestation: Mapping[str, Any], payload_id: Any, expected_pcrs: Any,
     attest = _parse(ts.parse_attest, raw["quote_b64"], c)
     sig = _parse(ts.parse_signature, raw["signature_b64"], c)
     aik = _parse(ts.parse_public, raw["aik_pubkey_b64"], c)
-    key = None
-    if aik is not None:
-        c.values["aik_name"] = aik.name.hex()
-        c.values["aik_restricted_signing"] = aik.restricted_signing and aik.attestation_profile
-        if not aik.restricted_signing:
-            c.fail(Reason.AIK_NOT_RESTRICTED_SIGNING)
-        elif not aik.attestation_profile:
-            c.fail(Reason.AIK_ATTRIBUTES_INVALID)
-        try:
-            key = _public_key(aik)
-        except ts.TpmFormatError as exc:
-            c.fail(exc.reason)
-        except (ValueError, TypeError):
-            c.fail(Reason.AIK_KEY_INVALID)
+    key = _check_aik(aik, c) if aik is not None else None
     if sig is not None:
-        c.values["signature_scheme"] = (
-            f"{ts.SIG_SCHEME_NAMES[sig.sig_alg]}-{ts.HASH_ALGS[sig.hash_alg][0]}")
-        if aik is not None:
-            matches = aik.scheme == sig.sig_alg and aik.scheme_hash == sig.hash_alg
-            c.values["scheme_matches"] = matches
-            if not matches:
-                c.fail(Reason.AIK_SCHEME_MISMATCH)
-        if key is not None:
-            ok = _signature_valid(key, sig, raw["quote_b64"])
-            c.values["signature_valid"] = ok
-            if not ok:
-                c.fail(Reason.SIGNATURE_INVALID)
-
+        _check_signature(sig, aik, key, raw["quote_b64"], c)
     if attest is None:
         return
-    c.values["qualified_signer"] = attest.qualified_signer.hex()
+    c.values.update(
+        qualified_signer=attest.qualified_signer.hex(),
+        firmware_version=attest.firmware_version,
+        clock_info={"clock": attest.clock, "reset_count": attest.reset_count,
+                    "restart_count": attest.restart_count, "safe": int(attest.safe)},
+    )
     if aik is not None and not _qualified_signer_consistent(attest.qualified_signer, aik):
         c.fail(Reason.QUALIFIED_SIGNER_INCONSISTENT)
     _check_nonce(attest.extra_data, payload_id, c)
     if sig is not None:
         _check_pcrs(attest, sig.hash_alg, attestation, expected_pcrs, c)
+
+
+def _check_aik(aik: ts.PublicKey, c: _Checks) -> Any:
+    """Attributes of the AIK; returns its `cryptography` key, or None when unusable."""
+    c.values["aik_name"] = aik.name.hex()
+    c.values["aik_restricted_signing"] = aik.restricted_signing and aik.attestation_profile
+    if not aik.restricted_signing:
+        c.fail(Reason.AIK_NOT_RESTRICTED_SIGNING)
+    elif not aik.attestation_profile:
+        c.fail(Reason.AIK_ATTRIBUTES_INVALID)
+    try:
+        return _public_key(aik)
+    except ts.TpmFormatError as exc:
+        c.fail(exc.reason)
+    except (ValueError, TypeError):
+        c.fail(Reason.AIK_KEY_INVALID)
+    return None
+
+
+def _check_signature(sig: ts.Signature, aik: ts.PublicKey | None, key: Any, quote: bytes,
+                     c: _Checks) -> None:
+    """The AIK's scheme must be the signature's, and the signature must verify."""
+    c.values["signature_scheme"] = (
+        f"{ts.SIG_SCHEME_NAMES[sig.sig_alg]}-{ts.HASH_ALGS[sig.hash_alg][0]}")
+    if aik is not None:
+        matches = aik.scheme == sig.sig_alg and aik.scheme_hash == sig.hash_alg
+        c.values["scheme_matches"] = matches
+        if not matches:
+            c.fail(Reason.AIK_SCHEME_MISMATCH)
+    if key is not None:
+        ok = _signature_valid(key, sig, quote)
+        c.values["signature_valid"] = ok
+        if not ok:
+            c.fail(Reason.SIGNATURE_INVALID)
 
 
 def _parse(parser: Callable[[bytes], Any], data: bytes, c: _Checks) -> Any:

@@ -16,12 +16,16 @@ ffi: Any = None
 lib: Any = None
 pyobjects: Any = None
 FALLBACK_REASON: str | None = None
+ABI_VERSION = 1  # must equal NM_ABI_VERSION (csrc/secmem.h) and _pyobjects.ABI_VERSION
 
 try:
     if os.environ.get("NOMYO_BACKEND", "").strip().lower() == "fallback":
         raise ImportError("forced by NOMYO_BACKEND=fallback")
     from nomyo import _pyobjects as pyobjects
     from nomyo._secmem import ffi, lib
+
+    if lib.NM_ABI_VERSION != ABI_VERSION or pyobjects.ABI_VERSION != ABI_VERSION:
+        raise ImportError("compiled helpers are from another nomyo build; reinstall nomyo")
 except ImportError as exc:  # exotic platform or a source checkout that was never built
     ffi = lib = pyobjects = None
     FALLBACK_REASON = str(exc)
