@@ -202,3 +202,27 @@ def test_attestation_verdict_for_a_bound_quote(name):
 def test_bad_attestation_mode():
     with pytest.raises(ValueError):
         SecureChatCompletion(attestation="maybe")
+
+
+def test_event_loop_keeps_running_while_requests_are_in_flight(chat, peer):
+    chat.create_sync("m", MESSAGES)
+    peer.delay = 0.5  # every answer is held half a second
+
+    async def scenario():
+        ticks = 0
+        done = asyncio.Event()
+
+        async def heartbeat():
+            nonlocal ticks
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        beat = asyncio.create_task(heartbeat())
+        await asyncio.gather(*[chat.create(model="m", messages=MESSAGES) for _ in range(16)])
+        done.set()
+        await beat
+        return ticks
+
+    # a loop blocked by HTTP or RSA would tick about zero times in those 0.5 s, not dozens
+    assert asyncio.run(scenario()) >= 10
