@@ -1,6 +1,6 @@
 """Client speed next to the published client, same machine, same run, same server.
 
-    python bench/bench_client.py [--rounds 3] [--small 30] [--large 3]
+    python bench/bench_client.py [--rounds 6] [--small 10] [--concurrent 1] [--large 1]
 
 Starts one `nomyo.server` echo endpoint (RSA-4096) in its own process and two client worker
 processes speaking to it: ours (this checkout) and the published `nomyo==0.2.9` (installed
@@ -235,9 +235,9 @@ def ms(seconds: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--small", type=int, default=30, help="small requests per round")
-    parser.add_argument("--concurrent", type=int, default=2, help="16-wide bursts per round")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
+    parser.add_argument("--small", type=int, default=10, help="small requests per round")
+    parser.add_argument("--concurrent", type=int, default=1, help="16-wide bursts per round")
     parser.add_argument("--large", type=int, default=1, help="8 MiB requests per round")
     args = parser.parse_args()
 

@@ -355,7 +355,7 @@ def _quoted(public_pem: str) -> str:
 
 def _check_payload(payload: Any) -> None:
     if not isinstance(payload, dict):
-        raise TypeError("payload must be a dict")
+        raise ValueError("payload must be a dict")  # ValueError, as the published client
     if not payload:
         raise ValueError("payload cannot be empty")
     if payload.get("stream"):
