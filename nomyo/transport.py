@@ -34,6 +34,7 @@ from .errors import (
     DisposedError,
     ForbiddenError,
     InvalidRequestError,
+    PackageError,
     RateLimitError,
     SecurityError,
     ServerError,
@@ -50,7 +51,10 @@ _NETWORK_ERRORS = (
     requests.exceptions.ChunkedEncodingError,
     urllib3.exceptions.HTTPError,  # connection, timeout and protocol errors of the pool
 )
-_BASE_HEADERS = {"User-Agent": "nomyo-python", "Accept": "*/*"}
+_BASE_HEADERS = {"User-Agent": "nomyo-python", "Accept": "*/*", "Accept-Encoding": "identity"}
+# Largest answer read: a protocol package carries at most 10 MiB of plaintext (about 14 MiB
+# of base64); anything far beyond is refused before it can exhaust memory.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 MAX_DETAIL_CHARS = 500
 
 # Per status: exception class, message prefix, fallback detail when the body has none.
@@ -262,7 +266,14 @@ class Transport:
             preload_content=False, decode_content=False,
         )
         try:
-            content = response.read(decode_content=True)
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+                raise PackageError(f"answer larger than {MAX_RESPONSE_BYTES} bytes refused")
+            # Never asked for a content coding, so none is decoded (no decompression bombs).
+            content = response.read(None if declared else MAX_RESPONSE_BYTES + 1,
+                                    decode_content=False)
+            if len(content) > MAX_RESPONSE_BYTES:
+                raise PackageError(f"answer larger than {MAX_RESPONSE_BYTES} bytes refused")
         except BaseException:
             response.close()  # a half-read connection must not be reused
             raise

@@ -15,6 +15,7 @@ import pytest
 import requests
 import urllib3.exceptions
 
+from nomyo import transport as transport_module
 from nomyo.errors import (
     APIConnectionError,
     APIError,
@@ -22,6 +23,7 @@ from nomyo.errors import (
     DisposedError,
     ForbiddenError,
     InvalidRequestError,
+    PackageError,
     RateLimitError,
     SecurityError,
     ServerError,
@@ -73,7 +75,10 @@ class ScriptedServer:
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
+                if headers.get("Connection") == "close":  # body delimited by closing
+                    self.close_connection = True
+                elif "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
 
@@ -331,3 +336,19 @@ def test_https_verified_with_private_ca_bundle(tls_pair, tmp_path):
         assert clock.sleeps == []
     finally:
         srv.close()
+
+
+def test_oversized_answer_refused_by_its_declared_length(server):
+    server.replies.append((200, {"Content-Length": str(64 * 1024 * 1024)}, b""))
+    transport, _ = make()
+    with pytest.raises(PackageError, match="larger than"):
+        transport.post(server.url, b"c", HEADERS)
+
+
+def test_oversized_answer_without_length_refused(server, monkeypatch):
+    monkeypatch.setattr(transport_module, "MAX_RESPONSE_BYTES", 1000)
+    server.replies.append((200, {"Connection": "close"}, b"x" * 5000))
+    transport, _ = make()
+    with pytest.raises(PackageError, match="larger than"):
+        transport.post(server.url, b"c", HEADERS)
+    assert transport.post(server.url, b"c", HEADERS) == b"ok"  # the pool recovers
