@@ -106,6 +106,8 @@ def seal(
             raise PackageError(
                 f"plaintext is {size} bytes; the protocol allows at most {MAX_PLAINTEXT_BYTES}"
             )
+        if size == 0:
+            raise PackageError("empty plaintext: nothing to seal")
         nonce = os.urandom(NONCE_BYTES)
         sealed = bytearray(size + TAG_BYTES)  # ciphertext || tag: not secret
         with SecureBuffer.random(AES_KEY_BYTES) as aes_key, memoryview(aes_key) as key_view:
@@ -265,8 +267,11 @@ def _parse(package: Any) -> dict[str, Any]:
         if len(ciphertext) < TAG_BYTES:
             raise PackageError("ciphertext too short to carry the appended 16-byte tag")
         tag = b""
-    if len(ciphertext) + len(tag) - TAG_BYTES > MAX_PLAINTEXT_BYTES:
+    size = len(ciphertext) + len(tag) - TAG_BYTES
+    if size > MAX_PLAINTEXT_BYTES:
         raise PackageError(f"plaintext would exceed {MAX_PLAINTEXT_BYTES} bytes")
+    if size == 0:
+        raise PackageError("empty ciphertext: a package carries at least one byte of plaintext")
     processed_at = doc.get("processed_at")
     if processed_at is not None and (
         isinstance(processed_at, bool) or not isinstance(processed_at, (int, float))

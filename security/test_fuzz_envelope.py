@@ -74,8 +74,34 @@ def test_structured_packages(version, algorithm, ciphertext, nonce, tag, wrapped
 @_SETTINGS
 @given(st.data())
 def test_mutated_real_package(data) -> None:
+    """Replace, delete and insert bytes of a genuine package (found an empty-ciphertext case)."""
     package = bytearray(envelope.seal_json({"m": "hello"}, keypair("server").public_key))
     for _ in range(data.draw(st.integers(1, 8))):
         i = data.draw(st.integers(0, len(package) - 1))
-        package[i] = data.draw(st.integers(0, 255))
+        action = data.draw(st.sampled_from(["replace", "delete", "insert"]))
+        if action == "replace":
+            package[i] = data.draw(st.integers(0, 255))
+        elif action == "delete":
+            del package[i : i + data.draw(st.integers(1, 64))]
+        else:
+            package[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+        if not package:
+            break
     _open(bytes(package))
+
+
+@pytest.mark.slow
+@_SETTINGS
+@given(
+    field=st.sampled_from(["ciphertext", "nonce", "tag", "encrypted_aes_key"]),
+    size=st.integers(0, 1100),
+    layout=st.sampled_from(envelope.TAG_LAYOUTS),
+)
+def test_fields_of_every_length(field, size, layout) -> None:
+    doc = json.loads(envelope.seal_json({"m": 1}, keypair("server").public_key, tag_layout=layout))
+    value = base64.b64encode(bytes(size)).decode()
+    if field == "encrypted_aes_key":
+        doc[field] = value
+    else:
+        doc["encrypted_payload"][field] = value
+    _open(json.dumps(doc).encode())

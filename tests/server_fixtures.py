@@ -14,7 +14,7 @@ _REPO = Path(__file__).resolve().parent.parent
 _VECTOR_DIRS = (
     os.environ.get("NOMYO_VECTORS_DIR", ""),
     str(_REPO / "tests" / "vectors" / "protocol"),
-    "/work/shared/vectors/protocol",
+    str(_REPO.parent / "shared" / "vectors" / "protocol"),  # shared/ beside the checkout
 )
 
 

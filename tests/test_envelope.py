@@ -158,6 +158,17 @@ def test_wrong_key_is_security_error() -> None:
         envelope.open_package(json.dumps(_sealed()).encode(), other)
 
 
+def test_empty_plaintext_refused_both_ways() -> None:
+    with pytest.raises(PackageError, match="empty plaintext"):
+        envelope.seal(b"", keypair("server").public_key)
+    for layout in envelope.TAG_LAYOUTS:  # a package whose ciphertext is only the tag
+        doc = json.loads(envelope.seal(b"x", keypair("server").public_key, tag_layout=layout))
+        raw = base64.b64decode(doc["encrypted_payload"]["ciphertext"])
+        doc["encrypted_payload"]["ciphertext"] = base64.b64encode(raw[1:]).decode()
+        with pytest.raises(PackageError, match="empty ciphertext"):
+            envelope.open_package(json.dumps(doc).encode(), keypair("server"))
+
+
 def test_non_json_plaintext_is_package_error() -> None:
     with SecureBuffer.copy_of(b"\x00not json") as plaintext:
         package = envelope.seal(plaintext, keypair("server").public_key)

@@ -143,6 +143,7 @@ def _bad_bodies(server_pem: str) -> dict[str, bytes]:
         "wrong-key": seal_request(chat_request(), other.public_pem),
         "old-version": good.replace(b'"version":"1.0"', b'"version":"0.1"'),
         "not-a-chat-request": seal_request(["model", "messages"], server_pem),
+        "bare-string": seal_request("just a string", server_pem),
         "no-messages": seal_request({"model": "m", "messages": []}, server_pem),
         "stream": seal_request(chat_request(stream=True), server_pem),
     }
@@ -158,6 +159,7 @@ def _bad_bodies(server_pem: str) -> dict[str, bytes]:
         "wrong-key",
         "old-version",
         "not-a-chat-request",
+        "bare-string",
         "no-messages",
         "stream",
     ],
@@ -398,3 +400,22 @@ def test_nothing_secret_is_logged(caplog, client_pem) -> None:
     assert "POST /v1/chat/secure_completion 200" in text
     for secret in (marker, api_key, "PRIVATE KEY", client_pem.splitlines()[1]):
         assert secret not in text
+
+
+def test_internal_error_is_500_json_and_logs_no_message(caplog, client_pem) -> None:
+    class Broken:
+        name = "broken"
+
+        def complete(self, request: dict) -> dict:
+            raise KeyError(request["messages"][-1]["content"])  # a message quoting the prompt
+
+        def close(self) -> None:
+            pass
+
+    with caplog.at_level("DEBUG"), start_background(key=keypair("server")) as srv:
+        srv.app.backend = Broken()
+        body = seal_request(chat_request("SECRET-IN-EXCEPTION"), srv.public_key_pem)
+        response = _post(srv.url, body, completion_headers(client_pem))
+        assert response.status_code == 500
+        assert response.json() == {"detail": "internal server error"}
+    assert "KeyError at" in caplog.text and "SECRET-IN-EXCEPTION" not in caplog.text

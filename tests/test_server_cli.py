@@ -34,7 +34,14 @@ def _serve(*args: str, env: dict | None = None) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
+        start_new_session=True,  # workers included, the whole group can be killed on failure
     )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
 
 
 def _url(proc: subprocess.Popen) -> str:
@@ -70,9 +77,7 @@ def test_serves_and_stops_cleanly_on_signal(tmp_path, sig) -> None:
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=15)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _kill_group(proc)
     assert proc.returncode == 0, err
     assert "stopped" in out
     assert "Traceback" not in err and "over the CLI" not in err + out
@@ -178,8 +183,6 @@ def test_workers_share_port_and_key_and_stop_together(tmp_path) -> None:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _kill_group(proc)
     assert proc.returncode == 0, err
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)

@@ -79,7 +79,9 @@ def test_runs_under_waitress(tmp_path) -> None:
             headers={**headers, "Authorization": "Bearer nope"},
         )
         assert unauthorized.status_code == 401
-        assert requests.get(url + "/health", timeout=10).json()["status"] == "ok"
+        health = requests.get(url + "/health", timeout=10).json()
+        assert health["status"] == "ok"
+        assert health["memory_protection"]["core_dump_prevention"] is True  # hardened at start
     finally:
         proc.terminate()
         proc.communicate(timeout=30)

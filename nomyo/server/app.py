@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -22,6 +23,7 @@ from nomyo.errors import PackageError, SecurityError
 from nomyo.memory import get_memory_protection_info
 from nomyo.server.backends import Backend, BackendError
 from nomyo.server.policy import DEFAULT_TIER, TIERS, ApiKeys, RateLimiter, TierPolicy
+from nomyo.server.scrub import wipe_tree
 
 logger = logging.getLogger("nomyo.server")
 
@@ -93,21 +95,25 @@ class SecureCompletionApp:
     ) -> Response:
         """Answer one request; `headers` keys are lowercase; `read_body(n)` returns n bytes."""
         started = time.perf_counter()
+        path = path.split("?", 1)[0]
         try:
-            response = self._route(
-                method, path.split("?", 1)[0], headers, content_length, read_body, client
-            )
+            response = self._route(method, path, headers, content_length, read_body, client)
         except HttpError as err:
             response = error_response(err.status, err.detail, err.headers)
-        except Exception:  # last resort: a 500 without traceback details
-            logger.exception("internal error handling %s %s", method, path.split("?", 1)[0])
+        except Exception as err:  # last resort: a 500, and a log line without the message
+            # An exception's message may quote request data: log its type and place only.
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            logger.error(
+                "internal error handling %s %s: %s at %s:%d",
+                method,
+                path,
+                type(err).__name__,
+                where.filename,
+                where.lineno,
+            )
             response = error_response(500, "internal server error")
         logger.info(
-            "%s %s %d %.1fms",
-            method,
-            path.split("?", 1)[0],
-            response.status,
-            (time.perf_counter() - started) * 1000,
+            "%s %s %d %.1fms", method, path, response.status, (time.perf_counter() - started) * 1000
         )
         return response
 
@@ -164,25 +170,31 @@ class SecureCompletionApp:
         except (PackageError, SecurityError) as err:
             raise HttpError(400, str(err)) from None
         del body
-        _check_completion_request(request)
-        tier = self._resolve_tier(request["model"], tier)
+        result: Any = None
         try:
-            result = self.backend.complete(request)
-        except BackendError as err:
-            raise HttpError(err.status, err.detail) from None
-        processed_at = int(time.time())
-        result["_metadata"] = {
-            "payload_id": payload_id,
-            "processed_at": processed_at,
-            "is_encrypted": True,
-            "response_status": "success",
-            "security_tier": tier,
-            "memory_protection": self._memory_protection,
-            "tpm_attestation": self._attest(payload_id),
-        }
-        sealed = envelope.seal_json(
-            result, client_key, tag_layout=info.tag_layout, processed_at=processed_at
-        )
+            _check_completion_request(request)
+            tier = self._resolve_tier(request["model"], tier)
+            try:
+                result = self.backend.complete(request)
+            except BackendError as err:
+                raise HttpError(err.status, err.detail) from None
+            processed_at = int(time.time())
+            result["_metadata"] = {
+                "payload_id": payload_id,
+                "processed_at": processed_at,
+                "is_encrypted": True,
+                "response_status": "success",
+                "security_tier": tier,
+                "memory_protection": dict(self._memory_protection),  # ours stays intact
+                "tpm_attestation": self._attest(payload_id),
+            }
+            sealed = envelope.seal_json(
+                result, client_key, tag_layout=info.tag_layout, processed_at=processed_at
+            )
+        finally:
+            # The answer first: it shares strings (model, user text) with the request.
+            wipe_tree(result)
+            wipe_tree(request)
         return Response(200, sealed)
 
     def _authenticate(self, headers: Mapping[str, str]) -> str | None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import re
 import threading
 import time
 from typing import Any, Protocol
@@ -55,12 +55,13 @@ class EchoBackend:
     name = "echo"
 
     def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        # Built without transient copies of the user's text (no json.dumps, split or join of
+        # it), so that wiping the request and answer trees leaves none of it behind.
         messages = request.get("messages") or []
-        last = _last_user_text(messages)
-        content = f"Echo: {last}"
-        digest = hashlib.sha256(
-            json.dumps(request, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
-        ).hexdigest()
+        last = _last_user_parts(messages)
+        content = "".join(["Echo: ", *last])
+        with secure_json.dumps(request) as body, memoryview(body) as view:
+            digest = hashlib.sha256(view).hexdigest()
         message: dict[str, Any] = {"role": "assistant", "content": content}
         finish_reason = "stop"
         tool = _chosen_tool(request)
@@ -71,13 +72,18 @@ class EchoBackend:
                     "type": "function",
                     "function": {
                         "name": tool.get("name", ""),
-                        "arguments": json.dumps(_arguments_for(tool, last), ensure_ascii=False),
+                        "arguments": _json_text(
+                            _arguments_for(tool, last[0] if len(last) == 1 else content)
+                        ),
                     },
                 }
             ]
             finish_reason = "tool_calls"
         prompt_tokens = sum(
-            _count_tokens(_text_of(m.get("content"))) for m in messages if isinstance(m, dict)
+            _count_tokens(part)
+            for m in messages
+            if isinstance(m, dict)
+            for part in _text_parts(m.get("content"))
         )
         completion_tokens = _count_tokens(content)
         return {
@@ -100,28 +106,39 @@ class EchoBackend:
         return None
 
 
-def _text_of(content: Any) -> str:
-    """Text of an OpenAI message content: a string or a list of parts."""
+def _text_parts(content: Any) -> list[str]:
+    """The text strings of an OpenAI message content: a string or a list of parts."""
     if isinstance(content, str):
-        return content
+        return [content]
     if isinstance(content, list):
-        return "".join(
-            p.get("text", "")
-            for p in content
-            if isinstance(p, dict) and isinstance(p.get("text"), str)
-        )
-    return ""
+        return [
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        ]
+    return []
 
 
-def _last_user_text(messages: list[Any]) -> str:
+def _last_user_parts(messages: list[Any]) -> list[str]:
     dicts = [m for m in messages if isinstance(m, dict)]
     users = [m for m in dicts if m.get("role") == "user"] or dicts
-    return _text_of(users[-1].get("content")) if users else ""
+    return _text_parts(users[-1].get("content")) if users else []
+
+
+_WORD = re.compile(r"\S+")
+_PUNCTUATION = re.compile(r"[^\w\s]")
 
 
 def _count_tokens(text: str) -> int:
-    """A rough, deterministic token count (whitespace words plus punctuation runs)."""
-    return len(text.split()) + sum(1 for ch in text if not ch.isalnum() and not ch.isspace())
+    """A rough, deterministic token count: whitespace-separated words plus punctuation marks.
+
+    Counted with finditer, which makes no substrings of the (secret) text.
+    """
+    return sum(1 for _ in _WORD.finditer(text)) + sum(1 for _ in _PUNCTUATION.finditer(text))
+
+
+def _json_text(obj: Any) -> str:
+    """JSON text of `obj` made in secure memory, then decoded once into the returned str."""
+    with secure_json.dumps(obj) as body, memoryview(body) as view:
+        return str(view, "utf-8")
 
 
 def _chosen_tool(request: dict[str, Any]) -> dict[str, Any] | None:

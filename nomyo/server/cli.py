@@ -12,6 +12,7 @@ from typing import Any
 
 from nomyo.errors import NomyoError
 from nomyo.keys import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
+from nomyo.memory import harden_process
 
 KEY_PASSWORD_ENV = "NOMYO_KEY_PASSWORD"
 DEFAULT_PORT = 12434
@@ -170,7 +171,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from nomyo.server.http import EmbeddedServer, serve_until_signalled, tls_context
 
     _configure_logging(args.log_level)
-    _harden()
+    harden_process()  # no core dumps, not dumpable: before any key exists
     try:
         if (args.tls_cert is None) != (args.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
@@ -231,15 +232,6 @@ def _attestor(tcti: str | None, pcrs: str) -> Any:
             "--tpm needs nomyo.attestation.quote, which this installation does not have"
         ) from None
     return TpmQuoter(tcti, pcrs)
-
-
-def _harden() -> None:
-    """Disable core dumps and ptrace for this process, when the memory layer offers it."""
-    try:
-        from nomyo.memory import harden_process
-    except ImportError:
-        return
-    harden_process()
 
 
 def _configure_logging(level: str) -> None:

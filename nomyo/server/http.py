@@ -179,6 +179,9 @@ class EmbeddedServer(ThreadingHTTPServer):
             self.socket = ssl_context.wrap_socket(
                 self.socket, server_side=True, do_handshake_on_connect=False
             )
+        # Non-blocking accept: when worker processes share this socket, all are woken for one
+        # connection; the losers must get EAGAIN, not block in accept() (and miss shutdown).
+        self.socket.setblocking(False)
 
     @property
     def url(self) -> str:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from nomyo.server.http import EmbeddedServer, serve_until_signalled
@@ -53,10 +54,8 @@ def serve_workers(
         status = _supervise(children, stop)
         for pid in children:
             _signal(pid, signal.SIGTERM)
-        for pid in children:
-            _, code = os.waitpid(pid, 0)
-            if os.waitstatus_to_exitcode(code) != 0:
-                status = 1
+        if not _reap(children, deadline=time.monotonic() + grace + 5):
+            status = 1
         return status
     finally:
         for sig, handler in previous.items():
@@ -77,6 +76,27 @@ def _supervise(children: list[int], stop: threading.Event) -> int:
                 )
                 return 1
     return 0
+
+
+def _reap(children: list[int], deadline: float) -> bool:
+    """Wait for the workers; SIGKILL those still alive at `deadline`. True if all exited 0."""
+    clean = True
+    pending = list(children)
+    while pending:
+        for pid in list(pending):
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                pending.remove(pid)
+                clean = clean and os.waitstatus_to_exitcode(code) == 0
+        if pending and time.monotonic() > deadline:
+            logger.error("workers %s did not stop in time; killing them", pending)
+            for pid in pending:
+                _signal(pid, signal.SIGKILL)
+            deadline = float("inf")
+            clean = False
+        if pending:
+            time.sleep(0.05)
+    return clean
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import os
 
+from nomyo.memory import harden_process
 from nomyo.server.app import SecureCompletionApp
 from nomyo.server.factory import create_app as _create_app
 
 
 def create_app() -> SecureCompletionApp:
-    """The WSGI application (a callable `app(environ, start_response)`)."""
+    """The WSGI application (a callable `app(environ, start_response)`).
+
+    Hardens the hosting process first (no core dumps, not dumpable), like `nomyo serve`.
+    """
+    harden_process()
     env = os.environ
     rate = env.get("NOMYO_RATE_LIMIT")
     return _create_app(
