@@ -55,6 +55,7 @@ _BASE_HEADERS = {"User-Agent": "nomyo-python", "Accept": "*/*", "Accept-Encoding
 # Largest answer read: a protocol package carries at most 10 MiB of plaintext (about 14 MiB
 # of base64); anything far beyond is refused before it can exhaust memory.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+_CACHE_LIMIT = 64  # endpoints remembered (routes, proxies)
 MAX_DETAIL_CHARS = 500
 
 # Per status: exception class, message prefix, fallback detail when the body has none.
@@ -288,6 +289,8 @@ class Transport:
         key = (method, url)
         route = self._routes.get(key)
         if route is None:
+            if len(self._routes) >= _CACHE_LIMIT:  # many per-call base_urls: start afresh
+                self._routes.clear()
             stub = requests.Request(method, url).prepare()
             route = self._routes[key] = (stub, adapter.request_url(stub, proxies))
         return route
@@ -298,6 +301,8 @@ class Transport:
         key = f"{parts.scheme}://{parts.netloc}"
         proxies = self._proxies.get(key)
         if proxies is None:
+            if len(self._proxies) >= _CACHE_LIMIT:
+                self._proxies.clear()
             proxies = self._proxies[key] = get_environ_proxies(key)
         return proxies
 
