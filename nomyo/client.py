@@ -48,6 +48,7 @@ SECURITY_TIERS = ("standard", "high", "maximum")
 PUBLIC_KEY_PATH = "/pki/public_key"
 COMPLETION_PATH = "/v1/chat/secure_completion"
 MAX_WORKERS = 32
+MAX_CACHED_SERVER_KEYS = 64  # endpoints (per-call base_url) whose key is remembered
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -313,6 +314,8 @@ class SecureCompletionClient:
             cached = self._server_keys.get(url)
             if cached is None or cached is stale:
                 cached = self._fetch_server_key(url, stale)
+                if len(self._server_keys) >= MAX_CACHED_SERVER_KEYS:
+                    self._server_keys.clear()
                 self._server_keys[url] = cached
             return cached
 
