@@ -337,3 +337,22 @@ def test_require_secure_memory_sends_where_locking_works(peer):
     with SecureCompletionClient(peer.url, allow_http=True, key_size=2048,
                                 require_secure_memory=True) as c:
         send(c)
+
+
+def test_rotation_under_concurrent_load_never_breaks_a_request(peer):
+    with SecureCompletionClient(peer.url, allow_http=True, key_size=2048,
+                                key_rotation_interval=0.3) as c:
+        async def burst():
+            return await asyncio.gather(*[
+                c.send_secure_request({"model": "m", "messages": MESSAGES}, str(uuid.uuid4()))
+                for _ in range(8)])
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            answers = asyncio.run(burst())
+            assert all(a["choices"][0]["message"]["content"] == "hello peer" for a in answers)
+            seen = {r["headers"]["x-public-key"] for r in peer.received}
+            if len(seen) >= 3:
+                break
+            time.sleep(0.1)
+    assert len(seen) >= 3  # the pair rotated at least twice while requests were in flight
