@@ -170,8 +170,9 @@ def test_per_call_base_url_keeps_the_key_pair(client, peer):
     assert first == second == client.public_key_pem
 
 
-def test_429_retried_honouring_retry_after_with_same_payload_id(client, peer):
-    peer.inject(429, {"Retry-After": "1"}, {"detail": "slow down"})
+@pytest.mark.parametrize("status", [429, 503])
+def test_retried_honouring_retry_after_with_same_payload_id(client, peer, status):
+    peer.inject(status, {"Retry-After": "1"}, {"detail": "slow down"})
     start = time.monotonic()
     send(client)
     assert time.monotonic() - start >= 0.95
