@@ -179,32 +179,38 @@ class RawClient:
         return out
 
 
-def crypto_floor(n: int = 60) -> dict[str, float]:
-    """Median seconds of the client's unavoidable cryptography for one small request."""
-    client_key = rsa.generate_private_key(65537, 4096)
-    server_public = rsa.generate_private_key(65537, 4096).public_key()
-    wrapped = client_key.public_key().encrypt(os.urandom(32), OAEP)
-    request = json.dumps({"model": "bench", "messages": SMALL_MESSAGES}).encode()
-    response = os.urandom(700)  # about the size of the echo answer with its _metadata
-    key, nonce = AESGCM.generate_key(256), os.urandom(12)
-    sealed = AESGCM(key).encrypt(nonce, response, None)
+class CryptoFloor:
+    """The client's unavoidable cryptography for one small request, sampled round by round."""
 
-    def median(fn) -> float:
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def __init__(self) -> None:
+        self.client_key = rsa.generate_private_key(65537, 4096)
+        self.server_public = rsa.generate_private_key(65537, 4096).public_key()
+        self.wrapped = self.client_key.public_key().encrypt(os.urandom(32), OAEP)
+        self.request = json.dumps({"model": "bench", "messages": SMALL_MESSAGES}).encode()
+        self.key, self.nonce = AESGCM.generate_key(256), os.urandom(12)
+        # about the size of the echo answer with its _metadata
+        self.sealed = AESGCM(self.key).encrypt(self.nonce, os.urandom(700), None)
+        self.samples: dict[str, list[float]] = {
+            "rsa_private_decrypt": [], "rsa_public_encrypt": [], "aes_gcm_both_ways": []}
 
-    parts = {
-        "rsa_private_decrypt": median(lambda: client_key.decrypt(wrapped, OAEP)),
-        "rsa_public_encrypt": median(lambda: server_public.encrypt(key, OAEP)),
-        "aes_gcm_both_ways": median(lambda: (AESGCM(key).encrypt(nonce, request, None),
-                                             AESGCM(key).decrypt(nonce, sealed, None))),
-    }
-    parts["total"] = sum(parts.values())
-    return parts
+    def sample(self, n: int) -> None:
+        steps = {
+            "rsa_private_decrypt": lambda: self.client_key.decrypt(self.wrapped, OAEP),
+            "rsa_public_encrypt": lambda: self.server_public.encrypt(self.key, OAEP),
+            "aes_gcm_both_ways": lambda: (
+                AESGCM(self.key).encrypt(self.nonce, self.request, None),
+                AESGCM(self.key).decrypt(self.nonce, self.sealed, None)),
+        }
+        for name, step in steps.items():
+            for _ in range(n):
+                start = time.perf_counter()
+                step()
+                self.samples[name].append(time.perf_counter() - start)
+
+    def medians(self) -> dict[str, float]:
+        parts = {name: statistics.median(v) for name, v in self.samples.items()}
+        parts["total"] = sum(parts.values())
+        return parts
 
 
 def our_stages(server_pem: str, n: int) -> dict[str, dict[str, float]]:
@@ -264,10 +270,11 @@ def main() -> int:
         "raw_small", "ours_small", "ours_sync", "pub_small", "ours_conc", "pub_conc",
         "raw_large", "ours_large", "pub_large")}
     try:
-        floor = crypto_floor()
+        floor_sampler = CryptoFloor()
         stages = our_stages(raw.server_key, args.small)
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+            floor_sampler.sample(args.small)
             results["raw_small"] += raw.run("small", args.small)
             results["ours_small"] += ours.run("small", args.small)
             results["ours_sync"] += ours.run("small_sync", args.small)
@@ -285,6 +292,7 @@ def main() -> int:
         server.wait(timeout=60)
 
     med = {k: statistics.median(v) for k, v in results.items()}
+    floor = floor_sampler.medians()
     ours_over = med["ours_small"] - med["raw_small"]
     pub_over = med["pub_small"] - med["raw_small"]
     ours_large_over = med["ours_large"] - med["raw_large"]
