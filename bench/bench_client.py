@@ -1,0 +1,330 @@
+"""Client speed next to the published client, same machine, same run, same server.
+
+    python bench/bench_client.py [--rounds 6] [--small 10] [--concurrent 1] [--large 1]
+
+Starts one `nomyo.server` echo endpoint (RSA-4096) in its own process and two client worker
+processes speaking to it: ours (this checkout) and the published `nomyo==0.2.9` (installed
+by this script into a throwaway venv, `NOMYO_BENCH_VENV` to choose where). Measurements are
+interleaved round by round so background load hits both alike; every figure is a median.
+
+- small request: client overhead = client latency - server time, where server time is the
+  latency of the same request pre-sealed and posted raw over a kept-alive connection (the
+  server does all its work, the client none). Compared with the client's cryptographic floor,
+  measured here: one RSA-4096 private decryption, one RSA-4096 public encryption, AES-GCM
+  both ways. Goal: ours within 1.25x of the floor.
+- 16 concurrent `create()` calls: throughput (requests/s), ours / published. Goal >= 3.5x.
+- one 8 MiB message: client overhead (latency - raw server time), published / ours.
+  Goal >= 6x.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+import venv
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nomyo import envelope, keys  # noqa: E402
+
+PUBLISHED = "nomyo==0.2.9"
+SMALL_MESSAGES = [{"role": "user", "content": "Hello! What is the capital of France?"}]
+LARGE_BYTES = 8 * 1024 * 1024
+OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+# The worker speaks the published API only, so the same code drives both clients.
+WORKER = r"""
+import asyncio, json, sys, time, warnings, logging
+warnings.simplefilter("ignore")
+logging.disable(logging.CRITICAL)
+from nomyo import SecureChatCompletion
+
+client = SecureChatCompletion(base_url=sys.argv[1], allow_http=True)
+SMALL = [{"role": "user", "content": "Hello! What is the capital of France?"}]
+
+async def timed(messages):
+    start = time.perf_counter()
+    response = await client.create(model="bench", messages=messages)
+    elapsed = time.perf_counter() - start
+    assert response["_metadata"]["is_encrypted"]
+    return elapsed
+
+async def concurrent():
+    start = time.perf_counter()
+    answers = await asyncio.gather(*[client.create(model="bench", messages=[
+        {"role": "user", "content": f"concurrent {i}"}]) for i in range(16)])
+    elapsed = time.perf_counter() - start
+    assert len(answers) == 16
+    return 16 / elapsed
+
+async def main():
+    await timed(SMALL)  # warm-up: key pair, server key, connections
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        mode, n = line.split()
+        n = int(n)
+        if mode.startswith("small"):
+            await timed(SMALL)  # untimed: caches are cold after another process ran
+        if mode == "small":
+            out = [await timed(SMALL) for _ in range(n)]
+        elif mode == "small_sync":  # ours only: the blocking call, no event-loop hop
+            out = []
+            for _ in range(n):
+                start = time.perf_counter()
+                client.create_sync("bench", SMALL)
+                out.append(time.perf_counter() - start)
+        elif mode == "concurrent":
+            out = [await concurrent() for _ in range(n)]
+        elif mode == "large":
+            big = [{"role": "user", "content": "x" * int(sys.argv[2])}]
+            out = [await timed(big) for _ in range(n)]
+            del big
+        else:
+            break
+        print(json.dumps(out), flush=True)
+
+asyncio.run(main())
+"""
+
+SERVER = r"""
+import sys
+from nomyo.server import start_background
+handle = start_background(backend="echo")
+print(handle.url, flush=True)
+sys.stdin.readline()
+handle.stop()
+"""
+
+
+def published_python() -> str:
+    """Python of a throwaway venv holding the published client (created once, then reused)."""
+    where = Path(os.environ.get("NOMYO_BENCH_VENV", "/tmp/nomyo-bench-published-0.2.9"))
+    python = where / "bin" / "python"
+    probe = [str(python), "-c", "import importlib.metadata as m; print(m.version('nomyo'))"]
+    if python.exists() and subprocess.run(probe, capture_output=True, text=True,
+                                          check=False, cwd="/").stdout.strip() == "0.2.9":
+        return str(python)
+    print(f"installing {PUBLISHED} into {where} ...", file=sys.stderr)
+    venv.create(where, with_pip=True, clear=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", PUBLISHED], check=True)
+    return str(python)
+
+
+class Worker:
+    """A client worker process; `run(mode, n)` returns its list of measurements."""
+
+    def __init__(self, name: str, python: str, url: str, ours: bool) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        if ours:
+            env["PYTHONPATH"] = str(ROOT)
+        self.name = name
+        self.proc = subprocess.Popen([python, "-c", WORKER, url, str(LARGE_BYTES)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env, cwd="/")
+        assert json.loads(self.proc.stdout.readline())["ready"], name
+
+    def run(self, mode: str, n: int) -> list[float]:
+        self.proc.stdin.write(f"{mode} {n}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit 0\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=60)
+
+
+class RawClient:
+    """Posts pre-sealed requests over one kept-alive connection: the server's own time."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port)
+        self.conn.request("GET", "/pki/public_key")
+        server_key = self.conn.getresponse().read().decode()
+        pair = keys.KeyPair.generate(4096)  # the same size as the clients' keys
+        self.public_key = quote(pair.public_pem)
+        self.server_key = server_key
+        self.bodies: dict[str, bytes] = {}
+
+    def prepare(self, name: str, messages: list) -> None:
+        self.bodies[name] = envelope.seal_json({"model": "bench", "messages": messages},
+                                               self.server_key)
+
+    def run(self, name: str, n: int) -> list[float]:
+        out = []
+        for i in range(n + 1):  # the first one untimed, as in the workers
+            headers = {"X-Payload-ID": str(uuid.uuid4()), "X-Public-Key": self.public_key,
+                       "Content-Type": "application/octet-stream"}
+            start = time.perf_counter()
+            self.conn.request("POST", "/v1/chat/secure_completion", self.bodies[name], headers)
+            response = self.conn.getresponse()
+            response.read()
+            if i:
+                out.append(time.perf_counter() - start)
+            assert response.status == 200, response.status
+        return out
+
+
+class CryptoFloor:
+    """The client's unavoidable cryptography for one small request, sampled round by round."""
+
+    def __init__(self) -> None:
+        self.client_key = rsa.generate_private_key(65537, 4096)
+        self.server_public = rsa.generate_private_key(65537, 4096).public_key()
+        self.wrapped = self.client_key.public_key().encrypt(os.urandom(32), OAEP)
+        self.request = json.dumps({"model": "bench", "messages": SMALL_MESSAGES}).encode()
+        self.key, self.nonce = AESGCM.generate_key(256), os.urandom(12)
+        # about the size of the echo answer with its _metadata
+        self.sealed = AESGCM(self.key).encrypt(self.nonce, os.urandom(700), None)
+        self.samples: dict[str, list[float]] = {
+            "rsa_private_decrypt": [], "rsa_public_encrypt": [], "aes_gcm_both_ways": []}
+
+    def sample(self, n: int) -> None:
+        steps = {
+            "rsa_private_decrypt": lambda: self.client_key.decrypt(self.wrapped, OAEP),
+            "rsa_public_encrypt": lambda: self.server_public.encrypt(self.key, OAEP),
+            "aes_gcm_both_ways": lambda: (
+                AESGCM(self.key).encrypt(self.nonce, self.request, None),
+                AESGCM(self.key).decrypt(self.nonce, self.sealed, None)),
+        }
+        for name, step in steps.items():
+            for _ in range(n):
+                start = time.perf_counter()
+                step()
+                self.samples[name].append(time.perf_counter() - start)
+
+    def medians(self) -> dict[str, float]:
+        parts = {name: statistics.median(v) for name, v in self.samples.items()}
+        parts["total"] = sum(parts.values())
+        return parts
+
+
+def our_stages(server_pem: str, n: int) -> dict[str, dict[str, float]]:
+    """Median seconds of our client's local steps (no network), small and 8 MiB."""
+    from nomyo.memory import secure_json
+
+    pair = keys.KeyPair.generate(4096)
+    server_key = keys.load_public_key(server_pem)
+    out = {}
+    for name, content, reps in (("small", SMALL_MESSAGES[0]["content"], n),
+                                ("8 MiB", "x" * LARGE_BYTES, 3)):
+        payload = {"model": "bench", "messages": [{"role": "user", "content": content}]}
+        answer = envelope.seal_json({"id": "r", "choices": [{"index": 0, "message": {
+            "role": "assistant", "content": "Echo: " + content}}]}, pair.public_key)
+        times: dict[str, list[float]] = {"secure_json.dumps": [], "envelope.seal": [],
+                                         "envelope.open_json": []}
+        for _ in range(reps):
+            start = time.perf_counter()
+            plaintext = secure_json.dumps(payload)
+            dumped = time.perf_counter()
+            envelope.seal(plaintext, server_key)
+            sealed = time.perf_counter()
+            plaintext.close()
+            opened_at = time.perf_counter()
+            envelope.open_json(answer, pair)
+            done = time.perf_counter()
+            times["secure_json.dumps"].append(dumped - start)
+            times["envelope.seal"].append(sealed - dumped)
+            times["envelope.open_json"].append(done - opened_at)
+        out[name] = {k: statistics.median(v) for k, v in times.items()}
+    return out
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.2f} ms"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
+    parser.add_argument("--small", type=int, default=10, help="small requests per round")
+    parser.add_argument("--concurrent", type=int, default=1, help="16-wide bursts per round")
+    parser.add_argument("--large", type=int, default=1, help="8 MiB requests per round")
+    args = parser.parse_args()
+
+    old_python = published_python()
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = server.stdout.readline().strip()
+    raw = RawClient(url)
+    raw.prepare("small", SMALL_MESSAGES)
+    raw.prepare("large", [{"role": "user", "content": "x" * LARGE_BYTES}])
+    ours = Worker("ours", sys.executable, url, ours=True)
+    published = Worker("published 0.2.9", old_python, url, ours=False)
+    results: dict[str, list[float]] = {k: [] for k in (
+        "raw_small", "ours_small", "ours_sync", "pub_small", "ours_conc", "pub_conc",
+        "raw_large", "ours_large", "pub_large")}
+    try:
+        floor_sampler = CryptoFloor()
+        stages = our_stages(raw.server_key, args.small)
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+            floor_sampler.sample(args.small)
+            results["raw_small"] += raw.run("small", args.small)
+            results["ours_small"] += ours.run("small", args.small)
+            results["ours_sync"] += ours.run("small_sync", args.small)
+            results["pub_small"] += published.run("small", args.small)
+            results["ours_conc"] += ours.run("concurrent", args.concurrent)
+            results["pub_conc"] += published.run("concurrent", args.concurrent)
+            results["raw_large"] += raw.run("large", args.large)
+            results["ours_large"] += ours.run("large", args.large)
+            results["pub_large"] += published.run("large", args.large)
+    finally:
+        for worker in (ours, published):
+            worker.close()
+        server.stdin.write("\n")
+        server.stdin.flush()
+        server.wait(timeout=60)
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    floor = floor_sampler.medians()
+    ours_over = med["ours_small"] - med["raw_small"]
+    pub_over = med["pub_small"] - med["raw_small"]
+    ours_large_over = med["ours_large"] - med["raw_large"]
+    pub_large_over = med["pub_large"] - med["raw_large"]
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+          f"{args.rounds} interleaved rounds; medians")
+    print("\ncryptographic floor of one small request (client side)")
+    for name, value in floor.items():
+        print(f"  {name:<22} {ms(value)}")
+    print("\nsmall request (latency; overhead = latency - server time)")
+    print(f"  server time (raw)      {ms(med['raw_small'])}")
+    print(f"  ours, await create()   {ms(med['ours_small'])}  overhead {ms(ours_over)}  "
+          f"= {ours_over / floor['total']:.2f}x floor (goal <= 1.25x)")
+    sync_over = med["ours_sync"] - med["raw_small"]
+    print(f"  ours, create_sync      {ms(med['ours_sync'])}  overhead {ms(sync_over)}  "
+          f"= {sync_over / floor['total']:.2f}x floor (blocking call, no event-loop hop)")
+    print(f"  published 0.2.9        {ms(med['pub_small'])}  overhead {ms(pub_over)}  "
+          f"= {pub_over / floor['total']:.2f}x floor")
+    print("\n16 concurrent create() calls (throughput)")
+    print(f"  ours                   {med['ours_conc']:8.1f} req/s")
+    print(f"  published 0.2.9        {med['pub_conc']:8.1f} req/s")
+    print(f"  ratio ours/published   {med['ours_conc'] / med['pub_conc']:8.2f}x (goal >= 3.5x)")
+    print("\n8 MiB message (latency; overhead = latency - server time)")
+    print(f"  server time (raw)      {ms(med['raw_large'])}")
+    print(f"  ours                   {ms(med['ours_large'])}  overhead {ms(ours_large_over)}")
+    print(f"  published 0.2.9        {ms(med['pub_large'])}  overhead {ms(pub_large_over)}")
+    print(f"  ratio published/ours   {pub_large_over / ours_large_over:8.2f}x (goal >= 6x)")
+    print("\nwhere our client's local time goes (no network; includes the crypto above)")
+    for size, parts in stages.items():
+        print("  " + size.ljust(7) + "  ".join(f"{k} {ms(v).strip()}" for k, v in parts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

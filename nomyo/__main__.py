@@ -1,0 +1,6 @@
+"""`python -m nomyo`: the `nomyo` command."""
+import sys
+
+from nomyo.cli import main
+
+sys.exit(main())

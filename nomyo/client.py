@@ -1,0 +1,416 @@
+"""`SecureCompletionClient`: one encrypted request, end to end.
+
+The request plaintext is serialised straight into secure memory, sealed to the server's key
+(fetched once per endpoint and cached, optionally pinned by fingerprint), posted through the
+pooled transport, and the answer opened with the client's leased key pair and parsed out of
+secure memory. The async methods run all of that in a worker thread, so the event loop never
+blocks on RSA or HTTP; `*_sync` variants serve synchronous code.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from . import envelope, keys
+from .errors import (
+    DisposedError,
+    InvalidRequestError,
+    PackageError,
+    SecureMemoryUnavailable,
+    SecurityError,
+)
+from .keyring import KeyRing
+from .memory import get_memory_protection_info, secure_json
+from .transport import (
+    DEFAULT_TIMEOUT,
+    RetryPolicy,
+    Transport,
+    check_header_values,
+    require_secure_url,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SECURITY_TIERS = ("standard", "high", "maximum")
+PUBLIC_KEY_PATH = "/pki/public_key"
+COMPLETION_PATH = "/v1/chat/secure_completion"
+MAX_WORKERS = 32
+MAX_CACHED_SERVER_KEYS = 64  # endpoints (per-call base_url) whose key is remembered
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def validate_security_tier(security_tier: str | None) -> None:
+    """Refuse a tier outside standard | high | maximum (ValueError, as the published client)."""
+    if security_tier is not None and security_tier not in SECURITY_TIERS:
+        raise ValueError(
+            f"Invalid security_tier: {security_tier!r}. Must be one of: {', '.join(SECURITY_TIERS)}"
+        )
+
+
+def normalise_fingerprint(value: str) -> str:
+    """Lowercase hex without separators; ValueError unless it is a SHA-256 digest."""
+    text = value.replace(":", "").replace(" ", "").lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError("server_key_fingerprint must be a SHA-256 hex digest (64 hex digits)")
+    return text
+
+
+@dataclass(frozen=True)
+class _ServerKey:
+    public_key: rsa.RSAPublicKey
+    pem: str
+    fingerprint: str
+
+
+class SecureCompletionClient:
+    """Client for `/v1/chat/secure_completion` (drop-in for the published class)."""
+
+    def __init__(
+        self,
+        router_url: str = "https://api.nomyo.ai",
+        allow_http: bool = False,
+        secure_memory: bool = True,
+        max_retries: int = 2,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        key_size: int = 4096,
+        *,
+        key_dir: str | os.PathLike | None = None,
+        key_password: keys.Password = None,
+        key_rotation_interval: float | None = 24 * 3600,
+        server_key_fingerprint: str | None = None,
+        ca_bundle: str | None = None,
+        require_secure_memory: bool = False,
+        debug: bool = False,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if debug:
+            logging.getLogger("nomyo").setLevel(logging.DEBUG)
+        self.router_url = router_url.rstrip("/")
+        self.allow_http = allow_http
+        # Accepted for the published signature: locking is process-wide here
+        # (nomyo.disable_secure_memory()), and buffers are always guarded and wiped.
+        self.secure_memory = secure_memory
+        self.require_secure_memory = require_secure_memory
+        if require_secure_memory:
+            _require_secure_memory(get_memory_protection_info())
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.key_size = key_size
+        self._pin = (normalise_fingerprint(server_key_fingerprint)
+                     if server_key_fingerprint else None)
+        self._keyring = KeyRing(
+            key_size=key_size, key_dir=key_dir, key_password=key_password,
+            rotation_interval=key_rotation_interval,
+        )
+        self._transport = Transport(
+            timeout=timeout, retry=RetryPolicy(max_retries=max_retries),
+            verify=ca_bundle if ca_bundle else True,
+        )
+        self._server_keys: dict[str, _ServerKey] = {}
+        self._server_key_lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._closed = False
+        _warn_if_plain_http(self.router_url, allow_http)
+
+    # -- key management (published signatures) ---------------------------------------------
+
+    def prepare_keys(self) -> None:
+        """Start making (or loading) the key pair in the background, ahead of the first request."""
+        self._keyring.start()
+
+    def generate_keys(
+        self, save_to_file: bool = False, key_dir: str = "client_keys", password: str | None = None
+    ) -> None:
+        """Generate a fresh RSA pair of `key_size` bits now; optionally save it (0600)."""
+        self._check_open()
+        pair = self._keyring.generate()
+        if save_to_file:
+            pair.save(key_dir, password)
+        self._keyring.install(pair)
+
+    def load_keys(
+        self, private_key_path: str, public_key_path: str | None = None, password: str | None = None
+    ) -> None:
+        """Load the pair from PEM files; a public key file must match the private key."""
+        self._check_open()
+        pair = keys.KeyPair.load(private_key_path, password)
+        if public_key_path:
+            with open(public_key_path, encoding="ascii") as f:
+                if keys.fingerprint(f.read()) != pair.fingerprint:
+                    pair.close()
+                    raise ValueError(f"{public_key_path}: does not match the private key")
+        self._keyring.install(pair)
+
+    @property
+    def public_key_pem(self) -> str | None:
+        """The PEM sent as X-Public-Key, or None while no pair exists yet."""
+        pair = self._keyring.current
+        return pair.public_pem if pair is not None else None
+
+    @property
+    def private_key(self) -> rsa.RSAPrivateKey | None:
+        """The current RSA private key object (as the published client exposes it), or None."""
+        pair = self._keyring.current
+        return pair.private_key if pair is not None and not pair.closed else None
+
+    # -- async API (published signatures) ---------------------------------------------------
+
+    async def fetch_server_public_key(self) -> str:
+        """The server's public key PEM (fetched once per endpoint, then cached)."""
+        return (await self._run(self._server_key, self.router_url)).pem
+
+    async def encrypt_payload(self, payload: dict[str, Any]) -> bytes:
+        """Seal a request payload to the server's key; returns the package bytes."""
+        return await self._run(self.encrypt_payload_sync, payload)
+
+    async def decrypt_response(self, encrypted_response: bytes, payload_id: str) -> dict[str, Any]:
+        """Open a response package with the current key pair; adds `_metadata`."""
+        return await self._run(self.decrypt_response_sync, encrypted_response, payload_id)
+
+    async def send_secure_request(
+        self,
+        payload: dict[str, Any],
+        payload_id: str,
+        api_key: str | None = None,
+        security_tier: str | None = None,
+        *,
+        base_url: str | None = None,
+    ) -> dict[str, Any]:
+        """Encrypt, POST (with retries), decrypt: the whole round trip, off the event loop."""
+        return await self._run(
+            self.send_secure_request_sync, payload, payload_id, api_key, security_tier,
+            base_url=base_url,
+        )
+
+    # -- blocking API ---------------------------------------------------------------------
+
+    def encrypt_payload_sync(self, payload: dict[str, Any]) -> bytes:
+        """Blocking `encrypt_payload`."""
+        _check_payload(payload)
+        server_key = self._server_key(self.router_url)
+        with secure_json.dumps(payload) as plaintext:
+            return envelope.seal(plaintext, server_key.public_key)
+
+    def decrypt_response_sync(self, encrypted_response: bytes, payload_id: str) -> dict[str, Any]:
+        """Blocking `decrypt_response`."""
+        if not encrypted_response:
+            raise PackageError("Empty encrypted response")
+        with self._keyring.lease() as pair:
+            return _open_response(encrypted_response, pair, payload_id)
+
+    def send_secure_request_sync(
+        self,
+        payload: dict[str, Any],
+        payload_id: str,
+        api_key: str | None = None,
+        security_tier: str | None = None,
+        *,
+        base_url: str | None = None,
+    ) -> dict[str, Any]:
+        """Blocking `send_secure_request`; `base_url` overrides the endpoint for this call."""
+        self._check_open()
+        validate_security_tier(security_tier)
+        _check_payload(payload)
+        url = base_url.rstrip("/") if base_url else self.router_url
+        require_secure_url(url, self.allow_http)
+        headers = {"X-Payload-ID": str(payload_id), "Content-Type": "application/octet-stream"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        if security_tier:
+            headers["X-Security-Tier"] = security_tier
+        check_header_values(headers)  # before any key is made or byte is sent
+        self._keyring.start()  # no-op once a pair exists; else it is made while we fetch
+        self._server_key(url)
+        with self._keyring.lease() as pair:
+            headers["X-Public-Key"] = _quoted(pair.public_pem)
+            with secure_json.dumps(payload) as plaintext:
+                if self.require_secure_memory and not plaintext.locked:
+                    _require_secure_memory(get_memory_protection_info())
+                content = self._post_sealed(url, plaintext, headers)
+            return _open_response(content, pair, str(payload_id))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Wipe the key pairs, release connections and threads; later use raises DisposedError."""
+        if self._closed:
+            return
+        self._closed = True
+        self._keyring.close()
+        self._transport.close()
+        with self._server_key_lock:
+            self._server_keys.clear()
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+    dispose = close
+
+    def __enter__(self) -> SecureCompletionClient:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> SecureCompletionClient:  # noqa: PYI034
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"SecureCompletionClient({self.router_url!r}, {state})"
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DisposedError("This client has been closed")
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking step in this client's worker pool, keeping the event loop free."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool(), functools.partial(fn, *args, **kwargs))
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._executor_lock:
+            self._check_open()
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=MAX_WORKERS, thread_name_prefix="nomyo-client"
+                )
+            return self._executor
+
+    def _server_key(self, url: str, stale: _ServerKey | None = None) -> _ServerKey:
+        """The endpoint's key from the cache, fetching it once (again only when `stale`)."""
+        self._check_open()
+        require_secure_url(url, self.allow_http)
+        cached = self._server_keys.get(url)
+        if cached is not None and cached is not stale:
+            return cached
+        with self._server_key_lock:
+            cached = self._server_keys.get(url)
+            if cached is None or cached is stale:
+                cached = self._fetch_server_key(url, stale)
+                if len(self._server_keys) >= MAX_CACHED_SERVER_KEYS:
+                    self._server_keys.clear()
+                self._server_keys[url] = cached
+            return cached
+
+    def _fetch_server_key(self, url: str, previous: _ServerKey | None) -> _ServerKey:
+        body = self._transport.get(url + PUBLIC_KEY_PATH)
+        try:
+            pem = body.decode("ascii")
+            public_key = keys.load_public_key(pem)
+        except (UnicodeDecodeError, ValueError):
+            raise PackageError("Server returned an invalid public key") from None
+        fingerprint = keys.fingerprint(public_key)
+        if self._pin is not None and fingerprint != self._pin:
+            raise SecurityError("Server public key does not match the pinned fingerprint")
+        if previous is not None and fingerprint != previous.fingerprint:
+            logger.warning("server %s presented a new public key", urlsplit(url).netloc)
+        return _ServerKey(public_key, pem, fingerprint)
+
+    def _post_sealed(self, url: str, plaintext: Any, headers: dict[str, str]) -> bytes:
+        """Seal and POST; if the server could not open the package, refresh its key once."""
+        server_key = self._server_key(url)
+        body = envelope.seal(plaintext, server_key.public_key)
+        try:
+            return self._transport.post(url + COMPLETION_PATH, body, headers)
+        except InvalidRequestError as err:
+            if not _server_could_not_open(err):
+                raise
+            fresh = self._server_key(url, stale=server_key)
+            if fresh.fingerprint == server_key.fingerprint:
+                raise
+            logger.info("retrying once with the server's new public key")
+        body = envelope.seal(plaintext, fresh.public_key)
+        return self._transport.post(url + COMPLETION_PATH, body, headers)
+
+
+@functools.lru_cache(maxsize=8)
+def _quoted(public_pem: str) -> str:
+    """The percent-encoded PEM for X-Public-Key (public data; quoting it costs ~0.1 ms)."""
+    return quote(public_pem)
+
+
+def _check_payload(payload: Any) -> None:
+    if not isinstance(payload, dict):
+        raise ValueError("payload must be a dict")  # ValueError, as the published client
+    if not payload:
+        raise ValueError("payload cannot be empty")
+    if payload.get("stream"):
+        raise InvalidRequestError(
+            "stream=True is not supported: the protocol carries whole encrypted responses only",
+            status_code=None,
+        )
+
+
+def _server_could_not_open(err: InvalidRequestError) -> bool:
+    """True when a 400 says the package could not be decrypted with the server's key."""
+    detail = (err.error_details or {}).get("detail")
+    return isinstance(detail, str) and "decrypt" in detail.lower()
+
+
+def _open_response(content: bytes, pair: keys.KeyPair, payload_id: str) -> dict[str, Any]:
+    """Open and parse a response package; merge the client-side `_metadata` fields."""
+    response, info = envelope.open_json(content, pair)
+    if not isinstance(response, dict):
+        raise PackageError("decrypted response is not a JSON object")
+    metadata = response.get("_metadata")
+    if not isinstance(metadata, dict):
+        metadata = response["_metadata"] = {}
+    metadata.update(
+        payload_id=payload_id,
+        processed_at=info.processed_at,
+        is_encrypted=True,
+        encryption_algorithm=info.algorithm,
+    )
+    return response
+
+
+def _require_secure_memory(report: dict[str, Any]) -> None:
+    """Fail closed unless memory locking and dump exclusion are really in force."""
+    missing = [what for what, ok in (
+        ("memory locking", report.get("has_memory_locking")),
+        ("exclusion from core dumps", report.get("dump_excluded")),
+    ) if not ok]
+    if missing:
+        raise SecureMemoryUnavailable(
+            f"secure memory is required (require_secure_memory=True) but {' and '.join(missing)} "
+            "is not in force: grant CAP_IPC_LOCK or raise RLIMIT_MEMLOCK (ulimit -l; docker "
+            "--ulimit memlock=-1); `nomyo doctor` shows what this process can do"
+        )
+
+
+def _warn_if_plain_http(url: str, allow_http: bool) -> None:
+    parts = urlsplit(url)
+    if allow_http and parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        warnings.warn(
+            "Using plain HTTP to a non-loopback host: only for local development; "
+            "a man in the middle can swap the server key.",
+            UserWarning,
+            stacklevel=3,
+        )

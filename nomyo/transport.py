@@ -1,0 +1,323 @@
+"""HTTP transport for the secure-completion protocol.
+
+One pooled `requests.Session` per client, a default timeout, retries on network errors,
+timeouts, 429 and 5xx (honouring `Retry-After`, else jittered exponential backoff), and the
+mapping from HTTP status to the exception classes of PROTOCOL.md. It only ever carries
+ciphertext; it never sees plaintext or key material, and never puts the API key in a message.
+"""
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+import urllib3
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from requests.utils import get_environ_proxies
+
+from .errors import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    DisposedError,
+    ForbiddenError,
+    InvalidRequestError,
+    PackageError,
+    RateLimitError,
+    SecurityError,
+    ServerError,
+    ServiceUnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+DEFAULT_TIMEOUT = 60.0
+_NETWORK_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.HTTPError,  # connection, timeout and protocol errors of the pool
+)
+_BASE_HEADERS = {"User-Agent": "nomyo-python", "Accept": "*/*", "Accept-Encoding": "identity"}
+# Largest answer read: a protocol package carries at most 10 MiB of plaintext (about 14 MiB
+# of base64); anything far beyond is refused before it can exhaust memory.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+_CACHE_LIMIT = 64  # endpoints remembered (routes, proxies)
+MAX_DETAIL_CHARS = 500
+
+# Per status: exception class, message prefix, fallback detail when the body has none.
+_STATUS_ERRORS: dict[int, tuple[type[APIError], str, str]] = {
+    400: (InvalidRequestError, "Bad request: ", "Invalid request"),
+    401: (AuthenticationError, "", "Invalid API key or authentication failed"),
+    403: (ForbiddenError, "Forbidden: ", "Model not allowed for the requested security tier"),
+    404: (APIError, "Endpoint not found: ", "Secure inference not enabled"),
+    429: (RateLimitError, "Rate limit exceeded: ", "unknown"),
+    500: (ServerError, "Server error: ", "unknown"),
+    503: (ServiceUnavailableError, "Service unavailable: ", "unknown"),
+}
+
+
+def require_secure_url(url: str, allow_http: bool) -> None:
+    """Refuse any URL that is not HTTPS (or HTTP when explicitly allowed), before any I/O."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "https" or (scheme == "http" and allow_http):
+        return
+    if scheme == "http":
+        raise SecurityError(
+            "Refusing plain HTTP: the server key and requests must travel over HTTPS. "
+            "For local development only, pass allow_http=True."
+        )
+    raise SecurityError(f"Unsupported URL scheme {scheme!r}: use https://")
+
+
+def check_header_values(headers: Mapping[str, str]) -> None:
+    """Refuse header names or values containing CR, LF or NUL (header injection)."""
+    for name, value in headers.items():
+        if any(ch in text for text in (name, value) for ch in "\r\n\0"):
+            raise SecurityError(f"Header {name.strip()[:40]!r} contains a line break; refused")
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` value (delta-seconds or HTTP date); None if invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+        return max(0.0, seconds)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+def _error_body(content: bytes) -> dict[str, Any] | None:
+    """The parsed JSON error body when it is a JSON object, else None."""
+    try:
+        body = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def error_for_status(
+    status: int, content: bytes, redact: tuple[str, ...] = ()
+) -> APIError:
+    """Build the PROTOCOL.md exception for an HTTP error status (the caller raises it)."""
+    details = _error_body(content)
+    detail = details.get("detail") if details else None
+    cls, prefix, fallback = _STATUS_ERRORS.get(
+        status, (APIError, f"Unexpected status code: {status} ", "unknown")
+    )
+    text = detail if isinstance(detail, str) and detail else (
+        json.dumps(detail)[:MAX_DETAIL_CHARS] if detail is not None else fallback
+    )
+    for secret in redact:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return cls(prefix + text[:MAX_DETAIL_CHARS], status_code=status, error_details=details)
+
+
+@dataclass
+class RetryPolicy:
+    """How many extra attempts and how long to wait between them."""
+
+    max_retries: int = 2
+    backoff_base: float = 1.0
+    backoff_cap: float = 30.0
+    retry_after_cap: float = 60.0
+
+    def delay(self, attempt: int, retry_after: str | None) -> float:
+        """Wait before extra attempt `attempt` (1-based): Retry-After if given, else backoff."""
+        hinted = parse_retry_after(retry_after)
+        if hinted is not None:
+            return min(hinted, self.retry_after_cap)
+        exact = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
+        return exact * (1.0 - 0.25 * random.random())
+
+
+class Transport:
+    """A pooled HTTP client with retries; thread-safe, one per SDK client."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        verify: bool | str = True,
+        pool_size: int = 32,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        # The environment (proxies, CA bundle) is read once here instead of on every request:
+        # requests' trust_env costs about a millisecond per call (os.environ scans, netrc stats).
+        if verify is True:
+            env = os.environ
+            verify = env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or True
+        self._verify = verify
+        self._proxies: dict[str, dict[str, str]] = {}
+        self._routes: dict[tuple[str, str], tuple[requests.PreparedRequest, str]] = {}
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        session = requests.Session()
+        session.trust_env = False
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        self._session: requests.Session | None = session
+
+    @property
+    def closed(self) -> bool:
+        return self._session is None
+
+    def close(self) -> None:
+        """Release pooled connections; later calls raise DisposedError."""
+        with self._lock:
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
+    def get(self, url: str, headers: Mapping[str, str] | None = None) -> bytes:
+        """GET with retries; the body of a 200 answer, else the mapped exception."""
+        return self.request("GET", url, headers=headers or {})
+
+    def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+        """POST with retries (same headers, hence same X-Payload-ID, on every attempt)."""
+        return self.request("POST", url, headers=headers, body=body)
+
+    def request(
+        self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None = None
+    ) -> bytes:
+        """Send until success, a non-retryable answer, or retries run out."""
+        check_header_values(headers)
+        redact = _secrets_in(headers)
+        attempts = self.retry.max_retries + 1
+        for attempt in range(attempts):
+            session = self._session
+            if session is None:
+                raise DisposedError("This client has been closed")
+            last = attempt + 1 == attempts
+            try:
+                status, retry_after, content = self._exchange(session, method, url, headers, body)
+            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema):
+                raise InvalidRequestError("Invalid endpoint URL", status_code=None) from None
+            except (requests.exceptions.SSLError, urllib3.exceptions.SSLError) as err:
+                if "CERTIFICATE_VERIFY_FAILED" in str(err):
+                    raise SecurityError("TLS certificate verification failed") from err
+                raise APIConnectionError(_connection_message(err, url)) from err
+            except _NETWORK_ERRORS as err:
+                if last:
+                    raise APIConnectionError(_connection_message(err, url)) from err
+                logger.warning("%s on attempt %d/%d", type(err).__name__, attempt + 1, attempts)
+                self._sleep(self.retry.delay(attempt + 1, None))
+                continue
+            if status == 200:
+                return content
+            if status in RETRYABLE_STATUS and not last:
+                wait = self.retry.delay(attempt + 1, retry_after)
+                logger.warning(
+                    "HTTP %d on attempt %d/%d; retrying in %.2fs",
+                    status, attempt + 1, attempts, wait,
+                )
+                self._sleep(wait)
+                continue
+            raise error_for_status(status, content, redact) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _exchange(
+        self, session: requests.Session, method: str, url: str,
+        headers: Mapping[str, str], body: bytes | None,
+    ) -> tuple[int, str | None, bytes]:
+        """One HTTP exchange on the Session's pooled connections: (status, Retry-After, body).
+
+        The Session's adapter picks the connection pool (TLS verification, CA bundle, proxy);
+        the exchange itself goes straight to that urllib3 pool, which saves requests'
+        per-call preparation (about 0.4 ms, a tenth of the client's cryptographic floor),
+        and the body is read in one call of its announced length.
+        """
+        adapter = session.get_adapter(url)
+        proxies = self._proxies_for(url)
+        stub, target = self._route(adapter, method, url, proxies)
+        pool = adapter.get_connection_with_tls_context(stub, self._verify, proxies=proxies)
+        response = pool.urlopen(
+            method, target, body=body, headers={**_BASE_HEADERS, **headers}, retries=False,
+            redirect=False, assert_same_host=False, timeout=self._timeout,
+            preload_content=False, decode_content=False,
+        )
+        try:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+                raise PackageError(f"answer larger than {MAX_RESPONSE_BYTES} bytes refused")
+            # Never asked for a content coding, so none is decoded (no decompression bombs).
+            content = response.read(None if declared else MAX_RESPONSE_BYTES + 1,
+                                    decode_content=False)
+            if len(content) > MAX_RESPONSE_BYTES:
+                raise PackageError(f"answer larger than {MAX_RESPONSE_BYTES} bytes refused")
+        except BaseException:
+            response.close()  # a half-read connection must not be reused
+            raise
+        finally:
+            response.release_conn()
+        return response.status, response.headers.get("Retry-After"), content
+
+    def _route(
+        self, adapter: HTTPAdapter, method: str, url: str, proxies: dict[str, str]
+    ) -> tuple[requests.PreparedRequest, str]:
+        """A prepared stub of the URL (for the pool lookup) and the request target; cached."""
+        key = (method, url)
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) >= _CACHE_LIMIT:  # many per-call base_urls: start afresh
+                self._routes.clear()
+            stub = requests.Request(method, url).prepare()
+            route = self._routes[key] = (stub, adapter.request_url(stub, proxies))
+        return route
+
+    def _proxies_for(self, url: str) -> dict[str, str]:
+        """Proxies from the environment for this scheme and host (looked up once, cached)."""
+        parts = urlsplit(url)
+        key = f"{parts.scheme}://{parts.netloc}"
+        proxies = self._proxies.get(key)
+        if proxies is None:
+            if len(self._proxies) >= _CACHE_LIMIT:
+                self._proxies.clear()
+            proxies = self._proxies[key] = get_environ_proxies(key)
+        return proxies
+
+
+def _secrets_in(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """Header values that must never appear in a message (the bearer token)."""
+    auth = headers.get("Authorization", "")
+    token = auth.split(" ", 1)[1] if auth.startswith("Bearer ") else auth
+    return (token,) if token else ()
+
+
+def _connection_message(err: Exception, url: str) -> str:
+    """A message naming the failure kind and host only."""
+    host = urlsplit(url).netloc or "the server"
+    timeout = isinstance(err, (requests.Timeout, urllib3.exceptions.TimeoutError))
+    if timeout and not isinstance(err, urllib3.exceptions.NewConnectionError):
+        return f"Request to {host} timed out"
+    return f"Failed to connect to {host} ({type(err).__name__})"

@@ -1,0 +1,134 @@
+"""Residue scan of a client process after 50 encrypted requests.
+
+A child process makes 50 requests of varied sizes (sync and concurrent async) through
+`SecureChatCompletion` to the independent peer server running here, drops its own references,
+and pauses. The peer server recorded every request and response plaintext exactly as it was
+on the wire inside the encryption, and every AES key of both directions; this test then reads
+the child's memory through /proc/<pid>/mem and requires that none of them is there: no copy of
+a plaintext in its JSON form (windows with JSON syntax and the per-request random token), no
+AES key. A positive control proves the scan sees ordinary heap memory. The child's locked
+memory (VmLck) must be back to its baseline, measured before the client was created.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+from peer_server import PeerServer  # noqa: E402
+
+from security.memscan import scan_process  # noqa: E402
+
+REQUESTS = 50
+SIZES = (40, 700, 5_000, 40_000, 300_000, 1_500_000)
+
+CHILD = r"""
+import asyncio, gc, json, secrets, sys
+
+def vmlck():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmLck:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+def say(**kw):
+    print(json.dumps(kw), flush=True)
+
+from nomyo import SecureChatCompletion
+url, count, sizes = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
+control = bytearray(b'{"residue-control": "') + secrets.token_hex(16).encode() + b'"}'
+say(baseline=vmlck(), control=control.decode())
+
+def message(i):
+    size = sizes[i % len(sizes)]
+    token = secrets.token_hex(16)
+    filler = ("lorem ipsum " * (size // 12 + 1))[:size]
+    return [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": token + " " + filler}]
+
+client = SecureChatCompletion(base_url=url, allow_http=True)
+for i in range(10):
+    response = client.create_sync("residue-model", message(i), temperature=0.1)
+    assert response["_metadata"]["is_encrypted"]
+    del response
+
+async def batch(start):
+    return await asyncio.gather(*[
+        client.create(model="residue-model", messages=message(i)) for i in range(start, start + 8)])
+
+for start in range(10, count, 8):
+    answers = asyncio.run(batch(start))
+    assert len(answers) == 8
+    del answers
+gc.collect()
+say(ready=True, vmlck=vmlck())
+sys.stdin.readline()
+client.close()
+gc.collect()
+say(closed_vmlck=vmlck())
+sys.stdin.readline()
+"""
+
+
+def windows(plaintext: bytes, token_at: int) -> list[bytes]:
+    """JSON-form windows of a plaintext: its start, its end, and around its random token."""
+    return [plaintext[:96], plaintext[-64:], plaintext[max(0, token_at - 24):token_at + 40]]
+
+
+def find_token(plaintext: bytes) -> int:
+    doc = json.loads(plaintext)
+    messages = doc.get("messages") or [c["message"] for c in doc["choices"]]
+    token = messages[-1]["content"].split(" ", 1)[0]
+    return plaintext.index(token.encode())
+
+
+@pytest.mark.slow
+def test_no_plaintext_or_aes_key_left_in_the_client_process():
+    if not Path("/proc/self/mem").exists():
+        pytest.skip("needs /proc/<pid>/mem (Linux procfs) to scan a process")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with PeerServer(record=True) as peer:
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, peer.url, str(REQUESTS),
+             ",".join(map(str, SIZES))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            first = json.loads(child.stdout.readline())
+            ready = json.loads(child.stdout.readline())
+            assert ready.get("ready"), ready
+            assert len(peer.request_plaintexts) == REQUESTS
+            needles: dict[bytes, str] = {}
+            for i, plaintext in enumerate(peer.request_plaintexts):
+                for w in windows(plaintext, find_token(plaintext)):
+                    needles[w] = f"request {i} plaintext (JSON form)"
+            for i, plaintext in enumerate(peer.response_plaintexts):
+                for w in windows(plaintext, find_token(plaintext)):
+                    needles[w] = f"response {i} plaintext (JSON form)"
+            for i, key in enumerate(peer.aes_keys):
+                needles[key] = f"AES key {i}"
+            control = first["control"].encode()
+            counts = scan_process(child.pid, [*needles, control])
+            child.stdin.write("close\n")
+            child.stdin.flush()
+            closed = json.loads(child.stdout.readline())
+            child.stdin.write("exit\n")
+            child.stdin.flush()
+            assert child.wait(timeout=60) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert counts.pop(control) >= 1, "positive control not found: the scan did not work"
+    found = sorted({needles[n] for n, c in counts.items() if c})
+    assert found == [], f"residues in the client process: {found[:10]}"
+    assert len(peer.aes_keys) == 2 * len(peer.request_plaintexts)
+    assert ready["vmlck"] == first["baseline"], (first, ready)
+    assert closed["closed_vmlck"] == first["baseline"], (first, closed)

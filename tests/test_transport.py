@@ -1,0 +1,354 @@
+"""Transport behaviour against a real scripted HTTP server on loopback."""
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+import urllib3.exceptions
+
+from nomyo import transport as transport_module
+from nomyo.errors import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    DisposedError,
+    ForbiddenError,
+    InvalidRequestError,
+    PackageError,
+    RateLimitError,
+    SecurityError,
+    ServerError,
+    ServiceUnavailableError,
+)
+from nomyo.transport import (
+    RetryPolicy,
+    Transport,
+    error_for_status,
+    parse_retry_after,
+    require_secure_url,
+)
+
+
+class ScriptedServer:
+    """Answers each request with the next scripted reply; records what it received.
+
+    A reply is (status, headers, body), "drop" (close without answering) or ("sleep", s).
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.replies: deque = deque()
+        self.received: list[dict] = []
+        script = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                script.received.append(
+                    {"method": self.command, "path": self.path, "headers": dict(self.headers),
+                     "body": body, "peer": self.client_address}
+                )
+                reply = script.replies.popleft() if script.replies else (200, {}, b"ok")
+                if reply == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if reply[0] == "sleep":
+                    time.sleep(reply[1])
+                    reply = (200, {}, b"late")
+                status, headers, payload = reply
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if headers.get("Connection") == "close":  # body delimited by closing
+                    self.close_connection = True
+                elif "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _serve
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        scheme = "http"
+        if ssl_context is not None:
+            self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = ScriptedServer()
+    yield srv
+    srv.close()
+
+
+class Clock:
+    """Records requested sleeps instead of waiting (retry timing is asserted, not waited for)."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+def make(max_retries: int = 2, timeout: float = 5.0, **kw) -> tuple[Transport, Clock]:
+    clock = Clock()
+    transport = Transport(timeout=timeout, retry=RetryPolicy(max_retries=max_retries),
+                          sleep=clock, **kw)
+    return transport, clock
+
+
+HEADERS = {"X-Payload-ID": "pid-1", "Content-Type": "application/octet-stream"}
+
+
+def test_success_returns_body_and_reuses_one_connection(server):
+    transport, _ = make()
+    try:
+        for _ in range(5):
+            assert transport.post(server.url + "/x", b"cipher", HEADERS) == b"ok"
+    finally:
+        transport.close()
+    assert {r["peer"] for r in server.received} == {server.received[0]["peer"]}
+    assert server.received[0]["body"] == b"cipher"
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_retryable_status_is_retried_with_same_payload_id(server, status):
+    server.replies.extend([(status, {}, b"{}"), (status, {}, b"{}"), (200, {}, b"done")])
+    transport, clock = make(max_retries=2)
+    assert transport.post(server.url, b"c", HEADERS) == b"done"
+    assert len(server.received) == 3
+    assert {r["headers"]["X-Payload-ID"] for r in server.received} == {"pid-1"}
+    assert len(clock.sleeps) == 2
+    transport.close()
+
+
+def test_retry_after_seconds_is_honoured(server):
+    server.replies.extend([(429, {"Retry-After": "7"}, b"{}"), (200, {}, b"ok")])
+    transport, clock = make()
+    transport.post(server.url, b"c", HEADERS)
+    assert clock.sleeps == [7.0]
+
+
+def test_retry_after_http_date_is_honoured(server):
+    when = datetime.now(timezone.utc) + timedelta(seconds=20)
+    server.replies.extend([(503, {"Retry-After": format_datetime(when, usegmt=True)}, b""),
+                           (200, {}, b"ok")])
+    transport, clock = make()
+    transport.post(server.url, b"c", HEADERS)
+    assert 17.0 <= clock.sleeps[0] <= 20.0
+
+
+def test_retry_after_is_capped(server):
+    server.replies.extend([(429, {"Retry-After": "86400"}, b"{}"), (200, {}, b"ok")])
+    transport, clock = make()
+    transport.post(server.url, b"c", HEADERS)
+    assert clock.sleeps == [transport.retry.retry_after_cap]
+
+
+def test_backoff_is_exponential_and_jittered_without_retry_after(server):
+    server.replies.extend([(500, {}, b"{}")] * 4)
+    transport, clock = make(max_retries=3)
+    with pytest.raises(ServerError):
+        transport.post(server.url, b"c", HEADERS)
+    assert len(server.received) == 4
+    for exact, got in zip([1.0, 2.0, 4.0], clock.sleeps, strict=True):
+        assert 0.75 * exact <= got <= exact
+
+
+def test_retry_after_real_wait(server):
+    server.replies.extend([(503, {"Retry-After": "1"}, b"{}"), (200, {}, b"ok")])
+    transport = Transport(timeout=5, retry=RetryPolicy(max_retries=1))
+    start = time.monotonic()
+    assert transport.post(server.url, b"c", HEADERS) == b"ok"
+    assert time.monotonic() - start >= 0.95
+    transport.close()
+
+
+@pytest.mark.parametrize(
+    "status,cls",
+    [(400, InvalidRequestError), (401, AuthenticationError), (403, ForbiddenError),
+     (404, APIError), (429, RateLimitError), (500, ServerError), (502, APIError),
+     (503, ServiceUnavailableError), (504, APIError), (418, APIError)],
+)
+def test_status_maps_to_class_once_retries_run_out(server, status, cls):
+    body = json.dumps({"detail": f"reason {status}"}).encode()
+    server.replies.extend([(status, {}, body)] * 3)
+    transport, _ = make(max_retries=2)
+    with pytest.raises(cls) as info:
+        transport.post(server.url, b"c", HEADERS)
+    err = info.value
+    assert type(err) is cls
+    assert err.status_code == status
+    assert err.error_details == {"detail": f"reason {status}"}
+    assert f"reason {status}" in str(err)
+    assert err.__cause__ is None and err.__suppress_context__
+    retried = status in (429, 500, 502, 503, 504)
+    assert len(server.received) == (3 if retried else 1)
+
+
+def test_non_json_error_body_is_handled(server):
+    server.replies.append((401, {"Content-Type": "text/html"}, b"<html>nope</html>"))
+    transport, _ = make()
+    with pytest.raises(AuthenticationError) as info:
+        transport.post(server.url, b"c", HEADERS)
+    assert info.value.error_details is None
+    assert info.value.status_code == 401
+
+
+def test_api_key_never_in_message(server):
+    token = "sk-very-secret-token-123"
+    server.replies.append((401, {}, json.dumps({"detail": f"bad key {token}"}).encode()))
+    transport, _ = make()
+    with pytest.raises(AuthenticationError) as info:
+        transport.post(server.url, b"c", {**HEADERS, "Authorization": f"Bearer {token}"})
+    assert token not in str(info.value)
+    assert server.received[0]["headers"]["Authorization"] == f"Bearer {token}"
+
+
+def test_max_retries_zero_means_one_attempt(server):
+    server.replies.append((503, {}, b"{}"))
+    transport, clock = make(max_retries=0)
+    with pytest.raises(ServiceUnavailableError):
+        transport.post(server.url, b"c", HEADERS)
+    assert len(server.received) == 1 and clock.sleeps == []
+
+
+def test_connection_refused_is_retried_then_chained():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    transport, clock = make(max_retries=2)
+    with pytest.raises(APIConnectionError) as info:
+        transport.post(f"http://127.0.0.1:{port}/", b"c", HEADERS)
+    cause = info.value.__cause__
+    assert isinstance(cause, (requests.ConnectionError, urllib3.exceptions.HTTPError))
+    assert len(clock.sleeps) == 2
+
+
+def test_dropped_connection_is_retried(server):
+    server.replies.extend(["drop", (200, {}, b"second")])
+    transport, clock = make()
+    assert transport.post(server.url, b"c", HEADERS) == b"second"
+    assert len(server.received) == 2 and len(clock.sleeps) == 1
+
+
+def test_timeout_is_retried_then_raised(server):
+    server.replies.extend([("sleep", 1.0), ("sleep", 1.0)])
+    transport, clock = make(max_retries=1, timeout=0.2)
+    with pytest.raises(APIConnectionError, match="timed out") as info:
+        transport.post(server.url, b"c", HEADERS)
+    assert isinstance(info.value.__cause__, (requests.Timeout, urllib3.exceptions.TimeoutError))
+    assert len(clock.sleeps) == 1
+
+
+@pytest.mark.parametrize("bad", ["a\r\nX-Evil: 1", "a\nb", "a\rb", "a\0b"])
+def test_header_injection_refused_before_sending(server, bad):
+    transport, _ = make()
+    with pytest.raises(SecurityError):
+        transport.post(server.url, b"c", {**HEADERS, "Authorization": f"Bearer {bad}"})
+    with pytest.raises(SecurityError):
+        transport.get(server.url, {"X-Security-Tier": bad})
+    assert server.received == []
+
+
+def test_closed_transport_raises_disposed(server):
+    transport, _ = make()
+    transport.close()
+    with pytest.raises(DisposedError):
+        transport.get(server.url)
+    transport.close()  # idempotent
+
+
+def test_require_secure_url():
+    require_secure_url("https://api.example", allow_http=False)
+    require_secure_url("http://127.0.0.1:1", allow_http=True)
+    for url in ("http://127.0.0.1:1", "ftp://x", "file:///etc/passwd"):
+        with pytest.raises(SecurityError):
+            require_secure_url(url, allow_http=False)
+    with pytest.raises(SecurityError):
+        require_secure_url("ftp://x", allow_http=True)
+
+
+def test_parse_retry_after():
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("0.5") == 0.5
+    assert parse_retry_after(format_datetime(now + timedelta(seconds=9), usegmt=True), now) == 9.0
+    assert parse_retry_after(format_datetime(now - timedelta(seconds=9), usegmt=True), now) == 0.0
+    for bad in (None, "", "-1", "nan", "soon"):
+        assert parse_retry_after(bad) is None
+
+
+def test_error_for_status_detail_shapes():
+    err = error_for_status(400, json.dumps({"detail": [{"loc": "x"}]}).encode())
+    assert isinstance(err, InvalidRequestError) and "loc" in str(err)
+    assert error_for_status(500, b"[1,2]").error_details is None
+
+
+@pytest.fixture(scope="module")
+def tls_pair():
+    trustme = pytest.importorskip("trustme", reason="trustme (test extra) is needed for TLS tests")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    return ca, ctx
+
+
+def test_https_verified_with_private_ca_bundle(tls_pair, tmp_path):
+    ca, ctx = tls_pair
+    srv = ScriptedServer(ctx)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    try:
+        transport, _ = make(verify=str(bundle))
+        assert transport.get(srv.url + "/pki/public_key") == b"ok"
+        untrusting, clock = make()
+        with pytest.raises(SecurityError):
+            untrusting.get(srv.url + "/pki/public_key")
+        assert clock.sleeps == []
+    finally:
+        srv.close()
+
+
+def test_oversized_answer_refused_by_its_declared_length(server):
+    server.replies.append((200, {"Content-Length": str(64 * 1024 * 1024)}, b""))
+    transport, _ = make()
+    with pytest.raises(PackageError, match="larger than"):
+        transport.post(server.url, b"c", HEADERS)
+
+
+def test_oversized_answer_without_length_refused(server, monkeypatch):
+    monkeypatch.setattr(transport_module, "MAX_RESPONSE_BYTES", 1000)
+    server.replies.append((200, {"Connection": "close"}, b"x" * 5000))
+    transport, _ = make()
+    with pytest.raises(PackageError, match="larger than"):
+        transport.post(server.url, b"c", HEADERS)
+    assert transport.post(server.url, b"c", HEADERS) == b"ok"  # the pool recovers
