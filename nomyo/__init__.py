@@ -6,6 +6,8 @@ loads only the secure-memory layer, never the HTTP stack.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.3.0"
@@ -56,3 +58,16 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps `nomyo.SecureCompletionClient` the class when the published client's submodule
+    of the same name is imported (the import system would rebind the attribute to it)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "SecureCompletionClient" and isinstance(value, types.ModuleType):
+            return  # the submodule stays importable through sys.modules
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -86,8 +86,9 @@ class ServiceUnavailableError(APIError):
     default_status = 503
 
 
-class APIConnectionError(NomyoError):
-    """The endpoint could not be reached: network failure or timeout (after retries ran out)."""
+class APIConnectionError(NomyoError, ConnectionError):
+    """The endpoint could not be reached: network failure or timeout (after retries ran out).
+    Also a builtin ConnectionError, which the published client's docs tell users to catch."""
 
     def __init__(self, message: str) -> None:
         self.message = message

@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DROPIN = Path(__file__).parent / "dropin"
 ERROR_STATUSES = (400, 401, 403, 404, 429, 500, 502, 503, 504)
 API_KEY = "sk-dropin-key-0123"
-SHIM = ROOT / "nomyo" / "SecureCompletionClient.py"
 
 
 def run_script(python: str, name: str, url: str, tmp_path: Path, ours: bool,
@@ -62,9 +61,6 @@ def test_dropin_script_runs_against_ours(name, tmp_path):
     scenario(sys.executable, name, tmp_path, ours=True)
 
 
-@pytest.mark.xfail(not SHIM.exists(), strict=True,
-                   reason="needs nomyo/SecureCompletionClient.py, the published module path of "
-                   "the low-level class (a compat shim in the lead's area)")
 def test_dropin_low_level_script_runs_against_ours(tmp_path):
     scenario(sys.executable, "low_level.py", tmp_path, ours=True)
 
