@@ -12,6 +12,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -243,15 +244,25 @@ wipe_str(PyObject *module, PyObject *obj)
 
 /* ---- JSON string escaping straight into a buffer ---- */
 
+/* Bytes each Latin-1 code point takes in the JSON form (UTF-8, escaped as json.dumps does
+ * with ensure_ascii=False); 1 means "copy as is". */
+static unsigned char latin1_json_len[256];
+
+static void
+init_tables(void)
+{
+    for (int c = 0; c < 256; c++)
+        latin1_json_len[c] = c < 0x20 ? 6 : (c < 0x80 ? 1 : 2);
+    latin1_json_len['"'] = latin1_json_len['\\'] = 2;
+    latin1_json_len['\n'] = latin1_json_len['\r'] = latin1_json_len['\t'] = 2;
+    latin1_json_len['\b'] = latin1_json_len['\f'] = 2;
+}
+
 static Py_ssize_t
 escaped_char_len(Py_UCS4 c)
 {
-    if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t' || c == '\b' || c == '\f')
-        return 2;
-    if (c < 0x20)
-        return 6;
-    if (c < 0x80)
-        return 1;
+    if (c < 0x100)
+        return latin1_json_len[c];
     if (c < 0x800)
         return 2;
     if (c >= 0xD800 && c <= 0xDFFF)
@@ -264,11 +275,22 @@ escaped_char_len(Py_UCS4 c)
 static Py_ssize_t
 quoted_len(PyObject *s)
 {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s), total = 2;
     int kind = PyUnicode_KIND(s);
     const void *data = PyUnicode_DATA(s);
-    Py_ssize_t n = PyUnicode_GET_LENGTH(s), total = 2;
-    for (Py_ssize_t i = 0; i < n; i++)
-        total += escaped_char_len(PyUnicode_READ(kind, data, i));
+    if (kind == PyUnicode_1BYTE_KIND) {
+        const Py_UCS1 *p = data;
+        for (Py_ssize_t i = 0; i < n; i++)
+            total += latin1_json_len[p[i]];
+    } else if (kind == PyUnicode_2BYTE_KIND) {
+        const Py_UCS2 *p = data;
+        for (Py_ssize_t i = 0; i < n; i++)
+            total += escaped_char_len(p[i]);
+    } else {
+        const Py_UCS4 *p = data;
+        for (Py_ssize_t i = 0; i < n; i++)
+            total += escaped_char_len(p[i]);
+    }
     return total;
 }
 
@@ -319,6 +341,24 @@ write_escaped(unsigned char *o, Py_UCS4 c)
     return o;
 }
 
+/* Latin-1 strings (the common case): copy runs that need no escaping in one memcpy. */
+static unsigned char *
+write_latin1(unsigned char *o, const Py_UCS1 *p, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    while (i < n) {
+        Py_ssize_t run = i;
+        while (run < n && latin1_json_len[p[run]] == 1)
+            run++;
+        memcpy(o, p + i, (size_t)(run - i));
+        o += run - i;
+        if (run < n)
+            o = write_escaped(o, p[run++]);
+        i = run;
+    }
+    return o;
+}
+
 /* json_quote_into(s, buffer, offset) -> new offset: writes "escaped s" as UTF-8. */
 static PyObject *
 json_quote_into(PyObject *module, PyObject *args)
@@ -340,8 +380,12 @@ json_quote_into(PyObject *module, PyObject *args)
     Py_ssize_t n = PyUnicode_GET_LENGTH(s);
     unsigned char *o = (unsigned char *)out.buf + offset;
     *o++ = '"';
-    for (Py_ssize_t i = 0; i < n; i++)
-        o = write_escaped(o, PyUnicode_READ(kind, data, i));
+    if (kind == PyUnicode_1BYTE_KIND) {
+        o = write_latin1(o, data, n);
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++)
+            o = write_escaped(o, PyUnicode_READ(kind, data, i));
+    }
     *o++ = '"';
     Py_ssize_t end = o - (unsigned char *)out.buf;
     PyBuffer_Release(&out);
@@ -375,6 +419,35 @@ utf8_next(const unsigned char *p, const unsigned char *end, Py_UCS4 *cp)
     return len;
 }
 
+/* Length of the leading pure-ASCII run, 8 bytes at a time. */
+static Py_ssize_t
+ascii_prefix(const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        if (w & 0x8080808080808080ULL)
+            break;
+    }
+    while (i < n && p[i] < 0x80)
+        i++;
+    return i;
+}
+
+#define DECODE_INTO(TYPE)                                                         \
+    do {                                                                          \
+        TYPE *dst = (TYPE *)PyUnicode_DATA(s);                                    \
+        for (Py_ssize_t i = 0; i < count; i++) {                                  \
+            if (*p < 0x80) {                                                      \
+                dst[i] = *p++;                                                    \
+            } else {                                                              \
+                p += utf8_next(p, end, &c);                                       \
+                dst[i] = (TYPE)c;                                                 \
+            }                                                                     \
+        }                                                                         \
+    } while (0)
+
 static PyObject *
 decode_utf8(PyObject *module, PyObject *arg)
 {
@@ -382,13 +455,20 @@ decode_utf8(PyObject *module, PyObject *arg)
     (void)module;
     if (PyObject_GetBuffer(arg, &in, PyBUF_SIMPLE) != 0)
         return NULL;
-    const unsigned char *p = in.buf, *end = p + in.len;
+    const unsigned char *start = in.buf, *p = start, *end = start + in.len;
     Py_ssize_t count = 0;
     Py_UCS4 maxchar = 0, c;
     while (p < end) {
+        Py_ssize_t run = ascii_prefix(p, end - p);
+        if (run > 0) {
+            maxchar = maxchar < 0x7F ? 0x7F : maxchar;
+            count += run;
+            p += run;
+            continue;
+        }
         int k = utf8_next(p, end, &c);
         if (k == 0) {
-            Py_ssize_t pos = p - (const unsigned char *)in.buf;
+            Py_ssize_t pos = p - start;
             PyBuffer_Release(&in);
             PyErr_Format(PyExc_ValueError, "invalid UTF-8 at byte %zd", pos);
             return NULL;
@@ -403,13 +483,15 @@ decode_utf8(PyObject *module, PyObject *arg)
         PyBuffer_Release(&in);
         return NULL;
     }
-    int kind = PyUnicode_KIND(s);
-    void *data = PyUnicode_DATA(s);
-    p = in.buf;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        p += utf8_next(p, end, &c);
-        PyUnicode_WRITE(kind, data, i, c);
-    }
+    p = start;
+    if (maxchar < 0x80)
+        memcpy(PyUnicode_DATA(s), start, (size_t)count);
+    else if (maxchar < 0x100)
+        DECODE_INTO(Py_UCS1);
+    else if (maxchar < 0x10000)
+        DECODE_INTO(Py_UCS2);
+    else
+        DECODE_INTO(Py_UCS4);
     PyBuffer_Release(&in);
     return s;
 }
@@ -433,6 +515,7 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__pyobjects(void)
 {
+    init_tables();
     if (PyType_Ready(&RegionType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);

@@ -115,20 +115,35 @@ def seal(
             wrapped = _wrap_key(key_view, public_key)
 
     ciphertext = sealed if tag_layout == TAG_APPENDED else memoryview(sealed)[:size]
-    payload = {"ciphertext": _b64(ciphertext), "nonce": _b64(nonce)}
+    fields = [(b"ciphertext", ciphertext), (b"nonce", nonce)]
     if tag_layout == TAG_SEPARATE:
-        payload["tag"] = _b64(memoryview(sealed)[size:])
-    package: dict[str, Any] = {
-        "version": VERSION,
-        "algorithm": ALGORITHM,
-        "encrypted_payload": payload,
-        "encrypted_aes_key": _b64(wrapped),
-        "key_algorithm": KEY_ALGORITHM,
-        "payload_algorithm": PAYLOAD_ALGORITHM,
-    }
+        fields.append((b"tag", memoryview(sealed)[size:]))
+    return _package_json(fields, wrapped, processed_at)
+
+
+_PACKAGE_HEAD = (
+    f'{{"version":{json.dumps(VERSION)},"algorithm":{json.dumps(ALGORITHM)},'
+    '"encrypted_payload":{'
+).encode("ascii")
+_PACKAGE_KEY = b'},"encrypted_aes_key":"'
+_PACKAGE_TAIL = (
+    f'","key_algorithm":{json.dumps(KEY_ALGORITHM)},'
+    f'"payload_algorithm":{json.dumps(PAYLOAD_ALGORITHM)}'
+).encode("ascii")
+
+
+def _package_json(payload_fields: list[tuple[bytes, Any]], wrapped: bytes,
+                  processed_at: float | None) -> bytes:
+    """The package as compact JSON, joined from base64 pieces (which never need escaping):
+    json.dumps would re-scan every byte of the ciphertext (about 40 ms for 8 MiB)."""
+    parts = [_PACKAGE_HEAD]
+    for i, (name, value) in enumerate(payload_fields):
+        parts += [b',"' if i else b'"', name, b'":"', base64.b64encode(value), b'"']
+    parts += [_PACKAGE_KEY, base64.b64encode(wrapped), _PACKAGE_TAIL]
     if processed_at is not None:
-        package["processed_at"] = processed_at
-    return json.dumps(package, separators=(",", ":")).encode("ascii")
+        parts += [b',"processed_at":', json.dumps(processed_at, allow_nan=False).encode("ascii")]
+    parts.append(b"}")
+    return b"".join(parts)
 
 
 def open_package(package: Any, private_key: Any) -> Opened:
@@ -210,10 +225,6 @@ def _byte_view(obj: Any) -> memoryview:
         return view
     with view:
         return view.cast("B")
-
-
-def _b64(data: Any) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _parse(package: Any) -> dict[str, Any]:

@@ -49,3 +49,28 @@ def test_bad_documents_raise_package_error_without_content(raw):
         secure_json.loads(buf)
     assert "marker-x1" not in str(info.value)
     buf.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=64), st.text(max_size=64).map(
+    lambda t: t.encode("utf-8", "surrogatepass"))))
+def test_native_utf8_decoder_agrees_with_pythons_strict_decoder(raw):
+    from nomyo import _pyobjects
+
+    try:
+        expected = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(ValueError):
+            _pyobjects.decode_utf8(raw)
+    else:
+        assert _pyobjects.decode_utf8(raw) == expected
+
+
+@pytest.mark.parametrize("text", ["a" * 9 + "é" + "b" * 17, "x" * 20 + "\u20ac", "😀" + "y" * 30,
+                                  "tab\there \"q\" \\ \x01 end" * 3])
+def test_long_mixed_strings_round_trip(text):
+    buf = secure_json.dumps({"k": text})
+    assert buf.data.tobytes() == json.dumps({"k": text}, ensure_ascii=False,
+                                            separators=(",", ":")).encode()
+    assert secure_json.loads(buf) == {"k": text}
+    buf.close()
