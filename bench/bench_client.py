@@ -248,12 +248,24 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.2f} ms"
 
 
+def count(minimum: int):
+    """An argparse type: a whole number of at least `minimum`."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+    return parse
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
-    parser.add_argument("--small", type=int, default=10, help="small requests per round")
-    parser.add_argument("--concurrent", type=int, default=1, help="16-wide bursts per round")
-    parser.add_argument("--large", type=int, default=1, help="8 MiB requests per round")
+    parser.add_argument("--rounds", type=count(1), default=6, help="interleaved rounds")
+    parser.add_argument("--small", type=count(1), default=10, help="small requests per round")
+    parser.add_argument("--concurrent", type=count(0), default=1,
+                        help="16-wide bursts per round (0 skips)")
+    parser.add_argument("--large", type=count(0), default=1,
+                        help="8 MiB requests per round (0 skips)")
     args = parser.parse_args()
 
     old_python = published_python()
@@ -279,11 +291,13 @@ def main() -> int:
             results["ours_small"] += ours.run("small", args.small)
             results["ours_sync"] += ours.run("small_sync", args.small)
             results["pub_small"] += published.run("small", args.small)
-            results["ours_conc"] += ours.run("concurrent", args.concurrent)
-            results["pub_conc"] += published.run("concurrent", args.concurrent)
-            results["raw_large"] += raw.run("large", args.large)
-            results["ours_large"] += ours.run("large", args.large)
-            results["pub_large"] += published.run("large", args.large)
+            if args.concurrent:
+                results["ours_conc"] += ours.run("concurrent", args.concurrent)
+                results["pub_conc"] += published.run("concurrent", args.concurrent)
+            if args.large:
+                results["raw_large"] += raw.run("large", args.large)
+                results["ours_large"] += ours.run("large", args.large)
+                results["pub_large"] += published.run("large", args.large)
     finally:
         for worker in (ours, published):
             worker.close()
@@ -291,12 +305,10 @@ def main() -> int:
         server.stdin.flush()
         server.wait(timeout=60)
 
-    med = {k: statistics.median(v) for k, v in results.items()}
+    med = {k: statistics.median(v) for k, v in results.items() if v}
     floor = floor_sampler.medians()
     ours_over = med["ours_small"] - med["raw_small"]
     pub_over = med["pub_small"] - med["raw_small"]
-    ours_large_over = med["ours_large"] - med["raw_large"]
-    pub_large_over = med["pub_large"] - med["raw_large"]
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"{args.rounds} interleaved rounds; medians")
     print("\ncryptographic floor of one small request (client side)")
@@ -311,15 +323,20 @@ def main() -> int:
           f"= {sync_over / floor['total']:.2f}x floor (blocking call, no event-loop hop)")
     print(f"  published 0.2.9        {ms(med['pub_small'])}  overhead {ms(pub_over)}  "
           f"= {pub_over / floor['total']:.2f}x floor")
-    print("\n16 concurrent create() calls (throughput)")
-    print(f"  ours                   {med['ours_conc']:8.1f} req/s")
-    print(f"  published 0.2.9        {med['pub_conc']:8.1f} req/s")
-    print(f"  ratio ours/published   {med['ours_conc'] / med['pub_conc']:8.2f}x (goal >= 3.5x)")
-    print("\n8 MiB message (latency; overhead = latency - server time)")
-    print(f"  server time (raw)      {ms(med['raw_large'])}")
-    print(f"  ours                   {ms(med['ours_large'])}  overhead {ms(ours_large_over)}")
-    print(f"  published 0.2.9        {ms(med['pub_large'])}  overhead {ms(pub_large_over)}")
-    print(f"  ratio published/ours   {pub_large_over / ours_large_over:8.2f}x (goal >= 6x)")
+    if args.concurrent:
+        print("\n16 concurrent create() calls (throughput)")
+        print(f"  ours                   {med['ours_conc']:8.1f} req/s")
+        print(f"  published 0.2.9        {med['pub_conc']:8.1f} req/s")
+        print(f"  ratio ours/published   {med['ours_conc'] / med['pub_conc']:8.2f}x "
+              "(goal >= 3.5x)")
+    if args.large:
+        ours_large_over = med["ours_large"] - med["raw_large"]
+        pub_large_over = med["pub_large"] - med["raw_large"]
+        print("\n8 MiB message (latency; overhead = latency - server time)")
+        print(f"  server time (raw)      {ms(med['raw_large'])}")
+        print(f"  ours                   {ms(med['ours_large'])}  overhead {ms(ours_large_over)}")
+        print(f"  published 0.2.9        {ms(med['pub_large'])}  overhead {ms(pub_large_over)}")
+        print(f"  ratio published/ours   {pub_large_over / ours_large_over:8.2f}x (goal >= 6x)")
     print("\nwhere our client's local time goes (no network; includes the crypto above)")
     for size, parts in stages.items():
         print("  " + size.ljust(7) + "  ".join(f"{k} {ms(v).strip()}" for k, v in parts.items()))
