@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from nomyo.cli_parser import OneLineParser
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # the request failed, or a required protection is missing
 EXIT_USAGE = 2
@@ -68,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser(serve_arguments: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="nomyo", description="End-to-end encrypted LLM chat completions.")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 

@@ -10,6 +10,7 @@ import ssl
 import sys
 from typing import Any
 
+from nomyo.cli_parser import OneLineParser
 from nomyo.errors import NomyoError
 from nomyo.keys import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
 from nomyo.memory import harden_process
@@ -249,15 +250,8 @@ def _fail(err: object) -> int:
     return 2
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Bad flags give one line on stderr (and exit status 2), not the whole usage text."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="nomyo serve",
         description=(
             "Serve the NOMYO secure-completion protocol (1.0): clients encrypt prompts to this "
