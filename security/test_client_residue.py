@@ -19,12 +19,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
-from peer_server import PeerServer  # noqa: E402
+from security.memscan import scan_process
+from tests.peer_server import PeerServer
 
-from security.memscan import scan_process  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 REQUESTS = 50
 SIZES = (40, 700, 5_000, 40_000, 300_000, 1_500_000)

@@ -4,19 +4,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import time
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from peer_server import PeerServer
-from tpm_fixtures import block_of, load_vectors
-
 from nomyo import SecureChatCompletion
 from nomyo.errors import DisposedError, InvalidRequestError, SecurityError
+from tests.peer_server import PeerServer
+from tests.tpm_fixtures import block_of, load_vectors
 
 MESSAGES = [{"role": "user", "content": "facade test"}]
 OPENAI_PARAMS = {

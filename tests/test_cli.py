@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from peer_server import PeerServer
-
 from nomyo.memory import get_memory_protection_info
+from tests.helpers import child_env
+from tests.peer_server import PeerServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,3 +163,13 @@ def test_keys_fingerprint_of_a_server_for_pinning(peer):
     assert result.stdout.strip() == keys.fingerprint(peer.public_pem.decode())
     refused = nomyo("keys", "fingerprint", "--url", peer.url)
     assert refused.returncode == 1 and "SecurityError" in refused.stderr
+
+
+@pytest.mark.parametrize("argv", [["serve", "--bogus"], ["chat", "--nope"], ["bogus"],
+                                  ["serve", "--port", "abc"]])
+def test_bad_flags_give_one_line_and_status_2(argv):
+    proc = subprocess.run([sys.executable, "-m", "nomyo", *argv], capture_output=True,
+                          text=True, timeout=60, env=child_env())
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in proc.stderr

@@ -6,16 +6,11 @@ import json
 import os
 import socket
 import stat
-import sys
 import time
 import uuid
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from peer_server import PeerServer, open_with, seal_for
 
 from nomyo import keys
 from nomyo.client import SecureCompletionClient
@@ -28,6 +23,7 @@ from nomyo.errors import (
     SecurityError,
     ServiceUnavailableError,
 )
+from tests.peer_server import PeerServer, open_with, seal_for
 
 MESSAGES = [{"role": "user", "content": "hello peer"}]
 

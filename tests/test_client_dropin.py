@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from peer_server import PeerServer
+from tests.peer_server import PeerServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DROPIN = Path(__file__).parent / "dropin"
