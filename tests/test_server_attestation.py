@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from nomyo.attestation import quote
 from nomyo.server import start_background
+from tests import tpm_fixtures
 from tests.server_fixtures import (
     COMPLETION,
     chat_request,
@@ -23,8 +25,6 @@ from tests.server_fixtures import (
     vector_keys,
 )
 
-quote = pytest.importorskip("nomyo.attestation.quote", reason="nomyo.attestation.quote (attest)")
-tpm_fixtures = pytest.importorskip("tests.tpm_fixtures", reason="tests/tpm_fixtures.py (attest)")
 REPO = Path(__file__).resolve().parent.parent
 
 
