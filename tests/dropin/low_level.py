@@ -4,9 +4,8 @@ import os
 import sys
 import uuid
 
-from nomyo.SecureCompletionClient import SecureCompletionClient
-
 from nomyo import SecureChatCompletion  # noqa: F401  (the package exposes both)
+from nomyo.SecureCompletionClient import SecureCompletionClient
 
 
 async def main(key_dir):
