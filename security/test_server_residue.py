@@ -9,10 +9,7 @@ public key, in the clear) proves the scanner reads real memory.
 from __future__ import annotations
 
 import os
-import re
 import secrets
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +21,11 @@ from tests.server_fixtures import (
     COMPLETION,
     chat_request,
     completion_headers,
+    kill_group,
+    listening_url,
     open_response,
     seal_request,
+    serve_process,
     vector_keys,
 )
 
@@ -37,17 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 def test_no_plaintext_residue_in_server_memory(tools: bool) -> None:
     if os.geteuid() != 0:
         pytest.skip("memory scan of a hardened (non-dumpable) server needs root (CAP_SYS_PTRACE)")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nomyo.server", "--port", "0", "--key-bits", "2048"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = serve_process("--key-bits", "2048")
     try:
-        match = re.search(r"listening on (\S+)", proc.stdout.readline())
-        assert match, "server did not start"
-        url = match.group(1)
+        url = listening_url(proc)
         pem = requests.get(url + "/pki/public_key", timeout=10).text
         prefix = "RESIDUE" + secrets.token_hex(6)
         extra = {}
@@ -76,5 +68,6 @@ def test_no_plaintext_residue_in_server_memory(tools: bool) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+        kill_group(proc)
     assert counts[control] >= 1, "the scanner did not find the control: it reads no real memory"
     assert counts[prefix.encode()] == 0 and counts[prefix.encode("utf-16-le")] == 0, counts

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -86,3 +90,33 @@ def open_response(content: bytes, role: str = "client") -> tuple[Any, Any]:
     from nomyo import envelope
 
     return envelope.open_json(content, keypair(role))
+
+
+def serve_process(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """`python -m nomyo.server --port 0 ARGS` in its own process group (workers included)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "nomyo.server", "--port", "0", *args],
+        cwd=_REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def listening_url(proc: subprocess.Popen) -> str:
+    """The URL from the server's "listening on" line (fails with its stderr if it died)."""
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+)", line)
+    assert match, (
+        f"no listening line: {line!r} / {proc.stderr.read() if proc.poll() is not None else ''}"
+    )
+    return match.group(1)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a server started by serve_process, workers included, if it still runs."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()

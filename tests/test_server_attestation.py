@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +16,11 @@ from tests.server_fixtures import (
     chat_request,
     completion_headers,
     keypair,
+    kill_group,
+    listening_url,
     open_response,
     seal_request,
+    serve_process,
     vector_keys,
 )
 
@@ -61,31 +60,9 @@ def test_responses_carry_a_verifiable_quote(tcti) -> None:
 def test_cli_tpm_flag(tcti, workers) -> None:
     from nomyo.attestation import verify_tpm_attestation
 
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nomyo.server",
-            "--port",
-            "0",
-            "--key-bits",
-            "2048",
-            "--tpm",
-            tcti,
-            "--workers",
-            workers,
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-        start_new_session=True,
-    )
+    proc = serve_process("--key-bits", "2048", "--tpm", tcti, "--workers", workers)
     try:
-        match = re.search(r"listening on (\S+)", proc.stdout.readline())
-        assert match, proc.stderr.read() if proc.poll() is not None else "no listening line"
-        url = match.group(1)
+        url = listening_url(proc)
         pem = requests.get(url + "/pki/public_key", timeout=10).text
         for i in range(4):  # whichever worker answers, its quote verifies
             block = _ask(url, pem, f"cli-{i}")["_metadata"]["tpm_attestation"]
@@ -93,7 +70,5 @@ def test_cli_tpm_flag(tcti, workers) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        kill_group(proc)
     assert proc.returncode == 0

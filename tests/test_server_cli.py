@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,50 +17,26 @@ from tests.server_fixtures import (
     COMPLETION,
     chat_request,
     completion_headers,
+    kill_group,
+    listening_url,
     open_response,
     seal_request,
+    serve_process,
     vector_keys,
 )
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _serve(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "nomyo.server", "--port", "0", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,  # workers included, the whole group can be killed on failure
-    )
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-
-
-def _url(proc: subprocess.Popen) -> str:
-    line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+)", line)
-    assert match, (
-        f"no listening line: {line!r} / {proc.stderr.read() if proc.poll() is not None else ''}"
-    )
-    return match.group(1)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serves_and_stops_cleanly_on_signal(tmp_path, sig) -> None:
     pair = KeyPair.generate(2048)
     pair.save(tmp_path, password="s3cret pass")
-    proc = _serve(
+    proc = serve_process(
         "--key-file", str(tmp_path / "private_key.pem"), env={"NOMYO_KEY_PASSWORD": "s3cret pass"}
     )
     try:
-        url = _url(proc)
+        url = listening_url(proc)
         assert requests.get(url + "/pki/public_key", timeout=10).text == pair.public_pem
         session = requests.Session()  # an idle keep-alive connection must not delay shutdown
         response = session.post(
@@ -77,7 +52,7 @@ def test_serves_and_stops_cleanly_on_signal(tmp_path, sig) -> None:
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=15)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     assert proc.returncode == 0, err
     assert "stopped" in out
     assert "Traceback" not in err and "over the CLI" not in err + out
@@ -164,9 +139,9 @@ def test_workers_share_port_and_key_and_stop_together(tmp_path) -> None:
     psutil = pytest.importorskip("psutil", reason="psutil (runtime dependency) counts the workers")
     pair = KeyPair.generate(2048)
     pair.save(tmp_path)
-    proc = _serve("--workers", "2", "--key-file", str(tmp_path / "private_key.pem"))
+    proc = serve_process("--workers", "2", "--key-file", str(tmp_path / "private_key.pem"))
     try:
-        url = _url(proc)
+        url = listening_url(proc)
         workers = psutil.Process(proc.pid).children()
         assert len(workers) == 2
         headers = completion_headers(vector_keys()["client_public_pem"])
@@ -183,6 +158,6 @@ def test_workers_share_port_and_key_and_stop_together(tmp_path) -> None:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     assert proc.returncode == 0, err
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
 import pytest
+
+from tests.server_fixtures import kill_group, listening_url, serve_process
 
 REPO = Path(__file__).resolve().parent.parent
 PUBLISHED = "nomyo==0.2.9"
@@ -75,23 +75,15 @@ def published_client_python(tmp_path_factory) -> str:
 
 @pytest.mark.slow
 def test_published_client_against_nomyo_serve(published_client_python, tmp_path) -> None:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "nomyo.server", "--port", "0"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = serve_process()
     try:
-        line = server.stdout.readline()
-        match = re.search(r"listening on (\S+)", line)
-        assert match, f"server did not start: {line!r}"
+        url = listening_url(server)
         script = tmp_path / "client.py"
         script.write_text(CLIENT_SCRIPT)
         # -I: isolated mode, so the published package is imported, never this checkout's.
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         run = subprocess.run(
-            [published_client_python, "-I", str(script), match.group(1)],
+            [published_client_python, "-I", str(script), url],
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -105,5 +97,6 @@ def test_published_client_against_nomyo_serve(published_client_python, tmp_path)
     finally:
         server.terminate()
         out, err = server.communicate(timeout=30)
+        kill_group(server)
     assert server.returncode == 0, err
     assert "interop message" not in err + out
