@@ -24,13 +24,6 @@ OPENAI_PARAMS = {
 
 
 @pytest.fixture
-def peer():
-    server = PeerServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def chat(peer):
     c = SecureChatCompletion(base_url=peer.url, allow_http=True, key_size=2048)
     yield c

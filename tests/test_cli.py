@@ -24,13 +24,6 @@ def nomyo(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (),
                           text=True, env=full_env, timeout=120, input=stdin, check=False)
 
 
-@pytest.fixture
-def peer():
-    server = PeerServer()
-    yield server
-    server.close()
-
-
 def test_doctor_human_report():
     result = nomyo("doctor")
     assert result.returncode == 0, result.stderr

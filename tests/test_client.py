@@ -29,13 +29,6 @@ MESSAGES = [{"role": "user", "content": "hello peer"}]
 
 
 @pytest.fixture
-def peer():
-    server = PeerServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def client(peer):
     c = SecureCompletionClient(peer.url, allow_http=True, key_size=2048, max_retries=2)
     yield c

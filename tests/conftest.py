@@ -1,0 +1,12 @@
+"""Fixtures shared by the client-side tests."""
+import pytest
+
+from tests.peer_server import PeerServer
+
+
+@pytest.fixture
+def peer():
+    """An independent PROTOCOL.md endpoint (not nomyo's server) on loopback."""
+    server = PeerServer()
+    yield server
+    server.close()
