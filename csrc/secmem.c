@@ -140,7 +140,10 @@ int nm_region_alloc(nm_region *r, size_t size, int flags)
             r->lock_errno = r->lock_errno ? r->lock_errno : r->secret_errno;
     }
 
-    if (madvise(r->inner, r->inner_len, MADV_DONTDUMP) == 0)
+    /* The kernel marks memfd_secret mappings VM_DONTDUMP itself (smaps shows "lo dd"), so
+     * only the mmap path needs the call; the gcore test checks both paths. */
+    if (r->allocator == NM_ALLOC_MEMFD_SECRET ||
+        madvise(r->inner, r->inner_len, MADV_DONTDUMP) == 0)
         r->dump_excluded = 1;
     else
         r->dump_errno = errno;
