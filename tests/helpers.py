@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def child_env(**extra: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    for key in ("NOMYO_BACKEND", "NOMYO_SECURE_ALLOCATOR", "NOMYO_REQUIRE_SECURE_MEMORY"):
+    for key in ("NOMYO_MEMORY_BACKEND", "NOMYO_SECURE_ALLOCATOR", "NOMYO_REQUIRE_SECURE_MEMORY"):
         env.pop(key, None)
     env.update(extra)
     return env

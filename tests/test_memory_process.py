@@ -233,18 +233,18 @@ def test_fallback_backend_is_reported_and_still_works():
         doc = secure_json.dumps({"a": "é"})
         ok = ok and secure_json.loads(doc) == {"a": "é"}
         print(json.dumps({"ok": ok, "info": nomyo.get_memory_protection_info()}))
-    """, NOMYO_BACKEND="fallback"))
+    """, NOMYO_MEMORY_BACKEND="fallback"))
     info = out["info"]
     assert out["ok"] and info["backend"] == "fallback"
     assert info["protection_level"] == "zeroing_only" and info["can_lock"] is False
-    assert "NOMYO_BACKEND" in info["fallback_reason"]
+    assert "NOMYO_MEMORY_BACKEND" in info["fallback_reason"]
     refused = run_python("""
         import nomyo
         try:
             nomyo.SecureBuffer(8)
         except nomyo.SecurityError as exc:
             print("refused", exc)
-    """, NOMYO_BACKEND="fallback", NOMYO_REQUIRE_SECURE_MEMORY="1")
+    """, NOMYO_MEMORY_BACKEND="fallback", NOMYO_REQUIRE_SECURE_MEMORY="1")
     assert refused.stdout.startswith("refused")
 
 

@@ -1,7 +1,7 @@
 """Binding layer: loads the compiled helpers once and turns C results into Python errors.
 
 Nothing is compiled here: the modules are built at install time. When they are missing
-(or `NOMYO_BACKEND=fallback` forces it, for tests and diagnosis) the fallback backend is
+(or `NOMYO_MEMORY_BACKEND=fallback` forces it, for tests and diagnosis) the fallback backend is
 used and every report says so.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ FALLBACK_REASON: str | None = None
 ABI_VERSION = 1  # must equal NM_ABI_VERSION (csrc/secmem.h) and _pyobjects.ABI_VERSION
 
 try:
-    if os.environ.get("NOMYO_BACKEND", "").strip().lower() == "fallback":
-        raise ImportError("forced by NOMYO_BACKEND=fallback")
+    if os.environ.get("NOMYO_MEMORY_BACKEND", "").strip().lower() == "fallback":
+        raise ImportError("forced by NOMYO_MEMORY_BACKEND=fallback")
     from nomyo import _pyobjects as pyobjects
     from nomyo._secmem import ffi, lib
 
