@@ -172,7 +172,7 @@ def test_empty_plaintext_refused_both_ways() -> None:
 def test_non_json_plaintext_is_package_error() -> None:
     with SecureBuffer.copy_of(b"\x00not json") as plaintext:
         package = envelope.seal(plaintext, keypair("server").public_key)
-    with pytest.raises(PackageError, match="not valid UTF-8 JSON"):
+    with pytest.raises(PackageError, match="plaintext is not valid (UTF-8|JSON)"):
         envelope.open_json(package, keypair("server"))
 
 

@@ -1,6 +1,7 @@
 """The protection report: every value measured in this process, now."""
 from __future__ import annotations
 
+import mmap
 import sys
 from enum import Enum
 from typing import Any
@@ -80,7 +81,7 @@ def get_memory_protection_info() -> dict[str, Any]:
         "has_memory_locking": locking,
         "has_secure_zeroing": True,
         "supports_full_protection": full,
-        "page_size": __import__("mmap").PAGESIZE,
+        "page_size": mmap.PAGESIZE,
         "backend": _native.BACKEND,
         "allocator": allocator,
         "can_lock": can_lock,

@@ -70,11 +70,11 @@ def _collect(value: Any, out: list, depth: int) -> None:
 
 def dumps(obj: Any) -> SecureBuffer:
     """Serialise obj as compact UTF-8 JSON into a new SecureBuffer (caller closes it)."""
-    pieces: list = []
-    _collect(obj, pieces, 0)
     glue = _native.pyobjects
     if glue is None:  # fallback backend: the document passes through the heap once
         return _fallback_dumps(obj)
+    pieces: list = []
+    _collect(obj, pieces, 0)
     total = sum(len(p) if type(p) is bytes else glue.json_quote_len(p) for p in pieces)
     buf = SecureBuffer(total)
     try:
