@@ -45,17 +45,14 @@ logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 DEFAULT_TIMEOUT = 60.0
-_NETWORK_ERRORS = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    urllib3.exceptions.HTTPError,  # connection, timeout and protocol errors of the pool
-)
+# The exchange talks to the urllib3 pool directly: its errors are the network failures.
+_NETWORK_ERRORS = (urllib3.exceptions.HTTPError,)
 _BASE_HEADERS = {"User-Agent": "nomyo-python", "Accept": "*/*", "Accept-Encoding": "identity"}
 # Largest answer read: a protocol package carries at most 10 MiB of plaintext (about 14 MiB
 # of base64); anything far beyond is refused before it can exhaust memory.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 _CACHE_LIMIT = 64  # endpoints remembered (routes, proxies)
+POOL_SIZE = 32  # connections kept per endpoint: one per client worker thread
 MAX_DETAIL_CHARS = 500
 
 # Per status: exception class, message prefix, fallback detail when the body has none.
@@ -132,10 +129,23 @@ def error_for_status(
     text = detail if isinstance(detail, str) and detail else (
         json.dumps(detail)[:MAX_DETAIL_CHARS] if detail is not None else fallback
     )
-    for secret in redact:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return cls(prefix + text[:MAX_DETAIL_CHARS], status_code=status, error_details=details)
+    return cls(prefix + _redacted(text, redact)[:MAX_DETAIL_CHARS], status_code=status,
+               error_details=_redacted(details, redact))
+
+
+def _redacted(value: Any, secrets: tuple[str, ...]) -> Any:
+    """A copy of value (str, or JSON containers of them) with every secret replaced:
+    a server that echoes the API key must not put it into an exception apps will log."""
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret:
+                value = value.replace(secret, "[redacted]")
+        return value
+    if isinstance(value, dict):
+        return {_redacted(k, secrets): _redacted(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item, secrets) for item in value]
+    return value
 
 
 @dataclass
@@ -165,32 +175,31 @@ class Transport:
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         verify: bool | str = True,
-        pool_size: int = 32,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         self._lock = threading.Lock()
         # The environment (proxies, CA bundle) is read once here instead of on every request:
         # requests' trust_env costs about a millisecond per call (os.environ scans, netrc stats).
+        # The exchange bypasses requests' send(), which is where certifi's bundle would be
+        # chosen, so the default bundle is resolved here too.
         if verify is True:
             env = os.environ
-            verify = env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or True
+            verify = (env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE")
+                      or requests.certs.where())
+        if isinstance(verify, str) and not os.path.exists(verify):
+            raise ValueError(f"CA bundle not found: {verify}")
         self._verify = verify
         self._proxies: dict[str, dict[str, str]] = {}
         self._routes: dict[tuple[str, str], tuple[requests.PreparedRequest, str]] = {}
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
         session = requests.Session()
         session.trust_env = False
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         self._session: requests.Session | None = session
-
-    @property
-    def closed(self) -> bool:
-        return self._session is None
 
     def close(self) -> None:
         """Release pooled connections; later calls raise DisposedError."""
@@ -223,10 +232,14 @@ class Transport:
                 status, retry_after, content = self._exchange(session, method, url, headers, body)
             except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema):
                 raise InvalidRequestError("Invalid endpoint URL", status_code=None) from None
-            except (requests.exceptions.SSLError, urllib3.exceptions.SSLError) as err:
+            except urllib3.exceptions.SSLError as err:
                 if "CERTIFICATE_VERIFY_FAILED" in str(err):
                     raise SecurityError("TLS certificate verification failed") from err
-                raise APIConnectionError(_connection_message(err, url)) from err
+                if last:  # a reset or EOF during the handshake is a network failure: retried
+                    raise APIConnectionError(_connection_message(err, url)) from err
+                logger.warning("TLS handshake failed on attempt %d/%d", attempt + 1, attempts)
+                self._sleep(self.retry.delay(attempt + 1, None))
+                continue
             except _NETWORK_ERRORS as err:
                 if last:
                     raise APIConnectionError(_connection_message(err, url)) from err
@@ -267,11 +280,13 @@ class Transport:
             preload_content=False, decode_content=False,
         )
         try:
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            # urllib3's parsed length: None for chunked bodies or an invalid Content-Length,
+            # which are then read only up to the cap.
+            declared = response.length_remaining
+            if declared is not None and declared > MAX_RESPONSE_BYTES:
                 raise PackageError(f"answer larger than {MAX_RESPONSE_BYTES} bytes refused")
             # Never asked for a content coding, so none is decoded (no decompression bombs).
-            content = response.read(None if declared else MAX_RESPONSE_BYTES + 1,
+            content = response.read(None if declared is not None else MAX_RESPONSE_BYTES + 1,
                                     decode_content=False)
             if len(content) > MAX_RESPONSE_BYTES:
                 raise PackageError(f"answer larger than {MAX_RESPONSE_BYTES} bytes refused")

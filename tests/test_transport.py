@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import threading
@@ -352,3 +353,31 @@ def test_oversized_answer_without_length_refused(server, monkeypatch):
     with pytest.raises(PackageError, match="larger than"):
         transport.post(server.url, b"c", HEADERS)
     assert transport.post(server.url, b"c", HEADERS) == b"ok"  # the pool recovers
+
+
+@pytest.mark.parametrize("length", ["abc", "\u00b2", None])
+def test_answers_without_a_valid_length_are_capped_while_reading(server, monkeypatch, length):
+    monkeypatch.setattr(transport_module, "MAX_RESPONSE_BYTES", 1000)
+    headers = {"Connection": "close"} if length is None else {"Content-Length": length,
+                                                              "Connection": "close"}
+    server.replies.append((200, headers, b"x" * 50_000))
+    transport, _ = make(max_retries=0)
+    with pytest.raises(PackageError, match="larger than 1000 bytes"):
+        transport.post(server.url + "/x", b"body", HEADERS)
+
+
+def test_echoed_api_key_is_redacted_from_message_and_details():
+    key = "sk-live-0123456789"
+    err = error_for_status(401, json.dumps({"detail": f"invalid key {key}",
+                                            "extra": [key]}).encode(), (key,))
+    assert key not in str(err) and key not in json.dumps(err.error_details)
+    assert err.error_details["detail"] == "invalid key [redacted]"
+
+
+def test_ca_bundle_default_and_missing_path():
+    with pytest.raises(ValueError, match="CA bundle not found"):
+        Transport(verify="/nonexistent/ca.pem")
+    import requests.certs
+
+    env_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    assert Transport()._verify == (env_bundle or requests.certs.where())
