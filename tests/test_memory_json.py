@@ -74,3 +74,29 @@ def test_long_mixed_strings_round_trip(text):
                                             separators=(",", ":")).encode()
     assert secure_json.loads(buf) == {"k": text}
     buf.close()
+
+
+@pytest.mark.parametrize("raw", [b"NaN", b'{"x": -Infinity}', b"[Infinity]"])
+def test_non_finite_numbers_are_refused_like_dumps_refuses_them(raw):
+    with SecureBuffer.copy_of(raw) as buf, pytest.raises(PackageError, match="NaN and infinity"):
+        secure_json.loads(buf)
+
+
+def test_fallback_backend_errors_are_package_errors_without_plaintext():
+    from tests.helpers import run_python
+
+    proc = run_python("""
+        from nomyo.errors import PackageError
+        from nomyo.memory import SecureBuffer, secure_json
+        for raw in (b'\\xff"marker-x1"', b'{"marker-x1": }', b'["marker-x1",' + b'[' * 100000,
+                    b'[NaN]'):
+            try:
+                secure_json.loads(SecureBuffer.copy_of(raw))
+            except PackageError as exc:
+                chain = [exc, exc.__context__, exc.__cause__]
+                leaked = any("marker-x1" in repr(vars(e)) for e in chain if e is not None)
+                print("ok" if not leaked and "marker-x1" not in str(exc) else "leak")
+            else:
+                print("accepted")
+    """, NOMYO_MEMORY_BACKEND="fallback")
+    assert proc.stdout.split() == ["ok"] * 4, proc.stdout + proc.stderr

@@ -99,30 +99,45 @@ def _fallback_dumps(obj: Any) -> SecureBuffer:
 
 
 def loads(data: Any) -> Any:
-    """Parse UTF-8 JSON from a buffer; the one transient str is wiped before returning."""
+    """Parse UTF-8 JSON from a buffer; the one transient str is wiped before returning.
+    NaN and infinities are refused, as dumps refuses them."""
     glue = _native.pyobjects
-    if glue is None:
+    if glue is None:  # fallback backend: the decoded text cannot be wiped
         with memoryview(data) as view:
-            return _parse(str(view, "utf-8"))
+            try:
+                text = str(view, "utf-8")
+            except UnicodeDecodeError as exc:  # its .object holds the plaintext
+                error = f"plaintext is not valid UTF-8 at byte {exc.start}"
+            else:
+                value, error = _parse(text)
+        if error is not None:
+            raise PackageError(error)
+        return value
     try:
         text = glue.decode_utf8(data)
     except ValueError as exc:
         raise PackageError(f"plaintext is not valid UTF-8: {exc}") from None
-    error = None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:  # its .doc holds the plaintext: keep only position
-        error = f"plaintext is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})"
-    except RecursionError:
-        error = "plaintext JSON is nested too deeply"
+    value, error = _parse(text)
     glue.wipe_str(text)  # the traceback that referenced it is gone; ours is the sole reference
     if error is not None:
         raise PackageError(error)
     return value
 
 
-def _parse(text: str) -> Any:
+def _no_constant(name: str) -> Any:
+    raise ValueError("NaN and infinity are not valid JSON")
+
+
+def _parse(text: str) -> tuple[Any, str | None]:
+    """(value, None) or (None, message). Errors are turned into a message here and raised by
+    the caller outside any except block: a JSONDecodeError's .doc is the plaintext, and it
+    would otherwise stay reachable through the new exception's __context__."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant), None
     except json.JSONDecodeError as exc:
-        raise PackageError(f"plaintext is not valid JSON: {exc.msg}") from None
+        return None, (f"plaintext is not valid JSON: {exc.msg} "
+                      f"(line {exc.lineno} column {exc.colno})")
+    except ValueError as exc:
+        return None, f"plaintext is not valid JSON: {exc}"
+    except RecursionError:
+        return None, "plaintext JSON is nested too deeply"
