@@ -95,6 +95,19 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             self._reply(503, b"{}")
         elif self.mode == "garbage":
             self._reply(200, b"<html>not json")
+        elif self.mode == "nan":
+            self._reply(200, b'{"choices": [], "logprob": -Infinity}')
+        elif self.mode == "notchat":
+            self._reply(200, b'{"echo": "to the backend"}')
+        elif self.mode in ("stall_body", "cut_body"):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"choices": [')
+            self.wfile.flush()
+            if self.mode == "stall_body":
+                time.sleep(2)
+            self.close_connection = True
         else:
             request = json.loads(body)
             answer = {
@@ -163,7 +176,9 @@ def test_forwards_to_openai_compatible_backend(fake_backend) -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "status"), [("error", 502), ("unavailable", 503), ("garbage", 502), ("slow", 504)]
+    ("mode", "status"),
+    [("error", 502), ("unavailable", 503), ("garbage", 502), ("slow", 504), ("nan", 502),
+     ("notchat", 502), ("stall_body", 504), ("cut_body", 502)],
 )
 def test_backend_failures_become_json_5xx(fake_backend, mode, status) -> None:
     _FakeOpenAI.mode = mode

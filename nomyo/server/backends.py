@@ -10,8 +10,10 @@ import time
 from typing import Any, Protocol
 
 import requests
+import urllib3.exceptions
 
 from nomyo.memory import SecureBuffer, secure_json, wipe_bytes
+from nomyo.server.scrub import wipe_tree
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +226,7 @@ class HttpBackend:
                 except (ValueError, RecursionError):
                     raise BackendError(502, "backend answered with invalid JSON") from None
         if not isinstance(result, dict) or not isinstance(result.get("choices"), list):
+            wipe_tree(result)  # may hold completion or echoed prompt text
             raise BackendError(502, "backend answer is not a chat.completion object")
         return result
 
@@ -242,10 +245,10 @@ def _read_secure(response: requests.Response) -> SecureBuffer:
         while True:
             try:
                 chunk = response.raw.read(65536, decode_content=True)
-            except requests.RequestException:
-                raise BackendError(502, "backend connection failed mid-answer") from None
-            except OSError:
+            except urllib3.exceptions.ReadTimeoutError:  # urllib3 wraps every socket error
                 raise BackendError(504, "backend timed out mid-answer") from None
+            except (urllib3.exceptions.HTTPError, OSError):
+                raise BackendError(502, "backend connection failed mid-answer") from None
             if not chunk:
                 break
             total += len(chunk)
