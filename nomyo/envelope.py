@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nomyo import keys
 from nomyo.errors import PackageError, SecurityError
-from nomyo.memory import SecureBuffer, secure_json, wipe_bytes
+from nomyo.memory import SecureBuffer, adopt_bytes, secure_json, wipe_bytes
 
 VERSION = "1.0"
 ALGORITHM = "hybrid-aes256-rsa4096"
@@ -198,17 +198,15 @@ def _wrap_key(key_view: memoryview, public_key: rsa.RSAPublicKey) -> bytes:
 
 def _unwrap_key(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> SecureBuffer:
     try:
-        unwrapped = private_key.decrypt(wrapped, _OAEP)
+        # RSA decrypt returns an immutable `bytes`: handed straight to adopt_bytes (no local
+        # keeps it), which moves it into secure memory and zeroes the original.
+        key = adopt_bytes(private_key.decrypt(wrapped, _OAEP))
     except ValueError:
         raise SecurityError(AUTH_FAILED) from None
-    # RSA decrypt returns an immutable `bytes`: copy it into secure memory, then zero the
-    # original in place at once (wipe_bytes refuses if anything else still references it).
-    try:
-        if len(unwrapped) != AES_KEY_BYTES:
-            raise SecurityError(AUTH_FAILED)
-        return SecureBuffer.copy_of(unwrapped)
-    finally:
-        wipe_bytes(unwrapped)
+    if len(key) != AES_KEY_BYTES:
+        key.close()
+        raise SecurityError(AUTH_FAILED)
+    return key
 
 
 def _byte_view(obj: Any) -> memoryview:

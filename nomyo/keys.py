@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nomyo.errors import DisposedError
-from nomyo.memory import SecureBuffer, wipe_bytes
+from nomyo.memory import SecureBuffer, adopt_bytes, wipe_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -113,18 +113,17 @@ class KeyPair:
         fmt = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8)
         with _password_buffer(password) as pw:
             if pw is None:
-                return _secure_copy(
+                return adopt_bytes(
                     self.private_key.private_bytes(*fmt, serialization.NoEncryption())
                 )
             # cryptography takes the password only as `bytes`: one copy, zeroed right after use.
             with memoryview(pw) as view:
                 pw_bytes = bytes(view)
+            encryption = serialization.BestAvailableEncryption(pw_bytes)
             try:
-                encryption = serialization.BestAvailableEncryption(pw_bytes)
-                pem = _secure_copy(self.private_key.private_bytes(*fmt, encryption))
-                del encryption
-                return pem
+                return adopt_bytes(self.private_key.private_bytes(*fmt, encryption))
             finally:
+                encryption = None  # it holds pw_bytes: drop it first, on failure too
                 wipe_bytes(pw_bytes)
 
     def close(self) -> None:
@@ -191,14 +190,6 @@ def _check_size(bits: int) -> None:
         raise ValueError(f"RSA keys under {MIN_KEY_BITS} bits are refused (got {bits})")
 
 
-def _secure_copy(data: bytes) -> SecureBuffer:
-    """Copy an immutable secret into secure memory and zero the original in place."""
-    try:
-        return SecureBuffer.copy_of(data)
-    finally:
-        wipe_bytes(data)
-
-
 class _NoPassword:
     def __enter__(self) -> None:
         return None
@@ -215,7 +206,7 @@ def _password_buffer(password: Password) -> Any:
         if not password:
             raise ValueError("password must not be empty")
         # str.encode makes a bytes copy: move it into secure memory and zero it at once.
-        return _secure_copy(password.encode("utf-8"))
+        return adopt_bytes(password.encode("utf-8"))
     if isinstance(password, (SecureBuffer, bytes, bytearray, memoryview)):
         return SecureBuffer.copy_of(password)
     raise TypeError(f"password must be str or bytes-like, not {type(password).__name__}")

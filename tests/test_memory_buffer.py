@@ -141,3 +141,13 @@ def test_wipe_bytes_zeroes_a_sole_reference_and_refuses_shared_ones():
     assert wipe_str(text) is True and set(text) == {"\x00"}
     with pytest.raises(TypeError):
         wipe_bytes(bytearray(3))
+
+
+def test_adopt_bytes_moves_a_temporary_and_refuses_a_referenced_one():
+    from nomyo.memory import adopt_bytes
+
+    with adopt_bytes(_fresh_bytes()) as moved:
+        assert len(moved) == 24 and moved.data.tobytes() != bytes(24)
+    kept = _fresh_bytes()
+    with pytest.raises(ValueError, match="referenced elsewhere"):
+        adopt_bytes(kept)

@@ -33,6 +33,16 @@ else:
         return False
 
 
+def adopt_bytes(data: bytes) -> SecureBuffer:
+    """Move an immutable secret that a third-party API forced on us (e.g. RSA decryption's
+    `bytes`) into secure memory, and zero the original in place at once.
+    Pass the object itself, holding no other reference: wiping is refused otherwise."""
+    try:
+        return SecureBuffer.copy_of(data)
+    finally:
+        wipe_bytes(data)  # our parameter is now its one reference (the call handed it over)
+
+
 @contextmanager
 def secure_bytearray(data: Any, lock: bool = True) -> Iterator[SecureBuffer]:
     """Move data into secure memory for the block: the caller's bytearray is wiped at once,
@@ -60,6 +70,7 @@ def secure_bytes(data: Any, lock: bool = True) -> Iterator[SecureBuffer]:
 __all__ = [
     "MemoryProtectionLevel",
     "SecureBuffer",
+    "adopt_bytes",
     "disable_secure_memory",
     "enable_secure_memory",
     "get_memory_protection_info",
