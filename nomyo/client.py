@@ -202,9 +202,7 @@ class SecureCompletionClient:
     def encrypt_payload_sync(self, payload: dict[str, Any]) -> bytes:
         """Blocking `encrypt_payload`."""
         _check_payload(payload)
-        server_key = self._server_key(self.router_url)
-        with secure_json.dumps(payload) as plaintext:
-            return envelope.seal(plaintext, server_key.public_key)
+        return self._seal(payload, self._server_key(self.router_url).public_key)
 
     def decrypt_response_sync(self, encrypted_response: bytes, payload_id: str) -> dict[str, Any]:
         """Blocking `decrypt_response`."""
@@ -235,13 +233,10 @@ class SecureCompletionClient:
             headers["X-Security-Tier"] = security_tier
         check_header_values(headers)  # before any key is made or byte is sent
         self._keyring.start()  # no-op once a pair exists; else it is made while we fetch
-        self._server_key(url)
+        server_key = self._server_key(url)
         with self._keyring.lease() as pair:
             headers["X-Public-Key"] = _quoted(pair.public_pem)
-            with secure_json.dumps(payload) as plaintext:
-                if self.require_secure_memory and not plaintext.locked:
-                    _require_secure_memory(get_memory_protection_info())
-                content = self._post_sealed(url, plaintext, headers)
+            content = self._post_sealed(url, server_key, payload, headers)
             return _open_response(content, pair, str(payload_id))
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -333,10 +328,18 @@ class SecureCompletionClient:
             logger.warning("server %s presented a new public key", urlsplit(url).netloc)
         return _ServerKey(public_key, pem, fingerprint)
 
-    def _post_sealed(self, url: str, plaintext: Any, headers: dict[str, str]) -> bytes:
+    def _seal(self, payload: dict[str, Any], public_key: rsa.RSAPublicKey) -> bytes:
+        """Serialise into secure memory and seal; the plaintext is wiped before any byte is
+        sent, so it never waits in memory for the model's answer."""
+        with secure_json.dumps(payload) as plaintext:
+            if self.require_secure_memory and not plaintext.locked:
+                _require_secure_memory(get_memory_protection_info())
+            return envelope.seal(plaintext, public_key)
+
+    def _post_sealed(self, url: str, server_key: _ServerKey, payload: dict[str, Any],
+                     headers: dict[str, str]) -> bytes:
         """Seal and POST; if the server could not open the package, refresh its key once."""
-        server_key = self._server_key(url)
-        body = envelope.seal(plaintext, server_key.public_key)
+        body = self._seal(payload, server_key.public_key)
         try:
             return self._transport.post(url + COMPLETION_PATH, body, headers)
         except InvalidRequestError as err:
@@ -346,7 +349,7 @@ class SecureCompletionClient:
             if fresh.fingerprint == server_key.fingerprint:
                 raise
             logger.info("retrying once with the server's new public key")
-        body = envelope.seal(plaintext, fresh.public_key)
+        body = self._seal(payload, fresh.public_key)
         return self._transport.post(url + COMPLETION_PATH, body, headers)
 
 

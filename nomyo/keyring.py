@@ -69,10 +69,6 @@ class KeyRing:
         self._closed = False
 
     @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
     def current(self) -> KeyPair | None:
         """The pair new requests use, or None while the first one is still being born."""
         slot = self._current
@@ -85,12 +81,12 @@ class KeyRing:
             if self._current is None and self._first is None:
                 self._first = self._submit(self._initial_pair)
 
-    def install(self, pair: KeyPair, born: float | None = None) -> None:
+    def install(self, pair: KeyPair) -> None:
         """Use `pair` from now on (generate_keys / load_keys); the previous pair is retired."""
         with self._lock:
             self._check_open()
             pending, self._first = self._first, None
-            self._swap(_Slot(pair, self._clock() if born is None else born))
+            self._swap(_Slot(pair, self._clock()))
         if pending is not None:
             pending.add_done_callback(_close_result)  # a pair being born is not needed now
 
@@ -146,7 +142,13 @@ class KeyRing:
                 self._first = self._submit(self._initial_pair)
             first = self._first if self._current is None else None
         if first is not None:
-            pair, born = first.result()  # the first request of a client: wait for its pair
+            try:
+                pair, born = first.result()  # the first request of a client: wait for its pair
+            except BaseException:
+                with self._lock:  # a failed birth (e.g. key_dir briefly unwritable) is retried
+                    if self._first is first:
+                        self._first = None
+                raise
             with self._lock:
                 self._check_open()
                 if self._first is first:

@@ -182,3 +182,16 @@ def test_install_supersedes_a_pair_still_being_born():
     wait_until(lambda: pending.done() and pending.result()[0].closed)
     ring.close()
     assert mine.closed
+
+
+def test_a_failed_first_pair_is_retried_by_the_next_lease(tmp_path):
+    blocked = tmp_path / "keys"
+    blocked.write_text("a file where the key directory should be")
+    ring = KeyRing(key_size=2048, key_dir=blocked)
+    with pytest.raises(OSError), ring.lease():
+        pass
+    blocked.unlink()  # the operator fixes the directory
+    with ring.lease() as pair:
+        assert not pair.closed
+    assert (blocked / "private_key.pem").exists()
+    ring.close()
