@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+_CLASS_DEFAULT: Any = object()
+
 
 class NomyoError(Exception):
     """Base of every error this library raises on purpose."""
@@ -38,11 +40,12 @@ class APIError(NomyoError):
     def __init__(
         self,
         message: str,
-        status_code: int | None = None,
+        status_code: Any = _CLASS_DEFAULT,
         error_details: dict[str, Any] | None = None,
     ) -> None:
         self.message = message
-        self.status_code = status_code if status_code is not None else self.default_status
+        # The class's status unless given; an explicit None means no HTTP answer (raised here)
+        self.status_code = self.default_status if status_code is _CLASS_DEFAULT else status_code
         self.error_details = error_details
         super().__init__(message)
 

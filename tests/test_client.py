@@ -346,3 +346,11 @@ def test_rotation_under_concurrent_load_never_breaks_a_request(peer):
                 break
             time.sleep(0.1)
     assert len(seen) >= 3  # the pair rotated at least twice while requests were in flight
+
+
+def test_locally_raised_errors_carry_no_http_status():
+    from nomyo.errors import InvalidRequestError, RateLimitError
+
+    assert InvalidRequestError("stream refused", status_code=None).status_code is None
+    assert InvalidRequestError("from the server").status_code == 400
+    assert RateLimitError("slow down", 429, {"detail": "x"}).error_details == {"detail": "x"}
