@@ -231,7 +231,7 @@ def _run_chat(args: argparse.Namespace) -> int:
             server_key_fingerprint=args.server_key_fingerprint,
         ) as client:
             response = client.create_sync(args.model, messages, security_tier=args.tier)
-    except (NomyoError, ValueError) as err:
+    except (NomyoError, ValueError, OSError) as err:  # OSError: e.g. an unusable --key-dir
         print(f"nomyo chat: error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAILED
     finally:
@@ -271,9 +271,13 @@ def _run_keys_generate(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"nomyo keys: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    with KeyPair.generate(args.key_size) as pair:
-        path = pair.save(args.directory, password)
-        print(f"{path}\nfingerprint {pair.fingerprint}")
+    try:
+        with KeyPair.generate(args.key_size) as pair:
+            path = pair.save(args.directory, password)
+            print(f"{path}\nfingerprint {pair.fingerprint}")
+    except OSError as err:
+        print(f"nomyo keys: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -166,3 +166,12 @@ def test_bad_flags_give_one_line_and_status_2(argv):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["keys", "generate", "--key-size", "2048", "/proc/nope/keys"],
+                                  ["chat", "--key-dir", "/proc/nope/keys", "hello"]])
+def test_unusable_directories_are_one_line_errors(argv):
+    proc = subprocess.run([sys.executable, "-m", "nomyo", *argv], capture_output=True,
+                          text=True, timeout=120, env=child_env())
+    assert proc.returncode not in (0, 2) and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2 and "error:" in proc.stderr
