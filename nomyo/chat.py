@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from .client import SecureCompletionClient, validate_security_tier
-from .errors import InvalidRequestError, SecurityError
+from .client import SecureCompletionClient
+from .errors import SecurityError
 from .keys import Password
 from .transport import DEFAULT_TIMEOUT
 
@@ -45,6 +45,12 @@ class SecureChatCompletion:
     ) -> None:
         if attestation not in ATTESTATION_MODES:
             raise ValueError("attestation must be None, 'verify' or 'require'")
+        if expected_pcrs is not None:
+            if attestation is None:
+                raise ValueError("expected_pcrs needs attestation='verify' or 'require'")
+            from .attestation import validate_expected_pcrs
+
+            validate_expected_pcrs(expected_pcrs)
         self.client = SecureCompletionClient(
             router_url=base_url, allow_http=allow_http, secure_memory=secure_memory,
             max_retries=max_retries, timeout=timeout, key_size=key_size, key_dir=key_dir,
@@ -65,7 +71,10 @@ class SecureChatCompletion:
             payload, options["payload_id"], options["api_key"], options["security_tier"],
             base_url=options["base_url"],
         )
-        return self._attest(response, options["payload_id"])
+        if self.attestation is None:
+            return response
+        # signature checks are CPU work: off the event loop, like the rest of the request
+        return await self.client._run(self._attest, response, options["payload_id"])
 
     async def acreate(self, model: str, messages: list[dict[str, Any]], **kwargs: Any
                       ) -> dict[str, Any]:
@@ -105,15 +114,9 @@ class SecureChatCompletion:
 
     def _prepare(self, model: str, messages: Any, kwargs: dict[str, Any]
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Split per-call options from the payload and validate both before any work."""
-        self.client._check_open()
+        """Split per-call options from the payload. The client checks tier, stream and
+        closed state itself, before any work; only the facade's own arguments are checked here."""
         options = {name: kwargs.pop(name, None) for name in _CALL_OPTIONS}
-        validate_security_tier(options["security_tier"])
-        if kwargs.get("stream"):
-            raise InvalidRequestError(
-                "stream=True is not supported: the protocol carries whole encrypted "
-                "responses only", status_code=None,
-            )
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a non-empty string")
         if not isinstance(messages, list):

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 from nomyo.attestation.quote import AttestationError, TpmQuoter
-from nomyo.attestation.verify import AttestationResult, Reason, verify_tpm_attestation
+from nomyo.attestation.verify import (
+    AttestationResult,
+    Reason,
+    validate_expected_pcrs,
+    verify_tpm_attestation,
+)
 
 __all__ = ["AttestationError", "AttestationResult", "Reason", "TpmQuoter",
-           "verify_tpm_attestation"]
+           "validate_expected_pcrs", "verify_tpm_attestation"]

@@ -206,6 +206,17 @@ def _pcr_values(reported: Any, selections: tuple[ts.PcrSelection, ...]
     return values, normalised
 
 
+def validate_expected_pcrs(expected: Any) -> None:
+    """Raise ValueError for an `expected_pcrs` that can never match, so a caller can refuse
+    it once, up front, instead of failing every response."""
+    try:
+        _normalise_expected(expected)
+    except ts.TpmFormatError:
+        raise ValueError(
+            "expected_pcrs must be {bank: {index: hex digest}}, e.g. {'sha256': {0: '18cb...'}}"
+        ) from None
+
+
 def _normalise_expected(expected: Any) -> dict[str, dict[int, bytes]]:
     """{bank: {index: hex}} with int or str indices -> {bank: {int: bytes}}."""
     if not isinstance(expected, Mapping) or not expected:
