@@ -217,9 +217,11 @@ def test_event_loop_keeps_running_while_requests_are_in_flight(chat, peer):
     assert asyncio.run(scenario()) >= 10
 
 
-@pytest.mark.parametrize("kwargs", [{"attestation": "require", "expected_pcrs": {"sha256": {0: "zz"}}},
-                                    {"attestation": "verify", "expected_pcrs": {"md5": {0: "00"}}},
-                                    {"expected_pcrs": {"sha256": {0: "00" * 32}}}])
+@pytest.mark.parametrize("kwargs", [
+    {"attestation": "require", "expected_pcrs": {"sha256": {0: "zz"}}},
+    {"attestation": "verify", "expected_pcrs": {"md5": {0: "00"}}},
+    {"expected_pcrs": {"sha256": {0: "00" * 32}}},
+])
 def test_unusable_expected_pcrs_are_refused_at_construction(kwargs):
     with pytest.raises(ValueError, match="expected_pcrs"):
         SecureChatCompletion(base_url="https://example.invalid", **kwargs)
