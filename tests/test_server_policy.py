@@ -112,3 +112,21 @@ def test_rate_limiter_refills() -> None:
     assert limiter.acquire("y") == 0
     with pytest.raises(ValueError):
         RateLimiter(0)
+
+
+def test_rate_limit_table_is_bounded_least_recently_seen_first():
+    from nomyo.server.policy import RateLimiter
+
+    limiter = RateLimiter(1)
+    limiter._MAX_CLIENTS = 3
+    for who in ("a", "b", "c", "a", "d"):  # "a" seen again, so "b" is the oldest
+        limiter.acquire(who)
+    assert list(limiter._buckets) == ["c", "a", "d"]
+
+
+@pytest.mark.parametrize("rate", [0, -1, float("inf"), float("nan")])
+def test_bad_rate_limits_are_refused_before_any_key_is_made(rate):
+    from nomyo.server.factory import create_app
+
+    with pytest.raises(ValueError, match="rate limit"):
+        create_app(rate_limit=rate, key_bits=2048)

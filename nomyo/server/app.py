@@ -65,7 +65,7 @@ class AppOptions:
 
     api_keys: ApiKeys | None = None
     tier_policy: TierPolicy | None = None
-    rate_limit: float | None = None
+    rate_limiter: RateLimiter | None = None
     max_request_bytes: int = envelope.MAX_PACKAGE_BYTES
     attestor: Any = None  # object with .quote(payload_id) -> dict, or None
 
@@ -79,7 +79,7 @@ class SecureCompletionApp:
         self.keypair = keypair
         self.backend = backend
         self.options = options or AppOptions()
-        self._limiter = RateLimiter(self.options.rate_limit) if self.options.rate_limit else None
+        self._limiter = self.options.rate_limiter
         self._public_pem = keypair.public_pem.encode("ascii")
         self._memory_protection = _memory_protection_summary()
 

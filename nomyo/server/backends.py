@@ -59,8 +59,10 @@ class EchoBackend:
     def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         # Built without transient copies of the user's text (no json.dumps, split or join of
         # it), so that wiping the request and answer trees leaves none of it behind.
-        messages = request.get("messages") or []
-        last = _last_user_parts(messages)
+        messages = [m for m in request.get("messages") or [] if isinstance(m, dict)]
+        counts = [sum(map(_count_tokens, _text_parts(m.get("content")))) for m in messages]
+        echoed = _last_user_index(messages)
+        last = _text_parts(messages[echoed].get("content")) if messages else []
         content = "".join(["Echo: ", *last])
         with secure_json.dumps(request) as body, memoryview(body) as view:
             digest = hashlib.sha256(view).hexdigest()
@@ -81,13 +83,10 @@ class EchoBackend:
                 }
             ]
             finish_reason = "tool_calls"
-        prompt_tokens = sum(
-            _count_tokens(part)
-            for m in messages
-            if isinstance(m, dict)
-            for part in _text_parts(m.get("content"))
-        )
-        completion_tokens = _count_tokens(content)
+        # Each text is counted once (counting is a Python loop over the whole prompt):
+        # the answer is "Echo:" (one word, one mark) plus the echoed message.
+        prompt_tokens = sum(counts)
+        completion_tokens = 2 + (counts[echoed] if messages else 0)
         return {
             "id": f"chatcmpl-echo-{digest[:24]}",
             "object": "chat.completion",
@@ -119,10 +118,10 @@ def _text_parts(content: Any) -> list[str]:
     return []
 
 
-def _last_user_parts(messages: list[Any]) -> list[str]:
-    dicts = [m for m in messages if isinstance(m, dict)]
-    users = [m for m in dicts if m.get("role") == "user"] or dicts
-    return _text_parts(users[-1].get("content")) if users else []
+def _last_user_index(messages: list[dict]) -> int:
+    """Index of the last user message (of the last message when there is none; -1 if empty)."""
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    return users[-1] if users else len(messages) - 1
 
 
 _WORD = re.compile(r"\S+")

@@ -184,7 +184,8 @@ def run_serve(args: argparse.Namespace) -> int:
             backend=args.backend,
             backend_timeout=args.backend_timeout,
             key_file=args.key_file,
-            key_password=os.environ.get(KEY_PASSWORD_ENV) or None,
+            # taken out of the environment: not inherited by workers or backends' children
+            key_password=os.environ.pop(KEY_PASSWORD_ENV, None) or None,
             key_bits=args.key_bits,
             api_key_file=args.api_key_file,
             tier_policy_file=args.tier_policy,

@@ -11,7 +11,7 @@ from nomyo import envelope
 from nomyo.keys import DEFAULT_KEY_BITS, KeyPair
 from nomyo.server.app import AppOptions, SecureCompletionApp
 from nomyo.server.backends import create_backend
-from nomyo.server.policy import ApiKeys, TierPolicy
+from nomyo.server.policy import ApiKeys, RateLimiter, TierPolicy
 
 logger = logging.getLogger("nomyo.server")
 
@@ -53,12 +53,11 @@ def create_app(
     options = AppOptions(
         api_keys=keys_,
         tier_policy=policy,
-        rate_limit=rate_limit,
+        # built (and validated: positive, finite) before the backend and key are made
+        rate_limiter=RateLimiter(rate_limit) if rate_limit is not None else None,
         max_request_bytes=max_request_bytes,
         attestor=attestor,
     )
-    if rate_limit is not None and not rate_limit > 0:
-        raise ValueError("rate limit must be a positive number of requests per second")
     inference = create_backend(backend, timeout=backend_timeout)
     if key is None:
         if key_file is not None:

@@ -123,13 +123,9 @@ class RateLimiter:
             return (1.0 - tokens) / self.rate
 
     def _store(self, identity: str, tokens: float, now: float) -> None:
-        if len(self._buckets) >= self._MAX_CLIENTS and identity not in self._buckets:
-            # Forget clients whose buckets have refilled: they carry no state worth keeping.
-            full = [
-                k
-                for k, (t, s) in self._buckets.items()
-                if t + (now - s) * self.rate >= self.capacity
-            ]
-            for key in full:
-                del self._buckets[key]
+        # Re-inserted so the table stays in least-recently-seen order; when full, the oldest
+        # entry goes (O(1)): a client unseen that long has refilled or nearly so.
+        self._buckets.pop(identity, None)
+        if len(self._buckets) >= self._MAX_CLIENTS:
+            del self._buckets[next(iter(self._buckets))]
         self._buckets[identity] = (tokens, now)

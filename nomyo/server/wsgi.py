@@ -29,7 +29,7 @@ def create_app() -> SecureCompletionApp:
     return _create_app(
         backend=env.get("NOMYO_BACKEND", "echo"),
         key_file=env.get("NOMYO_KEY_FILE") or None,
-        key_password=env.get("NOMYO_KEY_PASSWORD") or None,
+        key_password=env.pop("NOMYO_KEY_PASSWORD", None) or None,  # not left in the env
         api_key_file=env.get("NOMYO_API_KEY_FILE") or None,
         tier_policy_file=env.get("NOMYO_TIER_POLICY") or None,
         rate_limit=float(rate) if rate else None,
