@@ -288,14 +288,14 @@ class EmbeddedServer(ThreadingHTTPServer):
 
 
 class ServerHandle:
-    """A server running in a background thread: `.url`, `.public_key_pem`, `.stop()`."""
+    """A server running in a background thread: `.url`, `.public_key_pem`, `.fingerprint`,
+    `.stop()`."""
 
     def __init__(self, server: EmbeddedServer) -> None:
         self.server = server
         self.app = server.app
         port = server.server_address[1]
         self.url = server.url
-        self.port = port
         self.public_key_pem = server.app.keypair.public_pem
         self.fingerprint = server.app.keypair.fingerprint
         self._thread = threading.Thread(
