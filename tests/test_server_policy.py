@@ -130,3 +130,18 @@ def test_bad_rate_limits_are_refused_before_any_key_is_made(rate):
 
     with pytest.raises(ValueError, match="rate limit"):
         create_app(rate_limit=rate, key_bits=2048)
+
+
+@pytest.mark.parametrize("raw,expected", [(None, None), ("0", 0), ("120", 120)])
+def test_content_length_parses_plain_digits(raw, expected):
+    from nomyo.server.app import parse_content_length
+
+    assert parse_content_length(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "+5", "abc", "\uff11\uff12", "1e3", ""])
+def test_content_length_rejects_anything_else(raw):
+    from nomyo.server.app import parse_content_length
+
+    with pytest.raises(ValueError):
+        parse_content_length(raw)

@@ -70,6 +70,16 @@ class AppOptions:
     attestor: Any = None  # object with .quote(payload_id) -> dict, or None
 
 
+def parse_content_length(raw: str | None) -> int | None:
+    """The body length a request announced (None when absent); ValueError when invalid.
+    Shared by the embedded HTTP server and the WSGI entry point."""
+    if raw is None:
+        return None
+    if not raw.strip().isascii() or not raw.strip().isdigit():
+        raise ValueError("invalid Content-Length")
+    return int(raw)
+
+
 class SecureCompletionApp:
     """Protocol 1.0 endpoint logic over a server key pair and a backend."""
 
@@ -245,11 +255,6 @@ class SecureCompletionApp:
             for key, value in environ.items()
             if key.startswith("HTTP_")
         }
-        raw_length = environ.get("CONTENT_LENGTH") or ""
-        try:
-            content_length: int | None = int(raw_length) if raw_length else None
-        except ValueError:
-            content_length = -1
         stream = environ["wsgi.input"]
 
         def read_body(n: int) -> bytes:
@@ -258,7 +263,9 @@ class SecureCompletionApp:
                 raise HttpError(400, "request body shorter than Content-Length")
             return data
 
-        if content_length is not None and content_length < 0:
+        try:
+            content_length = parse_content_length(environ.get("CONTENT_LENGTH") or None)
+        except ValueError:
             response = error_response(400, "invalid Content-Length")
         else:
             response = self.handle(

@@ -22,7 +22,13 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from nomyo.server.app import HttpError, Response, SecureCompletionApp, error_response
+from nomyo.server.app import (
+    HttpError,
+    Response,
+    SecureCompletionApp,
+    error_response,
+    parse_content_length,
+)
 
 logger = logging.getLogger("nomyo.server")
 
@@ -94,11 +100,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send(error_response(411, "chunked bodies are not supported; send Content-Length"))
             return
-        raw_length = headers.get("content-length")
         try:
-            content_length = int(raw_length) if raw_length is not None else None
-            if content_length is not None and content_length < 0:
-                raise ValueError
+            content_length = parse_content_length(headers.get("content-length"))
         except ValueError:
             self.close_connection = True
             self._send(error_response(400, "invalid Content-Length"))
