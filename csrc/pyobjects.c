@@ -109,6 +109,30 @@ Region_detach(RegionObject *self, PyObject *unused)
     return PyLong_FromSsize_t(self->exports);
 }
 
+/* Point the region at new data after secmem moved it (nm_region_refit); refused while any
+ * view of the old placement is alive, so no view ever outlives what it looked at. */
+static PyObject *
+Region_refit(RegionObject *self, PyObject *args)
+{
+    unsigned long long address;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "Kn:_refit", &address, &size))
+        return NULL;
+    if (!Region_usable(self))
+        return NULL;
+    if (address == 0 || size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "Region needs a non-null address and a positive size");
+        return NULL;
+    }
+    if (self->exports > 0) {
+        PyErr_SetString(PyExc_BufferError, "cannot refit a secure buffer while views of it exist");
+        return NULL;
+    }
+    self->ptr = (unsigned char *)(uintptr_t)address;
+    self->size = size;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Region_get_exports(RegionObject *self, void *closure)
 {
@@ -144,6 +168,8 @@ static PyMethodDef Region_methods[] = {
     {"wipe", (PyCFunction)Region_wipe, METH_NOARGS, "Zero the whole buffer."},
     {"_detach", (PyCFunction)Region_detach, METH_NOARGS,
      "Wipe and close; return live exports, or -1 if already closed."},
+    {"_refit", (PyCFunction)Region_refit, METH_VARARGS,
+     "Point at data moved by nm_region_refit (no live views allowed)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -159,7 +185,7 @@ static PyTypeObject RegionType = {
     .tp_name = "nomyo._pyobjects.Region",
     .tp_basicsize = sizeof(RegionObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "A fixed memory region exported through the buffer protocol (SecureBuffer's base).",
+    .tp_doc = "A memory region exported through the buffer protocol (SecureBuffer's base).",
     .tp_new = Region_new,
     .tp_as_buffer = &Region_as_buffer,
     .tp_as_sequence = &Region_as_sequence,
@@ -521,7 +547,7 @@ PyInit__pyobjects(void)
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "ABI_VERSION", 1) < 0) {
+    if (PyModule_AddIntConstant(m, "ABI_VERSION", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

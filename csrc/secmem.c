@@ -23,8 +23,6 @@
 #define MADV_DONTDUMP 16
 #endif
 
-#define NM_CANARY_SIZE sizeof(uint64_t)
-
 static size_t page_size(void)
 {
     static size_t cached;
@@ -97,14 +95,44 @@ static void protect_mmap_pages(nm_region *r, int flags)
         r->lock_errno = errno;
 }
 
-int nm_region_alloc(nm_region *r, size_t size, int flags)
+/* Place `size` bytes of data against the trailing guard page, with a fresh canary before
+ * them: distinct per placement without a syscall, the process key mixed with the address
+ * (splitmix64 finaliser). Returns 0, or -errno when the kernel CSPRNG failed. */
+static int place_data(nm_region *r, size_t size)
+{
+    uint64_t key = canary_key();
+    if (key == 0)
+        return errno ? -errno : -EIO;
+    r->size = size;
+    r->data = r->inner + r->inner_len - size;
+    uint64_t z = key ^ (uint64_t)(uintptr_t)r->data;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    r->canary = z ^ (z >> 31);
+    memcpy(r->data - NM_CANARY_BYTES, &r->canary, NM_CANARY_BYTES);
+    return 0;
+}
+
+/* A damaged canary means something wrote before the buffer: the process is in an unknown
+ * state, so it stops (SIGABRT), after wiping the region. */
+static void check_canary(nm_region *r)
+{
+    if (memcmp(r->data - NM_CANARY_BYTES, &r->canary, NM_CANARY_BYTES) == 0)
+        return;
+    explicit_bzero(r->inner, r->inner_len);
+    static const char msg[] = "nomyo: secure buffer canary overwritten; aborting\n";
+    ssize_t ignored = write(2, msg, sizeof(msg) - 1);
+    (void)ignored;
+    abort();
+}
+
+int nm_region_alloc(nm_region *r, size_t size, size_t capacity, int flags)
 {
     size_t page = page_size();
     memset(r, 0, sizeof(*r));
-    if (size == 0 || size > ((size_t)1 << 40))
+    if (size == 0 || capacity < size || capacity > ((size_t)1 << 40))
         return -EINVAL;
-    r->size = size;
-    r->inner_len = (size + NM_CANARY_SIZE + page - 1) / page * page;
+    r->inner_len = (capacity + NM_CANARY_BYTES + page - 1) / page * page;
     r->total = r->inner_len + 2 * page;
 
     /* One reservation with no access; the middle pages are opened below, the outer page on
@@ -157,38 +185,36 @@ int nm_region_alloc(nm_region *r, size_t size, int flags)
         r->fork_errno = errno;
     }
 
-    r->data = r->inner + r->inner_len - size;
-    uint64_t key = canary_key();
-    if (key == 0) {
-        int rc = -errno;
+    int rc = place_data(r, size);
+    if (rc != 0) {
         munmap(r->base, r->total);
         memset(r, 0, sizeof(*r));
-        return rc ? rc : -EIO;
     }
-    /* Distinct per region without a syscall per allocation: the secret key mixed with
-     * the address (splitmix64 finaliser). */
-    uint64_t z = key ^ (uint64_t)(uintptr_t)r->data;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    r->canary = z ^ (z >> 31);
-    memcpy(r->data - NM_CANARY_SIZE, &r->canary, NM_CANARY_SIZE);
-    return 0;
+    return rc;
 }
 
-/* Wipe, check the canary, unlock and unmap. A damaged canary means something wrote before
- * the buffer: the process is in an unknown state, so it stops (SIGABRT) after wiping. */
+/* Reuse the region for a new secret of `size` bytes (at most its capacity): the canary is
+ * checked and the old secret wiped before the data moves against the trailing guard again.
+ * Mapping and unmapping are most of a secure allocation's cost (memfd_secret takes every
+ * page out of the kernel's direct map and back), so one exchange reuses its regions. */
+int nm_region_refit(nm_region *r, size_t size)
+{
+    if (r->base == NULL)
+        return -EINVAL;
+    if (size == 0 || size > r->inner_len - NM_CANARY_BYTES)
+        return -ENOSPC;
+    check_canary(r);
+    explicit_bzero(r->data - NM_CANARY_BYTES, r->size + NM_CANARY_BYTES);
+    return place_data(r, size);
+}
+
+/* Wipe, check the canary, unlock and unmap. */
 int nm_region_free(nm_region *r)
 {
     if (r->base == NULL)
         return -EINVAL;
-    int canary_ok = memcmp(r->data - NM_CANARY_SIZE, &r->canary, NM_CANARY_SIZE) == 0;
+    check_canary(r);
     explicit_bzero(r->inner, r->inner_len);
-    if (!canary_ok) {
-        static const char msg[] = "nomyo: secure buffer canary overwritten; aborting\n";
-        ssize_t ignored = write(2, msg, sizeof(msg) - 1);
-        (void)ignored;
-        abort();
-    }
     int err = 0;
     if (r->locked && r->allocator == NM_ALLOC_MMAP && munlock(r->inner, r->inner_len) != 0)
         err = errno;

@@ -11,9 +11,11 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define NM_ABI_VERSION 1   /* bump on any change the Python layer must know about */
+#define NM_ABI_VERSION 2   /* bump on any change the Python layer must know about */
 #define NM_ALLOC_MMAP 1
 #define NM_ALLOC_MEMFD_SECRET 2
+
+#define NM_CANARY_BYTES 8      /* canary stored just before the data */
 
 #define NM_FLAG_FORCE_MMAP 1   /* never try memfd_secret */
 #define NM_FLAG_NO_LOCK 2      /* do not mlock (secure memory disabled by the caller) */
@@ -40,7 +42,9 @@ typedef struct nm_region {
     uint64_t canary;       /* random value stored just before data, checked at free */
 } nm_region;
 
-int nm_region_alloc(nm_region *r, size_t size, int flags);
+/* capacity >= size: bytes a later nm_region_refit may grow the data to */
+int nm_region_alloc(nm_region *r, size_t size, size_t capacity, int flags);
+int nm_region_refit(nm_region *r, size_t size);
 int nm_region_free(nm_region *r);
 int nm_region_unmap(nm_region *r);
 int nm_fill_random(void *p, size_t n);

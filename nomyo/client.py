@@ -49,6 +49,9 @@ PUBLIC_KEY_PATH = "/pki/public_key"
 COMPLETION_PATH = "/v1/chat/secure_completion"
 MAX_WORKERS = 32
 MAX_CACHED_SERVER_KEYS = 64  # endpoints (per-call base_url) whose key is remembered
+# Room reserved beyond a request's plaintext so that its answer, when not much larger (an
+# echo, a short reply to a short prompt), is decrypted into the same secure buffer.
+ANSWER_HEADROOM = 4096
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -202,14 +205,14 @@ class SecureCompletionClient:
     def encrypt_payload_sync(self, payload: dict[str, Any]) -> bytes:
         """Blocking `encrypt_payload`."""
         _check_payload(payload)
-        return self._seal(payload, self._server_key(self.router_url).public_key)
+        return self._seal(payload, self._server_key(self.router_url).public_key, envelope.FRESH)
 
     def decrypt_response_sync(self, encrypted_response: bytes, payload_id: str) -> dict[str, Any]:
         """Blocking `decrypt_response`."""
         if not encrypted_response:
             raise PackageError("Empty encrypted response")
         with self._keyring.lease() as pair:
-            return _open_response(encrypted_response, pair, payload_id)
+            return _open_response(encrypted_response, pair, payload_id, envelope.FRESH)
 
     def send_secure_request_sync(
         self,
@@ -234,10 +237,12 @@ class SecureCompletionClient:
         check_header_values(headers)  # before any key is made or byte is sent
         self._keyring.start()  # no-op once a pair exists; else it is made while we fetch
         server_key = self._server_key(url)
-        with self._keyring.lease() as pair:
+        # One workspace per exchange: the request's key and plaintext slots, wiped before any
+        # byte is sent, hold the answer's next, and everything is released on return.
+        with self._keyring.lease() as pair, envelope.Workspace(ANSWER_HEADROOM) as work:
             headers["X-Public-Key"] = _quoted(pair.public_pem)
-            content = self._post_sealed(url, server_key, payload, headers)
-            return _open_response(content, pair, str(payload_id))
+            content = self._post_sealed(url, server_key, payload, headers, work)
+            return _open_response(content, pair, str(payload_id), work)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -328,18 +333,22 @@ class SecureCompletionClient:
             logger.warning("server %s presented a new public key", urlsplit(url).netloc)
         return _ServerKey(public_key, pem, fingerprint)
 
-    def _seal(self, payload: dict[str, Any], public_key: rsa.RSAPublicKey) -> bytes:
+    def _seal(self, payload: dict[str, Any], public_key: rsa.RSAPublicKey,
+              work: envelope.Workspace) -> bytes:
         """Serialise into secure memory and seal; the plaintext is wiped before any byte is
         sent, so it never waits in memory for the model's answer."""
-        with secure_json.dumps(payload) as plaintext:
+        plaintext = secure_json.dumps(payload, work.plaintext)
+        try:
             if self.require_secure_memory and not plaintext.locked:
                 _require_secure_memory(get_memory_protection_info())
-            return envelope.seal(plaintext, public_key)
+            return envelope.seal(plaintext, public_key, workspace=work)
+        finally:
+            work.done(plaintext)
 
     def _post_sealed(self, url: str, server_key: _ServerKey, payload: dict[str, Any],
-                     headers: dict[str, str]) -> bytes:
+                     headers: dict[str, str], work: envelope.Workspace) -> bytes:
         """Seal and POST; if the server could not open the package, refresh its key once."""
-        body = self._seal(payload, server_key.public_key)
+        body = self._seal(payload, server_key.public_key, work)
         try:
             return self._transport.post(url + COMPLETION_PATH, body, headers)
         except InvalidRequestError as err:
@@ -349,7 +358,7 @@ class SecureCompletionClient:
             if fresh.fingerprint == server_key.fingerprint:
                 raise
             logger.info("retrying once with the server's new public key")
-        body = self._seal(payload, fresh.public_key)
+        body = self._seal(payload, fresh.public_key, work)
         return self._transport.post(url + COMPLETION_PATH, body, headers)
 
 
@@ -377,9 +386,10 @@ def _server_could_not_open(err: InvalidRequestError) -> bool:
     return isinstance(detail, str) and "decrypt" in detail.lower()
 
 
-def _open_response(content: bytes, pair: keys.KeyPair, payload_id: str) -> dict[str, Any]:
+def _open_response(content: bytes, pair: keys.KeyPair, payload_id: str,
+                   work: envelope.Workspace) -> dict[str, Any]:
     """Open and parse a response package; merge the client-side `_metadata` fields."""
-    response, info = envelope.open_json(content, pair)
+    response, info = envelope.open_json(content, pair, workspace=work)
     if not isinstance(response, dict):
         raise PackageError("decrypted response is not a JSON object")
     metadata = response.get("_metadata")

@@ -1,11 +1,14 @@
 """Protocol 1.0 packages: seal and open, in both directions (see PROTOCOL.md).
 
-Where each secret lives:
-- the AES key is born in `SecureBuffer.random(32)` and closed (wiped) before `seal` returns;
-- plaintext is encrypted straight from the caller's buffer and decrypted straight into a new
-  `SecureBuffer` (`encrypt_into` / `decrypt_into`), which the caller owns and closes;
+Where each secret lives (every buffer comes from a `Workspace`):
+- the AES key is born in secure memory (getrandom) and wiped before `seal` returns;
+- plaintext is encrypted straight from the caller's buffer and decrypted straight into a
+  secure buffer (`encrypt_into` / `decrypt_into`), which the caller closes;
 - the unwrapped AES key, which RSA-OAEP can only return as `bytes`, is copied into secure
   memory and the `bytes` object is zeroed in place at once with `wipe_bytes`.
+By default every secret gets a new buffer. A `Workspace` lets one exchange reuse its
+buffers instead (a request's plaintext slot holds its answer next, wiped in between):
+creating and tearing down guarded mappings is most of what secure memory costs.
 Structural problems raise `PackageError` (a `ValueError`); anything that fails authentication
 raises `SecurityError` with one fixed message, so an attacker learns nothing from it.
 """
@@ -16,7 +19,8 @@ import base64
 import binascii
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -62,18 +66,86 @@ class PackageInfo:
     algorithm: str
 
 
+class Workspace:
+    """Secure buffers one exchange reuses: a slot for AES keys and one for plaintext.
+
+    Each slot is its own guarded mapping, handed out again with `refit` (old contents wiped)
+    while the new secret fits, else replaced. A slot holds one secret at a time, and what it
+    hands out belongs to the workspace: `done` wipes it, `close` releases everything.
+    `headroom` bytes are reserved beyond a new plaintext so a slightly larger answer (the
+    echo of a request, say) fits in the request's slot; untouched memfd_secret pages cost
+    nothing until used.
+    """
+
+    def __init__(self, headroom: int = 0) -> None:
+        self.headroom = headroom
+        self._slots: dict[str, SecureBuffer] = {}
+
+    def key(self, size: int) -> SecureBuffer:
+        """The key slot, fitted to `size` bytes."""
+        return self._take("key", size, 0)
+
+    def plaintext(self, size: int) -> SecureBuffer:
+        """The plaintext slot, fitted to `size` bytes."""
+        return self._take("plaintext", size, self.headroom)
+
+    def _take(self, slot: str, size: int, headroom: int) -> SecureBuffer:
+        buf = self._slots.get(slot)
+        if buf is not None and not buf.closed:
+            if size <= buf.capacity:
+                buf.refit(size)
+                return buf
+            buf.close()
+        buf = self._slots[slot] = SecureBuffer(size, capacity=size + headroom)
+        return buf
+
+    def done(self, buf: SecureBuffer) -> None:
+        """A secret from this workspace is no longer needed: wipe it, keep the memory."""
+        if not buf.closed:
+            buf.wipe()
+
+    def close(self) -> None:
+        """Wipe and release every slot."""
+        slots, self._slots = self._slots, {}
+        for buf in slots.values():
+            if not buf.closed:
+                buf.close()
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Fresh(Workspace):
+    """No reuse: every secret gets a new buffer, closed as soon as it is done."""
+
+    def _take(self, slot: str, size: int, headroom: int) -> SecureBuffer:
+        return SecureBuffer(size)
+
+    def done(self, buf: SecureBuffer) -> None:
+        if not buf.closed:
+            buf.close()
+
+
+FRESH = _Fresh()  # stateless: the default wherever no workspace is given
+
+
 @dataclass(frozen=True)
 class Opened(PackageInfo):
-    """An opened package; `plaintext` is a SecureBuffer the caller must close (or use `with`)."""
+    """An opened package; `plaintext` is a SecureBuffer the caller must close (or use `with`).
+    Closing hands it back to the workspace it came from, which wipes (and may reuse) it."""
 
     plaintext: SecureBuffer
+    release: Callable[[SecureBuffer], None] = field(default=FRESH.done, repr=False)
 
     @property
     def info(self) -> PackageInfo:
         return PackageInfo(self.tag_layout, self.processed_at, self.algorithm)
 
     def close(self) -> None:
-        self.plaintext.close()
+        self.release(self.plaintext)
 
     def __enter__(self) -> Opened:
         return self
@@ -91,11 +163,12 @@ def seal(
     *,
     tag_layout: str = TAG_SEPARATE,
     processed_at: float | None = None,
+    workspace: Workspace = FRESH,
 ) -> bytes:
     """Encrypt `plaintext` (any buffer, normally a SecureBuffer) to the recipient's RSA key.
 
     Returns the package as UTF-8 JSON bytes; `processed_at` (response direction) is added
-    at top level when given.
+    at top level when given. The AES key is born in the workspace's key slot.
     """
     if tag_layout not in TAG_LAYOUTS:
         raise ValueError(f"tag_layout must be one of {TAG_LAYOUTS}, not {tag_layout!r}")
@@ -110,9 +183,14 @@ def seal(
             raise PackageError("empty plaintext: nothing to seal")
         nonce = os.urandom(NONCE_BYTES)
         sealed = bytearray(size + TAG_BYTES)  # ciphertext || tag: not secret
-        with SecureBuffer.random(AES_KEY_BYTES) as aes_key, memoryview(aes_key) as key_view:
-            AESGCM(key_view).encrypt_into(nonce, data, None, sealed)
-            wrapped = _wrap_key(key_view, public_key)
+        aes_key = workspace.key(AES_KEY_BYTES)
+        try:
+            aes_key.fill_random()
+            with memoryview(aes_key) as key_view:
+                AESGCM(key_view).encrypt_into(nonce, data, None, sealed)
+                wrapped = _wrap_key(key_view, public_key)
+        finally:
+            workspace.done(aes_key)
 
     ciphertext = sealed if tag_layout == TAG_APPENDED else memoryview(sealed)[:size]
     fields = [(b"ciphertext", ciphertext), (b"nonce", nonce)]
@@ -146,42 +224,48 @@ def _package_json(payload_fields: list[tuple[bytes, Any]], wrapped: bytes,
     return b"".join(parts)
 
 
-def open_package(package: Any, private_key: Any) -> Opened:
+def open_package(package: Any, private_key: Any, *, workspace: Workspace = FRESH) -> Opened:
     """Authenticate and decrypt a package with our RSA private key (or a `keys.KeyPair`).
 
     Accepts both tag layouts; the returned `Opened.tag_layout` tells which one was used so
-    that an answer can be sealed the same way.
+    that an answer can be sealed the same way. The plaintext lands in the workspace's
+    plaintext slot (by default a new buffer).
     """
     fields = _parse(package)
     key = keys.private_key_of(private_key)
     ciphertext_and_tag = fields["ciphertext"] + fields["tag"]
     size = len(ciphertext_and_tag) - TAG_BYTES
-    plaintext = SecureBuffer(size)
+    plaintext = workspace.plaintext(size)
     try:
-        with (
-            _unwrap_key(fields["encrypted_aes_key"], key) as aes_key,
-            memoryview(aes_key) as key_view,
-            memoryview(plaintext) as out,
-        ):
-            try:
+        aes_key = _unwrap_key(fields["encrypted_aes_key"], key, workspace)
+        try:
+            with memoryview(aes_key) as key_view, memoryview(plaintext) as out:
                 AESGCM(key_view).decrypt_into(fields["nonce"], ciphertext_and_tag, None, out)
-            except (InvalidTag, ValueError):
-                raise SecurityError(AUTH_FAILED) from None
+        except (InvalidTag, ValueError):
+            raise SecurityError(AUTH_FAILED) from None
+        finally:
+            workspace.done(aes_key)
     except BaseException:
-        plaintext.close()  # may hold unauthenticated bytes: wipe them on every failure
+        workspace.done(plaintext)  # may hold unauthenticated bytes: wipe them on every failure
         raise
-    return Opened(fields["tag_layout"], fields["processed_at"], fields["algorithm"], plaintext)
+    return Opened(fields["tag_layout"], fields["processed_at"], fields["algorithm"], plaintext,
+                  workspace.done)
 
 
-def seal_json(obj: Any, recipient_public_key: PublicKeyLike, **kwargs: Any) -> bytes:
+def seal_json(obj: Any, recipient_public_key: PublicKeyLike, *, workspace: Workspace = FRESH,
+              **kwargs: Any) -> bytes:
     """Serialise `obj` into secure memory and seal it; see `seal` for the keywords."""
-    with secure_json.dumps(obj) as plaintext:
-        return seal(plaintext, recipient_public_key, **kwargs)
+    plaintext = secure_json.dumps(obj, workspace.plaintext)
+    try:
+        return seal(plaintext, recipient_public_key, workspace=workspace, **kwargs)
+    finally:
+        workspace.done(plaintext)
 
 
-def open_json(package: Any, private_key: Any) -> tuple[Any, PackageInfo]:
+def open_json(package: Any, private_key: Any, *, workspace: Workspace = FRESH
+              ) -> tuple[Any, PackageInfo]:
     """Open a package and parse its JSON plaintext; the plaintext buffer is wiped before return."""
-    with open_package(package, private_key) as opened:
+    with open_package(package, private_key, workspace=workspace) as opened:
         # secure_json raises PackageError itself, naming position but never content
         return secure_json.loads(opened.plaintext), opened.info
 
@@ -196,15 +280,17 @@ def _wrap_key(key_view: memoryview, public_key: rsa.RSAPublicKey) -> bytes:
         wipe_bytes(key_copy)
 
 
-def _unwrap_key(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> SecureBuffer:
+def _unwrap_key(wrapped: bytes, private_key: rsa.RSAPrivateKey, workspace: Workspace
+                ) -> SecureBuffer:
+    """The AES key, in the workspace's key slot (the caller hands it back with `done`)."""
     try:
         # RSA decrypt returns an immutable `bytes`: handed straight to adopt_bytes (no local
         # keeps it), which moves it into secure memory and zeroes the original.
-        key = adopt_bytes(private_key.decrypt(wrapped, _OAEP))
+        key = adopt_bytes(private_key.decrypt(wrapped, _OAEP), workspace.key)
     except ValueError:
         raise SecurityError(AUTH_FAILED) from None
     if len(key) != AES_KEY_BYTES:
-        key.close()
+        workspace.done(key)
         raise SecurityError(AUTH_FAILED)
     return key
 

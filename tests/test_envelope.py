@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+import nomyo
 from nomyo import envelope
 from nomyo.errors import PackageError, SecurityError
 from nomyo.keys import KeyPair
@@ -47,6 +48,48 @@ def test_round_trip_both_layouts(layout: str) -> None:
     assert len(base64.b64decode(doc["encrypted_payload"]["nonce"])) == 12
     obj, info = envelope.open_json(package, keypair("client"))
     assert obj == message and info.tag_layout == layout
+
+
+def _secretmem_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("secretmem" in line for line in f)
+
+
+def test_workspace_carries_one_exchange_in_two_secure_mappings() -> None:
+    """Request plaintext and key slots are reused for the answer: two mappings, not four."""
+    client, server = keypair("client"), keypair("server")
+    before = _secretmem_mappings()
+    with envelope.Workspace(headroom=4096) as work:
+        request = secure_json.dumps({"q": "x" * 5000}, work.plaintext)
+        slot = request
+        package = envelope.seal(request, server.public_key, workspace=work)
+        work.done(request)
+        assert request.data.tobytes() == bytes(len(request))  # wiped, kept for the answer
+        assert envelope.open_json(package, server)[0] == {"q": "x" * 5000}
+        answer = envelope.seal_json({"a": "y" * 8000}, client.public_key)
+        obj, _ = envelope.open_json(answer, client, workspace=work)
+        assert obj == {"a": "y" * 8000}
+        assert not slot.closed and slot.data.tobytes() == bytes(len(slot))  # held the answer
+        if nomyo.get_memory_protection_info()["allocator"] == "memfd_secret":
+            assert _secretmem_mappings() - before == 2
+    assert slot.closed and _secretmem_mappings() == before
+
+
+def test_workspace_replaces_a_slot_too_small_and_wipes_on_failure() -> None:
+    client = keypair("client")
+    with envelope.Workspace() as work:
+        small = work.plaintext(10)
+        big_answer = envelope.seal_json({"a": "z" * 10_000}, client.public_key)
+        with envelope.open_package(big_answer, client, workspace=work) as opened:
+            assert small.closed and opened.plaintext is not small
+            slot = opened.plaintext
+        assert not slot.closed and slot.data.tobytes() == bytes(len(slot))
+        doc = json.loads(big_answer)
+        doc["encrypted_payload"]["nonce"] = base64.b64encode(bytes(12)).decode()
+        with pytest.raises(SecurityError):
+            envelope.open_package(json.dumps(doc).encode(), client, workspace=work)
+        assert not slot.closed and slot.data.tobytes() == bytes(len(slot))
+    assert slot.closed
 
 
 def test_appended_layout_is_ciphertext_plus_tag() -> None:

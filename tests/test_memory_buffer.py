@@ -1,5 +1,6 @@
 """SecureBuffer behaviour in the pytest process: the API contract, refusals, lifecycles."""
 import copy
+import ctypes
 import io
 import os
 import pickle
@@ -78,6 +79,60 @@ def test_bad_sizes_are_typed_errors():
             SecureBuffer(bad)
     with pytest.raises(TypeError):
         SecureBuffer("32")
+
+
+def test_refit_reuses_the_mapping_for_a_new_secret_against_the_trailing_guard():
+    buf = SecureBuffer.copy_of(b"old secret " * 10)
+    end, capacity = buf.address + len(buf), buf.capacity
+    assert capacity >= 4096 - 8  # the page's room, less the canary
+    old_address, old_len = buf.address, len(buf)
+    held = buf.data  # the cached .data view is released by refit itself
+    buf.refit(40)
+    assert len(buf) == 40 and buf.capacity == capacity and buf.address + 40 == end
+    before_canary = old_len - 40 - 8  # the rest of the old place is the new canary and data
+    assert ctypes.string_at(old_address, before_canary) == bytes(before_canary)  # wiped
+    assert buf.data.tobytes() == bytes(40) and buf.data is not held
+    buf.data[:5] = b"fresh"
+    buf.refit(capacity)  # grows up to the capacity, still against the guard
+    assert len(buf) == capacity and buf.address + capacity == end
+    assert buf.data.tobytes() == bytes(capacity)
+    buf.close()
+
+
+def test_capacity_reserves_room_and_refit_refuses_beyond_it():
+    with SecureBuffer(10, capacity=10_000) as buf:
+        assert len(buf) == 10 and buf.capacity >= 10_000
+        buf.refit(10_000)
+        assert len(buf) == 10_000
+        with pytest.raises(ValueError, match="capacity"):
+            buf.refit(buf.capacity + 1)
+        with pytest.raises(ValueError):
+            buf.refit(0)
+        with pytest.raises(TypeError):
+            buf.refit("8")
+        view = memoryview(buf)
+        with pytest.raises(BufferError, match="views"):
+            buf.refit(5)
+        view.release()
+        buf.refit(5)
+    with pytest.raises(ValueError, match="closed"):
+        buf.refit(5)
+    with pytest.raises(ValueError, match="smaller than the size"):
+        SecureBuffer(100, capacity=99)
+
+
+def test_refit_keeps_the_buffer_locked_without_new_locked_memory():
+    def locked_kib() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmLck:"))
+
+    buf = SecureBuffer(100, capacity=20_000)
+    before = locked_kib()
+    for size in (20_000, 1, 7_000):
+        buf.refit(size)
+        assert buf.locked and locked_kib() == before
+    buf.close()
+    assert locked_kib() < before
 
 
 def test_readinto_and_aead_write_straight_into_secure_memory():

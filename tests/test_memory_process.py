@@ -131,11 +131,14 @@ def test_harden_process_disables_core_dumps():
 @pytest.mark.parametrize("allocator", ALLOCATORS)
 @pytest.mark.parametrize("where,signum", [("after_end", signal.SIGSEGV),
                                           ("before_start", signal.SIGABRT)])
-def test_out_of_bounds_write_kills_the_process(allocator, where, signum):
+@pytest.mark.parametrize("refit", [False, True])
+def test_out_of_bounds_write_kills_the_process(allocator, where, signum, refit):
     proc = run_python(f"""
         import ctypes
         from nomyo.memory import SecureBuffer
-        buf = SecureBuffer(100)
+        buf = SecureBuffer(100, capacity=9000)
+        if {refit}:  # a refitted buffer is guarded the same: new canary, same trailing guard
+            buf.refit(5000)
         target = buf.address + len(buf) if "{where}" == "after_end" else buf.address - 1
         ctypes.memset(target, 0x41, 1)
         buf.close()
@@ -232,6 +235,14 @@ def test_fallback_backend_is_reported_and_still_works():
             ok = b.data.tobytes() == b"abc"
         doc = secure_json.dumps({"a": "é"})
         ok = ok and secure_json.loads(doc) == {"a": "é"}
+        doc.refit(len(doc))  # fallback buffers refit only to their own size, wiping
+        ok = ok and doc.capacity == len(doc) and doc.data.tobytes() == bytes(len(doc))
+        try:
+            doc.refit(len(doc) + 1)
+        except ValueError:
+            pass
+        else:
+            ok = False
         print(json.dumps({"ok": ok, "info": nomyo.get_memory_protection_info()}))
     """, NOMYO_MEMORY_BACKEND="fallback"))
     info = out["info"]

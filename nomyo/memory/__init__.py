@@ -5,7 +5,7 @@ This layer depends on nothing above it; the envelope, keys, client and server bu
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,12 +33,16 @@ else:
         return False
 
 
-def adopt_bytes(data: bytes) -> SecureBuffer:
+def adopt_bytes(data: bytes, alloc: Callable[[int], SecureBuffer] = SecureBuffer
+                ) -> SecureBuffer:
     """Move an immutable secret that a third-party API forced on us (e.g. RSA decryption's
-    `bytes`) into secure memory, and zero the original in place at once.
+    `bytes`) into secure memory from `alloc(size)`, and zero the original in place at once.
     Pass the object itself, holding no other reference: wiping is refused otherwise."""
     try:
-        return SecureBuffer.copy_of(data)
+        buf = alloc(len(data))
+        with memoryview(buf) as dst:
+            dst[:] = data
+        return buf
     finally:
         wipe_bytes(data)  # our parameter is now its one reference (the call handed it over)
 

@@ -16,7 +16,7 @@ ffi: Any = None
 lib: Any = None
 pyobjects: Any = None
 FALLBACK_REASON: str | None = None
-ABI_VERSION = 1  # must equal NM_ABI_VERSION (csrc/secmem.h) and _pyobjects.ABI_VERSION
+ABI_VERSION = 2  # must equal NM_ABI_VERSION (csrc/secmem.h) and _pyobjects.ABI_VERSION
 
 try:
     if os.environ.get("NOMYO_MEMORY_BACKEND", "").strip().lower() == "fallback":

@@ -30,6 +30,14 @@ def _checked_size(size: Any) -> int:
     return n
 
 
+def _checked_capacity(size: int, capacity: Any) -> int:
+    """Bytes a later refit may grow to: `size` when not given, never less than it."""
+    room = size if capacity is None else _checked_size(capacity)
+    if room < size:
+        raise ValueError(f"capacity {room} is smaller than the size {size}")
+    return room
+
+
 class _SecretPolicy:
     """What every secure buffer refuses (silent copies) and offers (context manager, views)."""
 
@@ -89,7 +97,7 @@ class _SecretPolicy:
         """A buffer filled from the kernel CSPRNG: keys are born inside secure memory."""
         buf = cls(size)
         try:
-            buf._fill_random()
+            buf.fill_random()
         except BaseException:
             buf.close()
             raise
@@ -120,12 +128,15 @@ if _native.BACKEND == "native":
 
         __slots__ = ("__weakref__", "_region", "_view")
 
-        def __new__(cls, size: int, *, lock: bool | None = None) -> SecureBuffer:
+        def __new__(
+            cls, size: int, *, lock: bool | None = None, capacity: int | None = None
+        ) -> SecureBuffer:
             n = _checked_size(size)
+            room = _checked_capacity(n, capacity)
             want_lock = settings.enabled() if lock is None else bool(lock)
             flags = _native.ALLOCATOR_FLAGS | (0 if want_lock else lib.NM_FLAG_NO_LOCK)
             region = ffi.new("nm_region *")
-            check_errno(lib.nm_region_alloc(region, n, flags), "secure allocation failed")
+            check_errno(lib.nm_region_alloc(region, n, room, flags), "secure allocation failed")
             try:
                 if settings.required() and not (region.locked and region.dump_excluded):
                     raise SecureMemoryUnavailable(
@@ -153,10 +164,31 @@ if _native.BACKEND == "native":
         def address(self) -> int:
             return int(ffi.cast("uintptr_t", self._region.data))
 
-        def _fill_random(self) -> None:
+        @property
+        def capacity(self) -> int:
+            """The largest size `refit` accepts: the mapping's pages less the canary."""
+            return int(self._region.inner_len) - lib.NM_CANARY_BYTES
+
+        def fill_random(self) -> None:
+            """Overwrite the whole buffer with bytes from the kernel CSPRNG, in place."""
             if self._foreign or self.closed:
                 raise ValueError("secure buffer is closed")
             check_errno(lib.nm_fill_random(self._region.data, len(self)), "getrandom failed")
+
+        def refit(self, size: int) -> None:
+            """Reuse this buffer for a new secret of `size` bytes (at most `capacity`): the old
+            contents are wiped first, and the data moves against the trailing guard page with
+            a fresh canary before it. Refused while a view of the buffer is alive."""
+            n = _checked_size(size)
+            if self.closed or self._foreign:
+                raise ValueError("secure buffer is closed")
+            if n > self.capacity:
+                raise ValueError(f"refit to {n} bytes exceeds the capacity of {self.capacity}")
+            self._release_view()
+            if self._exports:
+                raise BufferError("cannot refit a secure buffer while views of it exist")
+            check_errno(lib.nm_region_refit(self._region, n), "secure refit failed")
+            self._refit(int(ffi.cast("uintptr_t", self._region.data)), n)
 
         def close(self) -> None:
             """Wipe now; unlock and unmap now, or when the last live view is released."""
@@ -191,8 +223,11 @@ else:
 
         __slots__ = ("_view",)
 
-        def __new__(cls, size: int, *, lock: bool | None = None) -> SecureBuffer:
+        def __new__(
+            cls, size: int, *, lock: bool | None = None, capacity: int | None = None
+        ) -> SecureBuffer:
             n = _checked_size(size)
+            _checked_capacity(n, capacity)  # validated alike; the data cannot move here anyway
             if settings.required():
                 raise SecureMemoryUnavailable(
                     "secure memory is required (NOMYO_REQUIRE_SECURE_MEMORY=1) but the native "
@@ -210,10 +245,25 @@ else:
             """Zero the whole buffer."""
             self[:] = bytes(len(self))
 
-        def _fill_random(self) -> None:
+        @property
+        def capacity(self) -> int:
+            """Fallback buffers cannot move their data: `refit` keeps the size."""
+            return len(self)
+
+        def fill_random(self) -> None:
+            """Overwrite the whole buffer with random bytes (fallback: they pass the heap)."""
             import secrets
 
-            self[:] = secrets.token_bytes(len(self))  # fallback: the random bytes pass the heap
+            self[:] = secrets.token_bytes(len(self))
+
+        def refit(self, size: int) -> None:
+            """Reuse this buffer for a new secret of the same size: wiped first."""
+            n = _checked_size(size)
+            if self.closed:
+                raise ValueError("secure buffer is closed")
+            if n != len(self):
+                raise ValueError(f"refit to {n} bytes exceeds the capacity of {len(self)}")
+            self.wipe()
 
         def close(self) -> None:
             """Wipe now and unmap (later, if a view is still alive)."""

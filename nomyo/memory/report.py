@@ -24,7 +24,7 @@ _FORK = {0: None, 1: "wipeonfork", 2: "dontfork"}
 def _trial_region(flags: int) -> dict[str, Any]:
     """Allocate and free one buffer the way new buffers are made, and record what held."""
     region = ffi.new("nm_region *")
-    rc = lib.nm_region_alloc(region, 1, flags)
+    rc = lib.nm_region_alloc(region, 1, 1, flags)
     if rc != 0:
         return {"ok": False, "locked": False, "dump_excluded": False, "allocator": None,
                 "fork": None, "errno": -rc}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from nomyo.errors import PackageError
@@ -68,15 +69,16 @@ def _collect(value: Any, out: list, depth: int) -> None:
         out.append(_scalar(value))
 
 
-def dumps(obj: Any) -> SecureBuffer:
-    """Serialise obj as compact UTF-8 JSON into a new SecureBuffer (caller closes it)."""
+def dumps(obj: Any, alloc: Callable[[int], SecureBuffer] = SecureBuffer) -> SecureBuffer:
+    """Serialise obj as compact UTF-8 JSON into `alloc(size)`: by default a new SecureBuffer
+    the caller closes, or a reused one (see envelope.Workspace)."""
     glue = _native.pyobjects
     if glue is None:  # fallback backend: the document passes through the heap once
-        return _fallback_dumps(obj)
+        return _fallback_dumps(obj, alloc)
     pieces: list = []
     _collect(obj, pieces, 0)
     total = sum(len(p) if type(p) is bytes else glue.json_quote_len(p) for p in pieces)
-    buf = SecureBuffer(total)
+    buf = alloc(total)
     try:
         with memoryview(buf) as out:
             offset = 0
@@ -93,9 +95,13 @@ def dumps(obj: Any) -> SecureBuffer:
     return buf
 
 
-def _fallback_dumps(obj: Any) -> SecureBuffer:
+def _fallback_dumps(obj: Any, alloc: Callable[[int], SecureBuffer]) -> SecureBuffer:
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return SecureBuffer.copy_of(text.encode("utf-8"))
+    data = text.encode("utf-8")
+    buf = alloc(len(data))
+    with memoryview(buf) as out:
+        out[:] = data
+    return buf
 
 
 def loads(data: Any) -> Any:
