@@ -49,9 +49,6 @@ PUBLIC_KEY_PATH = "/pki/public_key"
 COMPLETION_PATH = "/v1/chat/secure_completion"
 MAX_WORKERS = 32
 MAX_CACHED_SERVER_KEYS = 64  # endpoints (per-call base_url) whose key is remembered
-# Room reserved beyond a request's plaintext so that its answer, when not much larger (an
-# echo, a short reply to a short prompt), is decrypted into the same secure buffer.
-ANSWER_HEADROOM = 4096
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -239,7 +236,7 @@ class SecureCompletionClient:
         server_key = self._server_key(url)
         # One workspace per exchange: the request's key and plaintext slots, wiped before any
         # byte is sent, hold the answer's next, and everything is released on return.
-        with self._keyring.lease() as pair, envelope.Workspace(ANSWER_HEADROOM) as work:
+        with self._keyring.lease() as pair, envelope.Workspace() as work:
             headers["X-Public-Key"] = _quoted(pair.public_pem)
             content = self._post_sealed(url, server_key, payload, headers, work)
             return _open_response(content, pair, str(payload_id), work)

@@ -45,6 +45,7 @@ TAG_SEPARATE = "separate"  # published Python client and router: `tag` field of 
 TAG_APPENDED = "appended"  # nomyo-js: 16-byte tag appended to `ciphertext`, no `tag` field
 TAG_LAYOUTS = (TAG_SEPARATE, TAG_APPENDED)
 
+ANSWER_HEADROOM = 4096  # see Workspace
 NONCE_BYTES = 12
 TAG_BYTES = 16
 AES_KEY_BYTES = 32
@@ -72,12 +73,12 @@ class Workspace:
     Each slot is its own guarded mapping, handed out again with `refit` (old contents wiped)
     while the new secret fits, else replaced. A slot holds one secret at a time, and what it
     hands out belongs to the workspace: `done` wipes it, `close` releases everything.
-    `headroom` bytes are reserved beyond a new plaintext so a slightly larger answer (the
-    echo of a request, say) fits in the request's slot; untouched memfd_secret pages cost
-    nothing until used.
+    `headroom` bytes are reserved beyond a new plaintext so that an answer not much larger
+    than its request (an echo, a short reply to a short prompt) fits in the request's slot;
+    untouched memfd_secret pages cost nothing until used.
     """
 
-    def __init__(self, headroom: int = 0) -> None:
+    def __init__(self, headroom: int = ANSWER_HEADROOM) -> None:
         self.headroom = headroom
         self._slots: dict[str, SecureBuffer] = {}
 

@@ -175,36 +175,38 @@ class SecureCompletionApp:
         if content_length > self.options.max_request_bytes:
             raise HttpError(413, f"request body larger than {self.options.max_request_bytes} bytes")
         body = read_body(content_length)
-        try:
-            request, info = envelope.open_json(body, self.keypair)
-        except (PackageError, SecurityError) as err:
-            raise HttpError(400, str(err)) from None
-        del body
-        result: Any = None
-        try:
-            _check_completion_request(request)
-            tier = self._resolve_tier(request["model"], tier)
+        # One workspace for the exchange: the request's key and plaintext buffers hold the
+        # answer's next (wiped in between), and all are released before the reply is sent.
+        with envelope.Workspace() as work:
             try:
-                result = self.backend.complete(request)
-            except BackendError as err:
-                raise HttpError(err.status, err.detail) from None
-            processed_at = int(time.time())
-            result["_metadata"] = {
-                "payload_id": payload_id,
-                "processed_at": processed_at,
-                "is_encrypted": True,
-                "response_status": "success",
-                "security_tier": tier,
-                "memory_protection": dict(self._memory_protection),  # ours stays intact
-                "tpm_attestation": self._attest(payload_id),
-            }
-            sealed = envelope.seal_json(
-                result, client_key, tag_layout=info.tag_layout, processed_at=processed_at
-            )
-        finally:
-            # The answer first: it shares strings (model, user text) with the request.
-            wipe_tree(result)
-            wipe_tree(request)
+                request, info = envelope.open_json(body, self.keypair, workspace=work)
+            except (PackageError, SecurityError) as err:
+                raise HttpError(400, str(err)) from None
+            del body
+            result: Any = None
+            try:
+                _check_completion_request(request)
+                tier = self._resolve_tier(request["model"], tier)
+                try:
+                    result = self.backend.complete(request)
+                except BackendError as err:
+                    raise HttpError(err.status, err.detail) from None
+                processed_at = int(time.time())
+                result["_metadata"] = {
+                    "payload_id": payload_id,
+                    "processed_at": processed_at,
+                    "is_encrypted": True,
+                    "response_status": "success",
+                    "security_tier": tier,
+                    "memory_protection": dict(self._memory_protection),  # ours stays intact
+                    "tpm_attestation": self._attest(payload_id),
+                }
+                sealed = envelope.seal_json(result, client_key, tag_layout=info.tag_layout,
+                                            processed_at=processed_at, workspace=work)
+            finally:
+                # The answer first: it shares strings (model, user text) with the request.
+                wipe_tree(result)
+                wipe_tree(request)
         return Response(200, sealed)
 
     def _authenticate(self, headers: Mapping[str, str]) -> str | None:
