@@ -10,8 +10,11 @@
  *   multiple of 4; 2 left over need exactly "==", 3 left over exactly "=", and after a complete
  *   last group any number of '=' is accepted (3.11 ignores them). Unused low bits of the last
  *   character need not be zero.
- * - decode_into validates the whole text before it writes, so invalid input leaves the caller's
- *   buffer untouched.
+ * - decode_into decodes straight into the caller's buffer in the one pass that validates, as
+ *   a separate validation pass would cost more than half the decoding. Offset, padding, length
+ *   and size errors are found before anything is written; a character outside the alphabet is
+ *   found while decoding, and then the range written so far is zeroed before ValueError is
+ *   raised. Either way no decoded byte is left behind and nothing outside the range is touched.
  * - Large inputs are processed without the GIL: the input is pinned by its Py_buffer export (or
  *   is an immutable str held by the caller), and the output is a new bytes object nobody else
  *   sees yet or the caller's buffer, pinned by its export.
@@ -309,16 +312,6 @@ text_close(Text *t)
         PyBuffer_Release(&t->view);
 }
 
-/* Validate the whole text; sets *data and *decoded, or raises ValueError. */
-static int
-text_validate(const Text *t, Py_ssize_t *data, Py_ssize_t *decoded)
-{
-    if (layout(t->s, t->n, data, decoded) == 0 && check_alphabet(t->s, *data) == 0)
-        return 0;
-    explain(PyUnicode_1BYTE_KIND, t->s, t->n);
-    return -1;
-}
-
 /* Whether two memory ranges share a byte. */
 static int
 overlaps(const void *a, Py_ssize_t alen, const void *b, Py_ssize_t blen)
@@ -328,21 +321,22 @@ overlaps(const void *a, Py_ssize_t alen, const void *b, Py_ssize_t blen)
 }
 
 /* Decode the text's data characters into target (room for `decoded` bytes), without the GIL
- * when the text is large; raises ValueError if a character is outside the alphabet. A target
- * that aliases the text is decoded aside first, as decoding would read what it wrote. */
+ * when the text is large. If a character is outside the alphabet, raises ValueError and zeroes
+ * target, so no partly decoded data is left. A target that aliases the text is decoded aside
+ * first, as decoding would read what it wrote. */
 static int
 decode_to(const Text *t, Py_ssize_t data, Py_ssize_t decoded, unsigned char *target)
 {
     int rc;
     if (overlaps(t->s, t->n, target, decoded)) {
-        unsigned char *tmp = PyMem_Malloc(decoded);
+        unsigned char *tmp = PyMem_Malloc((size_t)decoded);
         if (tmp == NULL) {
             PyErr_NoMemory();
             return -1;
         }
         rc = decode_block(t->s, data, tmp);
         if (rc == 0)
-            memcpy(target, tmp, decoded);
+            memcpy(target, tmp, (size_t)decoded);
         PyMem_Free(tmp);
     } else if (data < NOGIL_THRESHOLD) {
         rc = decode_block(t->s, data, target);
@@ -351,8 +345,10 @@ decode_to(const Text *t, Py_ssize_t data, Py_ssize_t decoded, unsigned char *tar
         rc = decode_block(t->s, data, target);
         Py_END_ALLOW_THREADS
     }
-    if (rc < 0)
-        explain(PyUnicode_1BYTE_KIND, t->s, t->n);
+    if (rc < 0) {
+        explain(PyUnicode_1BYTE_KIND, t->s, t->n);  /* before zeroing: target may alias it */
+        memset(target, 0, (size_t)decoded);
+    }
     return rc;
 }
 
@@ -401,9 +397,11 @@ decoded_length(PyObject *module, PyObject *obj)
     (void)module;
     if (text_open(obj, &t) < 0)
         return NULL;
-    int rc = text_validate(&t, &data, &decoded);
+    int valid = layout(t.s, t.n, &data, &decoded) == 0 && check_alphabet(t.s, data) == 0;
+    if (!valid)
+        explain(PyUnicode_1BYTE_KIND, t.s, t.n);
     text_close(&t);
-    return rc < 0 ? NULL : PyLong_FromSsize_t(decoded);
+    return valid ? PyLong_FromSsize_t(decoded) : NULL;
 }
 
 PyDoc_STRVAR(decode_doc,
@@ -431,9 +429,9 @@ decode(PyObject *module, PyObject *obj)
 
 PyDoc_STRVAR(decode_into_doc,
 "decode_into($module, text, out, offset, /)\n--\n\n"
-"Decode strict base64 into out[offset:] and return the end offset. The whole text is\n"
-"validated first: on ValueError (invalid text, offset out of range, too small) nothing\n"
-"is written.");
+"Decode strict base64 into out[offset:] and return the end offset. On ValueError no\n"
+"decoded byte is left in out: offset, padding, length and size errors are found before\n"
+"writing; a character outside the alphabet, while writing, and the range is zeroed.");
 
 static PyObject *
 decode_into(PyObject *module, PyObject *args)
@@ -456,13 +454,14 @@ decode_into(PyObject *module, PyObject *args)
     if (offset < 0 || offset > out.len) {
         PyErr_Format(PyExc_ValueError, "offset %zd is outside the output buffer (length %zd)",
                      offset, out.len);
-    } else if (text_validate(&t, &data, &decoded) == 0) {
-        if (decoded > out.len - offset)
-            PyErr_Format(PyExc_ValueError,
-                         "output buffer too small: %zd bytes decoded, %zd available at offset %zd",
-                         decoded, out.len - offset, offset);
-        else if (decode_to(&t, data, decoded, (unsigned char *)out.buf + offset) == 0)
-            result = PyLong_FromSsize_t(offset + decoded);
+    } else if (layout(t.s, t.n, &data, &decoded) < 0) {
+        explain(PyUnicode_1BYTE_KIND, t.s, t.n);
+    } else if (decoded > out.len - offset) {
+        PyErr_Format(PyExc_ValueError,
+                     "output buffer too small: %zd bytes decoded, %zd available at offset %zd",
+                     decoded, out.len - offset, offset);
+    } else if (decode_to(&t, data, decoded, (unsigned char *)out.buf + offset) == 0) {
+        result = PyLong_FromSsize_t(offset + decoded);
     }
     PyBuffer_Release(&out);
     text_close(&t);
