@@ -1,7 +1,7 @@
 """Strict base64 in Python on binascii: nomyo._b64's behaviour where it is not built.
 
 Same acceptance as CPython 3.11's `base64.b64decode(text, validate=True)` on every Python
-version (3.10 refuses three or more `=` after a complete group, 3.12.4+ any), same ValueError
+version (3.10 refuses three or more `=` after a complete group, 3.13 any), same ValueError
 messages, same TypeErrors. The strict check is done here; binascii's lenient decoder then only
 sees text this module accepted, which it decodes exactly as the strict one would.
 """
