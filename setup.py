@@ -1,4 +1,5 @@
-"""Build hooks pyproject.toml cannot express: the cffi helper and the CPython-object glue."""
+"""Build hooks pyproject.toml cannot express: the cffi helper, the CPython-object glue and the
+native base64 codec."""
 from setuptools import Extension, setup
 
 setup(
@@ -8,6 +9,11 @@ setup(
             "nomyo._pyobjects",
             sources=["csrc/pyobjects.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-fstack-protector-strong"],
-        )
+        ),
+        Extension(
+            "nomyo._b64",
+            sources=["csrc/b64codec.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-fstack-protector-strong"],
+        ),
     ],
 )
