@@ -15,12 +15,12 @@ forces the Python one, as it does for secure memory.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Optional
 
 from nomyo import _b64_fallback
+from nomyo.memory import settings
 
 log = logging.getLogger("nomyo.b64")
 
@@ -29,7 +29,7 @@ ABI_VERSION = 1  # must equal ABI_VERSION in csrc/b64codec.c
 
 def _load_native() -> Optional[ModuleType]:
     """The compiled codec, or None (logged) when it is switched off, missing or stale."""
-    if os.environ.get("NOMYO_MEMORY_BACKEND", "").strip().lower() == "fallback":
+    if settings.fallback_forced():
         reason = "forced by NOMYO_MEMORY_BACKEND=fallback"
     else:
         try:

@@ -10,6 +10,8 @@ import logging
 import os
 from typing import Any
 
+from nomyo.memory import settings
+
 log = logging.getLogger("nomyo.memory")
 
 ffi: Any = None
@@ -19,7 +21,7 @@ FALLBACK_REASON: str | None = None
 ABI_VERSION = 2  # must equal NM_ABI_VERSION (csrc/secmem.h) and _pyobjects.ABI_VERSION
 
 try:
-    if os.environ.get("NOMYO_MEMORY_BACKEND", "").strip().lower() == "fallback":
+    if settings.fallback_forced():
         raise ImportError("forced by NOMYO_MEMORY_BACKEND=fallback")
     from nomyo import _pyobjects as pyobjects
     from nomyo._secmem import ffi, lib

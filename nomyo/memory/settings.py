@@ -9,6 +9,11 @@ _TRUE = {"1", "true", "yes", "on"}
 _enabled = True
 
 
+def fallback_forced() -> bool:
+    """NOMYO_MEMORY_BACKEND=fallback: use the pure-Python backends (for tests and diagnosis)."""
+    return os.environ.get("NOMYO_MEMORY_BACKEND", "").strip().lower() == "fallback"
+
+
 def required() -> bool:
     """Fail-closed mode: NOMYO_REQUIRE_SECURE_MEMORY=1 (read on every call: it may be set late)."""
     return os.environ.get("NOMYO_REQUIRE_SECURE_MEMORY", "").strip().lower() in _TRUE
