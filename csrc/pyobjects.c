@@ -236,7 +236,12 @@ wipe_bytes(PyObject *module, PyObject *obj)
         return NULL;
     explicit_bzero(PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj));
 #if PY_VERSION_HEX < 0x030D0000
+    /* A cached hash is a function of the secret: forget it too. The field is deprecated
+     * since 3.11, but it is exactly what must be cleared here. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
     ((PyBytesObject *)obj)->ob_shash = -1;
+#pragma GCC diagnostic pop
 #endif
     Py_RETURN_TRUE;
 }
