@@ -11,6 +11,7 @@ import pytest
 
 from nomyo import SecureChatCompletion
 from nomyo.errors import DisposedError, InvalidRequestError, SecurityError
+from tests.helpers import run_python
 from tests.peer_server import PeerServer
 from tests.tpm_fixtures import block_of, load_vectors
 
@@ -225,3 +226,21 @@ def test_event_loop_keeps_running_while_requests_are_in_flight(chat, peer):
 def test_unusable_expected_pcrs_are_refused_at_construction(kwargs):
     with pytest.raises(ValueError, match="expected_pcrs"):
         SecureChatCompletion(base_url="https://example.invalid", **kwargs)
+
+
+def test_round_trip_on_the_fallback_backend(peer):
+    """Without the compiled helpers the client still works, on honestly reported memory."""
+    out = run_python(f"""
+        import json, nomyo, nomyo.b64
+        from nomyo import SecureChatCompletion
+        with SecureChatCompletion(base_url={peer.url!r}, allow_http=True, key_size=2048) as c:
+            short = c.create_sync("m", [{{"role": "user", "content": "hi"}}])
+            long = c.create_sync("m", [{{"role": "user", "content": "y" * 50000}}])
+        info = nomyo.get_memory_protection_info()
+        print(json.dumps([short["_metadata"]["is_encrypted"], len(json.dumps(long)),
+                          info["backend"], nomyo.b64.NATIVE]))
+    """, NOMYO_MEMORY_BACKEND="fallback", timeout=120)
+    assert out.returncode == 0, out.stderr
+    encrypted, long_size, backend, native_codec = json.loads(out.stdout.splitlines()[-1])
+    assert encrypted and long_size > 50000
+    assert backend == "fallback" and native_codec is False
