@@ -27,6 +27,17 @@
 
 #define ABI_VERSION 1
 #define NOGIL_THRESHOLD (64 * 1024)  /* below this, releasing the GIL costs more than it saves */
+/* Run `stmt` (which touches no Python object) without the GIL when `n` bytes make it worth it. */
+#define WITHOUT_GIL_IF_LARGE(n, stmt)                                                      \
+    do {                                                                                   \
+        if ((n) < NOGIL_THRESHOLD) {                                                       \
+            stmt;                                                                          \
+        } else {                                                                           \
+            Py_BEGIN_ALLOW_THREADS                                                         \
+            stmt;                                                                          \
+            Py_END_ALLOW_THREADS                                                           \
+        }                                                                                  \
+    } while (0)
 #define BAD 0x8000u                  /* flag in the decode tables: not alphabet characters */
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
@@ -338,12 +349,8 @@ decode_to(const Text *t, Py_ssize_t data, Py_ssize_t decoded, unsigned char *tar
         if (rc == 0)
             memcpy(target, tmp, (size_t)decoded);
         PyMem_Free(tmp);
-    } else if (data < NOGIL_THRESHOLD) {
-        rc = decode_block(t->s, data, target);
     } else {
-        Py_BEGIN_ALLOW_THREADS
-        rc = decode_block(t->s, data, target);
-        Py_END_ALLOW_THREADS
+        WITHOUT_GIL_IF_LARGE(data, rc = decode_block(t->s, data, target));
     }
     if (rc < 0) {
         explain(PyUnicode_1BYTE_KIND, t->s, t->n);  /* before zeroing: target may alias it */
@@ -373,13 +380,7 @@ encode(PyObject *module, PyObject *obj)
     PyObject *result = PyBytes_FromStringAndSize(NULL, (in.len + 2) / 3 * 4);
     if (result != NULL) {
         char *out = PyBytes_AS_STRING(result);
-        if (in.len < NOGIL_THRESHOLD) {
-            encode_block(in.buf, in.len, out);
-        } else {
-            Py_BEGIN_ALLOW_THREADS
-            encode_block(in.buf, in.len, out);
-            Py_END_ALLOW_THREADS
-        }
+        WITHOUT_GIL_IF_LARGE(in.len, encode_block(in.buf, in.len, out));
     }
     PyBuffer_Release(&in);
     return result;
