@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from security.memscan import scan_process
+from tests.helpers import ROOT
 from tests.peer_server import PeerServer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 REQUESTS = 50
 SIZES = (40, 700, 5_000, 40_000, 300_000, 1_500_000)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -28,8 +27,6 @@ from tests.server_fixtures import (
     serve_process,
     vector_keys,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow

@@ -6,15 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from nomyo.memory import get_memory_protection_info
-from tests.helpers import child_env
+from tests.helpers import ROOT, child_env
 from tests.peer_server import PeerServer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def nomyo(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (),

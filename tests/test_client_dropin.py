@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 from tests.peer_server import PeerServer
 
-ROOT = Path(__file__).resolve().parents[1]
 DROPIN = Path(__file__).parent / "dropin"
 ERROR_STATUSES = (400, 401, 403, 404, 429, 500, 502, 503, 504)
 API_KEY = "sk-dropin-key-0123"

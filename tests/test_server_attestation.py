@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import pytest
 import requests
@@ -23,8 +22,6 @@ from tests.server_fixtures import (
     serve_process,
     vector_keys,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import requests
 
 from nomyo.keys import KeyPair
+from tests.helpers import ROOT
 from tests.server_fixtures import (
     COMPLETION,
     chat_request,
@@ -24,8 +24,6 @@ from tests.server_fixtures import (
     serve_process,
     vector_keys,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -75,7 +73,7 @@ def test_bad_flags_give_one_line_errors(args, message) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "nomyo.server", "--port", "0", "--key-bits", "2048", *args],
         check=False,
-        cwd=REPO,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
@@ -90,7 +88,7 @@ def test_bad_policy_and_wrong_password_are_one_line(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "nomyo.server", "--tier-policy", str(tmp_path / "tiers.json")],
         check=False,
-        cwd=REPO,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
@@ -100,7 +98,7 @@ def test_bad_policy_and_wrong_password_are_one_line(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "nomyo.server", "--key-file", str(tmp_path / "private_key.pem")],
         check=False,
-        cwd=REPO,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
@@ -117,7 +115,7 @@ def test_help_is_clear() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "nomyo.server", "--help"],
         check=True,
-        cwd=REPO,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,

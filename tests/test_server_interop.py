@@ -8,13 +8,11 @@ import json
 import os
 import subprocess
 import venv
-from pathlib import Path
 
 import pytest
 
 from tests.server_fixtures import kill_group, listening_url, serve_process
 
-REPO = Path(__file__).resolve().parent.parent
 PUBLISHED = "nomyo==0.2.9"
 
 CLIENT_SCRIPT = r"""

@@ -6,12 +6,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import requests
 
 from nomyo.keys import KeyPair
+from tests.helpers import ROOT
 from tests.server_fixtures import (
     COMPLETION,
     chat_request,
@@ -21,7 +21,6 @@ from tests.server_fixtures import (
     vector_keys,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 pytest.importorskip("waitress", reason="waitress (WSGI server) is needed for the WSGI test")
 
 
@@ -46,7 +45,7 @@ def test_runs_under_waitress(tmp_path) -> None:
             "--call",
             "nomyo.server.wsgi:create_app",
         ],
-        cwd=REPO,
+        cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
