@@ -348,29 +348,28 @@ def _parse(package: Any) -> dict[str, Any]:
     nonce = _b64decode(payload["nonce"], "encrypted_payload.nonce")
     if len(nonce) != NONCE_BYTES:
         raise PackageError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
-    # Ciphertext and tag are decoded straight into one buffer, the form decrypt_into takes.
-    pieces = [(payload["ciphertext"], "encrypted_payload.ciphertext")]
+    # Ciphertext and tag are decoded straight into one buffer, the form decrypt_into takes;
+    # each is validated in the same pass that decodes it.
+    ciphertext = _b64text(payload["ciphertext"], "encrypted_payload.ciphertext")
+    tag = _b64text(payload["tag"], "encrypted_payload.tag") if "tag" in payload else ""
+    ciphertext_and_tag = bytearray((len(ciphertext) + len(tag)) * 3 // 4)  # room; not secret
+    cipher_end = _b64into(ciphertext, "encrypted_payload.ciphertext", ciphertext_and_tag, 0)
     if "tag" in payload:
         tag_layout = TAG_SEPARATE
-        pieces.append((payload["tag"], "encrypted_payload.tag"))
-        tag_size = _b64length(*pieces[1])
-        if tag_size != TAG_BYTES:
-            raise PackageError(f"tag must be {TAG_BYTES} bytes, got {tag_size}")
+        end = _b64into(tag, "encrypted_payload.tag", ciphertext_and_tag, cipher_end)
+        if end - cipher_end != TAG_BYTES:
+            raise PackageError(f"tag must be {TAG_BYTES} bytes, got {end - cipher_end}")
     else:
         tag_layout = TAG_APPENDED
-        tag_size = 0
-    cipher_size = _b64length(*pieces[0])
-    if tag_layout == TAG_APPENDED and cipher_size < TAG_BYTES:
-        raise PackageError("ciphertext too short to carry the appended 16-byte tag")
-    size = cipher_size + tag_size - TAG_BYTES
+        end = cipher_end
+        if end < TAG_BYTES:
+            raise PackageError("ciphertext too short to carry the appended 16-byte tag")
+    del ciphertext_and_tag[end:]
+    size = end - TAG_BYTES
     if size > MAX_PLAINTEXT_BYTES:
         raise PackageError(f"plaintext would exceed {MAX_PLAINTEXT_BYTES} bytes")
     if size == 0:
         raise PackageError("empty ciphertext: a package carries at least one byte of plaintext")
-    ciphertext_and_tag = bytearray(cipher_size + tag_size)  # not secret
-    offset = 0
-    for value, _ in pieces:
-        offset = b64.decode_into(value, ciphertext_and_tag, offset)  # validated: cannot fail
     processed_at = doc.get("processed_at")
     if processed_at is not None and (
         isinstance(processed_at, bool) or not isinstance(processed_at, (int, float))
@@ -386,20 +385,22 @@ def _parse(package: Any) -> dict[str, Any]:
     }
 
 
-def _b64decode(value: Any, name: str) -> bytes:
-    return _b64field(b64.decode, value, name)
-
-
-def _b64length(value: Any, name: str) -> int:
-    """The decoded size of a base64 field, which is validated whole."""
-    return _b64field(b64.decoded_length, value, name)
-
-
-def _b64field(fn: Callable[[str], Any], value: Any, name: str) -> Any:
-    """fn(value) for a base64 string field; PackageError naming the field otherwise."""
+def _b64text(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise PackageError(f"{name} must be a base64 string")
+    return value
+
+
+def _b64decode(value: Any, name: str) -> bytes:
     try:
-        return fn(value)
+        return b64.decode(_b64text(value, name))
+    except ValueError:
+        raise PackageError(f"{name} is not valid base64") from None
+
+
+def _b64into(text: str, name: str, out: bytearray, offset: int) -> int:
+    """Decode `text` into out[offset:]; the end offset, or PackageError naming the field."""
+    try:
+        return b64.decode_into(text, out, offset)
     except ValueError:
         raise PackageError(f"{name} is not valid base64") from None
