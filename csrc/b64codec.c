@@ -386,25 +386,6 @@ encode(PyObject *module, PyObject *obj)
     return result;
 }
 
-PyDoc_STRVAR(decoded_length_doc,
-"decoded_length($module, text, /)\n--\n\n"
-"Exact decoded size of strict base64 text; raises ValueError exactly when decode() would.");
-
-static PyObject *
-decoded_length(PyObject *module, PyObject *obj)
-{
-    Text t;
-    Py_ssize_t data, decoded;
-    (void)module;
-    if (text_open(obj, &t) < 0)
-        return NULL;
-    int valid = layout(t.s, t.n, &data, &decoded) == 0 && check_alphabet(t.s, data) == 0;
-    if (!valid)
-        explain(PyUnicode_1BYTE_KIND, t.s, t.n);
-    text_close(&t);
-    return valid ? PyLong_FromSsize_t(decoded) : NULL;
-}
-
 PyDoc_STRVAR(decode_doc,
 "decode($module, text, /)\n--\n\n"
 "Decode strict base64 (= base64.b64decode(text, validate=True)); ValueError if invalid.");
@@ -471,7 +452,6 @@ decode_into(PyObject *module, PyObject *args)
 
 static PyMethodDef module_methods[] = {
     {"encode", encode, METH_O, encode_doc},
-    {"decoded_length", decoded_length, METH_O, decoded_length_doc},
     {"decode", decode, METH_O, decode_doc},
     {"decode_into", decode_into, METH_VARARGS, decode_into_doc},
     {NULL, NULL, 0, NULL},

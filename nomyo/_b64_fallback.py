@@ -101,11 +101,6 @@ def encode(data: Any, /) -> bytes:
         return binascii.b2a_base64(view, newline=False)
 
 
-def decoded_length(text: Any, /) -> int:
-    """Exact decoded size of strict base64 text; raises ValueError exactly when decode() would."""
-    return _checked_length(_ascii(text))
-
-
 def decode(text: Any, /) -> bytes:
     """Decode strict base64 (= base64.b64decode(text, validate=True)); ValueError if invalid."""
     raw = _ascii(text)

@@ -2,7 +2,6 @@
 
     encode(data) -> bytes                      standard alphabet, '=' padded, no newlines
     decode(text) -> bytes                      text: ASCII str or bytes-like
-    decoded_length(text) -> int                validates the whole text, as decode would
     decode_into(text, out, offset) -> int      decodes into out[offset:], returns the end
 
 Decoding accepts exactly what CPython 3.11's `base64.b64decode(text, validate=True)` accepts
@@ -51,7 +50,6 @@ if _backend is None:
 
 encode: Callable[[Any], bytes] = _backend.encode
 decode: Callable[[Any], bytes] = _backend.decode
-decoded_length: Callable[[Any], int] = _backend.decoded_length
 decode_into: Callable[[Any, Any, int], int] = _backend.decode_into
 
-__all__ = ["NATIVE", "decode", "decode_into", "decoded_length", "encode"]
+__all__ = ["NATIVE", "decode", "decode_into", "encode"]

@@ -59,13 +59,12 @@ def outcome(fn, *args):
 def assert_decodes_like_stdlib(codec, text):
     expected = stdlib_decode(text)
     got = outcome(codec.decode, text)
-    length = outcome(codec.decoded_length, text)
     out = bytearray(3 + len(text))
     end = outcome(codec.decode_into, text, out, 3)
     if expected is None:
-        assert isinstance(got, tuple) and got == length == end, (text, got, length, end)
+        assert isinstance(got, tuple) and got == end, (text, got, end)
     else:
-        assert got == expected and length == len(expected), text
+        assert got == expected, text
         assert end == 3 + len(expected) and out[3:end] == expected, text
 
 
@@ -116,12 +115,10 @@ def test_edge_cases(codec, text, expected):
     for given_text in inputs:
         if isinstance(expected, bytes):
             assert codec.decode(given_text) == expected
-            assert codec.decoded_length(given_text) == len(expected)
         else:
-            for fn in (codec.decode, codec.decoded_length):
-                with pytest.raises(ValueError) as err:
-                    fn(given_text)
-                assert str(err.value) == expected
+            with pytest.raises(ValueError) as err:
+                codec.decode(given_text)
+            assert str(err.value) == expected
 
 
 @STDLIB_IS_REFERENCE
@@ -144,7 +141,6 @@ def test_round_trip_matches_stdlib_at_every_small_length(codec, size):
     assert codec.encode(data) == text
     assert codec.decode(text) == data
     assert codec.decode(text.decode("ascii")) == data
-    assert codec.decoded_length(text) == size
 
 
 @settings(max_examples=300, deadline=None)
@@ -192,9 +188,8 @@ def test_accepts_and_rejects_like_stdlib(codec, text):
 def test_backends_agree_on_results_and_messages(text):
     assert native is not None, "nomyo._b64 is not built"
     for given_text in (text, text.encode("utf-8")):
-        for name in ("decode", "decoded_length"):
-            got = outcome(getattr(native, name), given_text)
-            assert got == outcome(getattr(_b64_fallback, name), given_text), (name, given_text)
+        got = outcome(native.decode, given_text)
+        assert got == outcome(_b64_fallback.decode, given_text), given_text
         states = []
         for codec in (native, _b64_fallback):
             out = sentinel_buffer(20)
@@ -218,7 +213,6 @@ def test_text_types_decode_alike(codec, kind):
     given_text = {str: lambda: text.decode(), "array": lambda: array.array("B", text)}.get(
         kind, lambda: kind(text))()
     assert codec.decode(given_text) == data
-    assert codec.decoded_length(given_text) == 100
 
 
 def test_any_contiguous_buffer_encodes_as_its_bytes(codec):
@@ -235,9 +229,8 @@ def test_encode_type_errors(codec, bad):
 
 @pytest.mark.parametrize("bad", [5, None, ["YQ=="], memoryview(b"YWJjZGVm")[::2]])
 def test_decode_type_errors(codec, bad):
-    for fn in (codec.decode, codec.decoded_length):
-        with pytest.raises(TypeError):
-            fn(bad)
+    with pytest.raises(TypeError):
+        codec.decode(bad)
     with pytest.raises(TypeError):
         codec.decode_into(bad, bytearray(8), 0)
 
@@ -422,7 +415,7 @@ def test_native_codec_is_built():
 
 def test_wrapper_exports_one_backend():
     backend = native if b64.NATIVE else _b64_fallback
-    for name in ("encode", "decode", "decoded_length", "decode_into"):
+    for name in ("encode", "decode", "decode_into"):
         assert getattr(b64, name) is getattr(backend, name)
 
 
