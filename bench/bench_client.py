@@ -330,7 +330,9 @@ def main() -> int:
     floor["total"] = sum(floor.values())
     in_situ = statistics.median(sum(after.values()) for _, after in floor_runs)
     med = {k: statistics.median(v) for k, v in results.items() if v}
-    for key, measured in pairs.items():  # (server time, latency) pairs
+    for key, measured in pairs.items():  # (server time, latency) pairs; none when skipped
+        if not measured:
+            continue
         med[key] = statistics.median(latency for _, latency in measured)
         med[key + "_raw"] = statistics.median(raw_time for raw_time, _ in measured)
         med[key + "_over"] = statistics.median(latency - raw_time for raw_time, latency in measured)

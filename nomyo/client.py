@@ -191,11 +191,33 @@ class SecureCompletionClient:
         *,
         base_url: str | None = None,
     ) -> dict[str, Any]:
-        """Encrypt, POST (with retries), decrypt: the whole round trip, off the event loop."""
-        return await self._run(
-            self.send_secure_request_sync, payload, payload_id, api_key, security_tier,
-            base_url=base_url,
-        )
+        """Encrypt, POST (with retries), decrypt: the whole round trip, off the event loop.
+
+        The answer is handed to the loop as soon as it is parsed; the exchange's workspace,
+        wiped by then, is unmapped afterwards in the worker, off the answer's path
+        (releasing memfd_secret pages costs about 0.1 ms).
+        """
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+
+        def job() -> None:
+            with envelope.Workspace() as work:
+                try:
+                    outcome = (self._exchange(work, payload, payload_id, api_key,
+                                              security_tier, base_url), None)
+                except BaseException as exc:  # handed to the awaiting task, as run_in_executor
+                    outcome = (None, exc)
+                try:
+                    loop.call_soon_threadsafe(_settle, answer, *outcome)
+                except RuntimeError:  # the caller's loop closed while the request ran
+                    logger.debug("event loop closed before the answer arrived")
+
+        try:
+            self._pool().submit(job)
+        except RuntimeError:  # the pool was shut down by a concurrent close()
+            raise DisposedError("This client has been closed") from None
+        return await answer
 
     # -- blocking API ---------------------------------------------------------------------
 
@@ -221,6 +243,15 @@ class SecureCompletionClient:
         base_url: str | None = None,
     ) -> dict[str, Any]:
         """Blocking `send_secure_request`; `base_url` overrides the endpoint for this call."""
+        with envelope.Workspace() as work:
+            return self._exchange(work, payload, payload_id, api_key, security_tier, base_url)
+
+    def _exchange(
+        self, work: envelope.Workspace, payload: dict[str, Any], payload_id: str,
+        api_key: str | None, security_tier: str | None, base_url: str | None,
+    ) -> dict[str, Any]:
+        """One round trip in `work`, whose slots are all wiped again when it returns: the
+        request's key and plaintext before any byte is sent, the answer's as it is parsed."""
         self._check_open()
         validate_security_tier(security_tier)
         _check_payload(payload)
@@ -234,9 +265,7 @@ class SecureCompletionClient:
         check_header_values(headers)  # before any key is made or byte is sent
         self._keyring.start()  # no-op once a pair exists; else it is made while we fetch
         server_key = self._server_key(url)
-        # One workspace per exchange: the request's key and plaintext slots, wiped before any
-        # byte is sent, hold the answer's next, and everything is released on return.
-        with self._keyring.lease() as pair, envelope.Workspace() as work:
+        with self._keyring.lease() as pair:
             headers["X-Public-Key"] = _quoted(pair.public_pem)
             content = self._post_sealed(url, server_key, payload, headers, work)
             return _open_response(content, pair, str(payload_id), work)
@@ -363,6 +392,16 @@ class SecureCompletionClient:
 def _quoted(public_pem: str) -> str:
     """The percent-encoded PEM for X-Public-Key (public data; quoting it costs ~0.1 ms)."""
     return quote(public_pem)
+
+
+def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
+    """Complete `future` on its loop, unless the awaiting task was cancelled meanwhile."""
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def _check_payload(payload: Any) -> None:

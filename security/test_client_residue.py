@@ -7,7 +7,9 @@ on the wire inside the encryption, and every AES key of both directions; this te
 the child's memory through /proc/<pid>/mem and requires that none of them is there: no copy of
 a plaintext in its JSON form (windows with JSON syntax and the per-request random token), no
 AES key. A positive control proves the scan sees ordinary heap memory. The child's locked
-memory (VmLck) must be back to its baseline, measured before the client was created.
+memory (VmLck) must be back to its baseline, measured before the client was created. An async
+request hands its answer over first and unmaps its wiped buffers just after, so the child
+waits (at most two seconds) for VmLck to settle: memory that leaked would never come back.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ REQUESTS = 50
 SIZES = (40, 700, 5_000, 40_000, 300_000, 1_500_000)
 
 CHILD = r"""
-import asyncio, gc, json, secrets, sys
+import asyncio, gc, json, secrets, sys, time
 
 def vmlck():
     with open("/proc/self/status") as f:
@@ -36,13 +38,20 @@ def vmlck():
                 return int(line.split()[1]) * 1024
     return None
 
+def settled(target, within=2.0):
+    deadline = time.monotonic() + within
+    while (now := vmlck()) != target and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return now
+
 def say(**kw):
     print(json.dumps(kw), flush=True)
 
 from nomyo import SecureChatCompletion
 url, count, sizes = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
 control = bytearray(b'{"residue-control": "') + secrets.token_hex(16).encode() + b'"}'
-say(baseline=vmlck(), control=control.decode())
+baseline = vmlck()
+say(baseline=baseline, control=control.decode())
 
 def message(i):
     size = sizes[i % len(sizes)]
@@ -66,11 +75,11 @@ for start in range(10, count, 8):
     assert len(answers) == 8
     del answers
 gc.collect()
-say(ready=True, vmlck=vmlck())
+say(ready=True, vmlck=settled(baseline))
 sys.stdin.readline()
 client.close()
 gc.collect()
-say(closed_vmlck=vmlck())
+say(closed_vmlck=settled(baseline))
 sys.stdin.readline()
 """
 

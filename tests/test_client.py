@@ -12,7 +12,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from nomyo import keys
+from nomyo import client as client_module
+from nomyo import envelope, keys
 from nomyo.client import SecureCompletionClient
 from nomyo.errors import (
     APIConnectionError,
@@ -219,6 +220,79 @@ def test_sixteen_concurrent_requests_overlap(client, peer):
     answers = asyncio.run(many())
     assert [a["choices"][0]["message"]["content"] for a in answers] == [f"n{i}" for i in range(16)]
     assert peer.max_in_flight >= 12
+
+
+class RecordingWorkspace(envelope.Workspace):
+    """Notes, when the exchange closes it, whether every slot was already wiped."""
+
+    events: list[str]
+
+    def close(self) -> None:
+        slots = [buf for buf in self._slots.values() if not buf.closed]
+        with_secrets = sum(1 for buf in slots if any(memoryview(buf).cast("B")))
+        self.events.append(f"close: {len(slots)} slots, {with_secrets} not wiped")
+        super().close()
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The events of every exchange: answers handed to the loop, workspaces closed."""
+    events: list[str] = []
+    monkeypatch.setattr(RecordingWorkspace, "events", events, raising=False)
+    monkeypatch.setattr(client_module.envelope, "Workspace", RecordingWorkspace)
+    settle = client_module._settle
+
+    def recording_settle(future, result, exc):
+        events.append("cancelled" if future.cancelled() else "answer")
+        settle(future, result, exc)
+
+    monkeypatch.setattr(client_module, "_settle", recording_settle)
+    return events
+
+
+def test_slots_are_wiped_when_the_exchange_returns(client, peer, recorded):
+    send(client)
+    asyncio.run(client.send_secure_request({"model": "m", "messages": MESSAGES}, "p"))
+    time.sleep(0.2)  # the async exchange unmaps its workspace just after the answer
+    # sync: closed before it returns; async: the answer is posted to the loop, then the
+    # workspace is unmapped (which of the two the test sees first is up to the scheduler)
+    assert recorded[0] == "close: 2 slots, 0 not wiped"
+    assert sorted(recorded[1:]) == ["answer", "close: 2 slots, 0 not wiped"]
+
+
+def test_cancelled_request_still_releases_its_workspace(client, peer, recorded):
+    send(client)
+    recorded.clear()
+    peer.delay = 0.3
+
+    async def cancel_midway():
+        task = asyncio.create_task(client.send_secure_request(
+            {"model": "m", "messages": MESSAGES}, "p"))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # the worker finishes the exchange meanwhile
+
+    asyncio.run(cancel_midway())
+    assert sorted(recorded) == ["cancelled", "close: 2 slots, 0 not wiped"]
+
+
+def test_answer_after_the_loop_closed_is_dropped_and_released(client, peer, recorded, caplog):
+    send(client)
+    recorded.clear()
+    peer.delay = 0.3
+
+    async def leave_it_running():
+        asyncio.get_running_loop().create_task(client.send_secure_request(
+            {"model": "m", "messages": MESSAGES}, "p"))
+        await asyncio.sleep(0.1)
+
+    with caplog.at_level("DEBUG", logger="nomyo.client"):
+        asyncio.run(leave_it_running())  # cancels the task and closes its loop
+        time.sleep(0.6)
+    assert recorded == ["close: 2 slots, 0 not wiped"]
+    assert "event loop closed before the answer arrived" in caplog.text
 
 
 def test_low_level_methods_interoperate_with_the_peer(client, peer):
