@@ -418,24 +418,38 @@ PyDoc_STRVAR(decode_into_doc,
 static PyObject *
 decode_into(PyObject *module, PyObject *args)
 {
-    PyObject *text_obj, *out_obj;
+    PyObject *text_obj, *out_obj, *offset_obj, *index;
     Text t;
     Py_buffer out;
     Py_ssize_t offset, data, decoded;
     (void)module;
-    if (!PyArg_ParseTuple(args, "OOn:decode_into", &text_obj, &out_obj, &offset))
+    if (!PyArg_ParseTuple(args, "OOO:decode_into", &text_obj, &out_obj, &offset_obj))
         return NULL;
-    if (text_open(text_obj, &t) < 0)
+    if ((index = PyNumber_Index(offset_obj)) == NULL)
         return NULL;
+    /* An offset beyond Py_ssize_t is out of range like any other: ValueError, as in Python. */
+    offset = PyLong_AsSsize_t(index);
+    if (offset == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            Py_DECREF(index);
+            return NULL;
+        }
+        PyErr_Clear();
+    }
+    if (text_open(text_obj, &t) < 0) {
+        Py_DECREF(index);
+        return NULL;
+    }
     if (get_contiguous(out_obj, &out, PyBUF_WRITABLE,
                        "out must be a writable C-contiguous bytes-like object") < 0) {
         text_close(&t);
+        Py_DECREF(index);
         return NULL;
     }
     PyObject *result = NULL;
-    if (offset < 0 || offset > out.len) {
-        PyErr_Format(PyExc_ValueError, "offset %zd is outside the output buffer (length %zd)",
-                     offset, out.len);
+    if (offset < 0 || offset > out.len) {  /* an overflowed offset reads as -1 here */
+        PyErr_Format(PyExc_ValueError, "offset %S is outside the output buffer (length %zd)",
+                     index, out.len);
     } else if (layout(t.s, t.n, &data, &decoded) < 0) {
         explain(PyUnicode_1BYTE_KIND, t.s, t.n);
     } else if (decoded > out.len - offset) {
@@ -447,6 +461,7 @@ decode_into(PyObject *module, PyObject *args)
     }
     PyBuffer_Release(&out);
     text_close(&t);
+    Py_DECREF(index);
     return result;
 }
 

@@ -316,10 +316,12 @@ def test_decode_into_too_small_writes_nothing(codec, offset, size):
     assert out == sentinel_buffer(size)
 
 
-@pytest.mark.parametrize("offset", [-1, -100, 9, 1 << 40])
+@pytest.mark.parametrize("offset", [-1, -100, 9, 1 << 40, 1 << 63, 1 << 80, -(1 << 80)])
 def test_decode_into_offset_out_of_range(codec, offset):
+    # beyond the C ssize_t range too: the same ValueError, with the offset as given
     out = sentinel_buffer(8)
-    with pytest.raises(ValueError, match="offset"):
+    with pytest.raises(ValueError, match=f"^offset {offset} is outside the output buffer "
+                                         r"\(length 8\)$"):
         codec.decode_into("", out, offset)
     assert out == sentinel_buffer(8)
 
