@@ -202,16 +202,21 @@ class SecureCompletionClient:
         answer = loop.create_future()
 
         def job() -> None:
-            with envelope.Workspace() as work:
+            work = envelope.Workspace()
+            try:
+                outcome = (self._exchange(work, payload, payload_id, api_key,
+                                          security_tier, base_url), None)
+            except BaseException as exc:  # handed to the awaiting task, as run_in_executor
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(_settle, answer, *outcome)
+            except RuntimeError:  # the caller's loop closed while the request ran
+                logger.debug("event loop closed before the answer arrived")
+            finally:
                 try:
-                    outcome = (self._exchange(work, payload, payload_id, api_key,
-                                              security_tier, base_url), None)
-                except BaseException as exc:  # handed to the awaiting task, as run_in_executor
-                    outcome = (None, exc)
-                try:
-                    loop.call_soon_threadsafe(_settle, answer, *outcome)
-                except RuntimeError:  # the caller's loop closed while the request ran
-                    logger.debug("event loop closed before the answer arrived")
+                    work.close()
+                except Exception:  # nobody awaits this any more: say it instead of dropping it
+                    logger.exception("releasing an exchange's (wiped) secure buffers failed")
 
         try:
             self._pool().submit(job)

@@ -295,6 +295,20 @@ def test_answer_after_the_loop_closed_is_dropped_and_released(client, peer, reco
     assert "event loop closed before the answer arrived" in caplog.text
 
 
+def test_failed_release_after_the_answer_is_logged(client, peer, recorded, monkeypatch, caplog):
+    def failing_close(self):
+        envelope.Workspace.close(self)
+        raise ValueError("secure free failed: [Errno 22] Invalid argument")
+
+    monkeypatch.setattr(RecordingWorkspace, "close", failing_close)
+    with caplog.at_level("ERROR", logger="nomyo.client"):
+        answer = asyncio.run(client.send_secure_request(
+            {"model": "m", "messages": MESSAGES}, "p"))
+        time.sleep(0.2)
+    assert answer["choices"][0]["message"]["content"] == "hello peer"
+    assert "releasing an exchange's (wiped) secure buffers failed" in caplog.text
+
+
 def test_low_level_methods_interoperate_with_the_peer(client, peer):
     client.generate_keys()
     assert asyncio.run(client.fetch_server_public_key()) == peer.public_pem.decode()
