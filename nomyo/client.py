@@ -197,29 +197,12 @@ class SecureCompletionClient:
         wiped by then, is unmapped afterwards in the worker, off the answer's path
         (releasing memfd_secret pages costs about 0.1 ms).
         """
-        self._check_open()
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
-
-        def job() -> None:
-            work = envelope.Workspace()
-            try:
-                outcome = (self._exchange(work, payload, payload_id, api_key,
-                                          security_tier, base_url), None)
-            except BaseException as exc:  # handed to the awaiting task, as run_in_executor
-                outcome = (None, exc)
-            try:
-                loop.call_soon_threadsafe(_settle, answer, *outcome)
-            except RuntimeError:  # the caller's loop closed while the request ran
-                logger.debug("event loop closed before the answer arrived")
-            finally:
-                try:
-                    work.close()
-                except Exception:  # nobody awaits this any more: say it instead of dropping it
-                    logger.exception("releasing an exchange's (wiped) secure buffers failed")
-
+        pool = self._pool()  # DisposedError once closed
         try:
-            self._pool().submit(job)
+            pool.submit(self._exchange_for, loop, answer,
+                        payload, payload_id, api_key, security_tier, base_url)
         except RuntimeError:  # the pool was shut down by a concurrent close()
             raise DisposedError("This client has been closed") from None
         return await answer
@@ -250,6 +233,24 @@ class SecureCompletionClient:
         """Blocking `send_secure_request`; `base_url` overrides the endpoint for this call."""
         with envelope.Workspace() as work:
             return self._exchange(work, payload, payload_id, api_key, security_tier, base_url)
+
+    def _exchange_for(self, loop: asyncio.AbstractEventLoop, answer: asyncio.Future[Any],
+                      *request: Any) -> None:
+        """`_exchange` in a worker thread: post its outcome to `answer` on `loop`, then release
+        the workspace, whose slots are wiped by then, off the answer's path."""
+        work = envelope.Workspace()
+        try:
+            outcome = (self._exchange(work, *request), None)
+        except BaseException as exc:  # handed to the awaiting task, as run_in_executor does
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, answer, *outcome)
+        except RuntimeError:  # the caller's loop closed while the request ran
+            logger.debug("event loop closed before the answer arrived")
+        try:
+            work.close()
+        except Exception:  # nobody awaits this any more: say it instead of dropping it
+            logger.exception("releasing an exchange's (wiped) secure buffers failed")
 
     def _exchange(
         self, work: envelope.Workspace, payload: dict[str, Any], payload_id: str,
