@@ -47,6 +47,7 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 DEFAULT_TIMEOUT = 60.0
 # The exchange talks to the urllib3 pool directly: its errors are the network failures.
 _NETWORK_ERRORS = (urllib3.exceptions.HTTPError,)
+_NO_RETRY = urllib3.Retry(total=False, redirect=False)  # what retries=False means, built once
 _BASE_HEADERS = {"User-Agent": "nomyo-python", "Accept": "*/*", "Accept-Encoding": "identity"}
 # Largest answer read: a protocol package carries at most 10 MiB of plaintext (about 14 MiB
 # of base64); anything far beyond is refused before it can exhaust memory.
@@ -180,8 +181,9 @@ class Transport:
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         self._lock = threading.Lock()
-        # The environment (proxies, CA bundle) is read once here instead of on every request:
-        # requests' trust_env costs about a millisecond per call (os.environ scans, netrc stats).
+        # The environment is read once (the CA bundle here, proxies once per route) instead of
+        # on every request: requests' trust_env costs about a millisecond per call (os.environ
+        # scans, netrc stats).
         # The exchange bypasses requests' send(), which is where certifi's bundle would be
         # chosen, so the default bundle is resolved here too.
         if verify is True:
@@ -191,8 +193,7 @@ class Transport:
         if isinstance(verify, str) and not os.path.exists(verify):
             raise ValueError(f"CA bundle not found: {verify}")
         self._verify = verify
-        self._proxies: dict[str, dict[str, str]] = {}
-        self._routes: dict[tuple[str, str], tuple[requests.PreparedRequest, str]] = {}
+        self._routes: dict[tuple[str, str], tuple[urllib3.HTTPConnectionPool, str]] = {}
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
         session = requests.Session()
         session.trust_env = False
@@ -270,15 +271,14 @@ class Transport:
         per-call preparation (about 0.4 ms, a tenth of the client's cryptographic floor),
         and the body is read in one call of its announced length.
         """
-        adapter = session.get_adapter(url)
-        proxies = self._proxies_for(url)
-        stub, target = self._route(adapter, method, url, proxies)
-        pool = adapter.get_connection_with_tls_context(stub, self._verify, proxies=proxies)
-        response = pool.urlopen(
-            method, target, body=body, headers={**_BASE_HEADERS, **headers}, retries=False,
-            redirect=False, assert_same_host=False, timeout=self._timeout,
-            preload_content=False, decode_content=False,
-        )
+        route = self._route(session, method, url)
+        try:
+            response = self._urlopen(route, method, headers, body)
+        except urllib3.exceptions.ClosedPoolError:
+            # The PoolManager closed this pool to make room for another endpoint's: a pool
+            # looked up afresh gets a new connection. Anything else is the caller's to retry.
+            self._routes.pop((method, url), None)
+            response = self._urlopen(self._route(session, method, url), method, headers, body)
         try:
             # urllib3's parsed length: None for chunked bodies or an invalid Content-Length,
             # which are then read only up to the cap.
@@ -297,29 +297,31 @@ class Transport:
             response.release_conn()
         return response.status, response.headers.get("Retry-After"), content
 
-    def _route(
-        self, adapter: HTTPAdapter, method: str, url: str, proxies: dict[str, str]
-    ) -> tuple[requests.PreparedRequest, str]:
-        """A prepared stub of the URL (for the pool lookup) and the request target; cached."""
+    def _urlopen(self, route: tuple[urllib3.HTTPConnectionPool, str], method: str,
+                 headers: Mapping[str, str], body: bytes | None) -> urllib3.BaseHTTPResponse:
+        pool, target = route
+        return pool.urlopen(
+            method, target, body=body, headers={**_BASE_HEADERS, **headers}, retries=_NO_RETRY,
+            redirect=False, assert_same_host=False, timeout=self._timeout,
+            preload_content=False, decode_content=False,
+        )
+
+    def _route(self, session: requests.Session, method: str, url: str
+               ) -> tuple[urllib3.HTTPConnectionPool, str]:
+        """The URL's connection pool, as the Session's adapter picks it (TLS verification, CA
+        bundle, proxy), and the request target; cached, since the lookup costs about 70 us
+        right after a network wait (a stat of the CA bundle among it)."""
         key = (method, url)
         route = self._routes.get(key)
         if route is None:
             if len(self._routes) >= _CACHE_LIMIT:  # many per-call base_urls: start afresh
                 self._routes.clear()
+            adapter = session.get_adapter(url)
+            proxies = get_environ_proxies(url)  # read here, once per route: trust_env is off
             stub = requests.Request(method, url).prepare()
-            route = self._routes[key] = (stub, adapter.request_url(stub, proxies))
+            pool = adapter.get_connection_with_tls_context(stub, self._verify, proxies=proxies)
+            route = self._routes[key] = (pool, adapter.request_url(stub, proxies))
         return route
-
-    def _proxies_for(self, url: str) -> dict[str, str]:
-        """Proxies from the environment for this scheme and host (looked up once, cached)."""
-        parts = urlsplit(url)
-        key = f"{parts.scheme}://{parts.netloc}"
-        proxies = self._proxies.get(key)
-        if proxies is None:
-            if len(self._proxies) >= _CACHE_LIMIT:
-                self._proxies.clear()
-            proxies = self._proxies[key] = get_environ_proxies(key)
-        return proxies
 
 
 def _secrets_in(headers: Mapping[str, str]) -> tuple[str, ...]:

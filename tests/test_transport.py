@@ -1,6 +1,7 @@
 """Transport behaviour against a real scripted HTTP server on loopback."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -11,6 +12,7 @@ from collections import deque
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -381,3 +383,80 @@ def test_ca_bundle_default_and_missing_path():
 
     env_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
     assert Transport()._verify == (env_bundle or requests.certs.where())
+
+
+def test_closed_pool_is_replaced_without_a_retry(server):
+    # urllib3 1.x closes the pool of the least recently used endpoint to make room for a new
+    # one (2.x drops it unclosed); the transport's cached route must then find a new pool.
+    transport, clock = make(max_retries=0)
+    url = server.url + "/x"
+    try:
+        assert transport.post(url, b"cipher", HEADERS) == b"ok"
+        pools = transport._session.get_adapter(url).poolmanager.pools
+        for key in pools.keys():  # evicted as 1.x does: out of the manager, then closed
+            pool = pools[key]
+            del pools[key]
+            pool.close()
+        assert transport.post(url, b"cipher", HEADERS) == b"ok"
+    finally:
+        transport.close()
+    first, again = server.received
+    assert clock.sleeps == []
+    assert first["peer"] != again["peer"]  # a new connection from a new pool
+
+
+class ForwardProxy:
+    """A plain HTTP forward proxy on loopback: records each absolute-form target it relays."""
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _relay(self) -> None:
+                proxy.targets.append(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                target = urlsplit(self.path)
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=5)
+                upstream.request(self.command, target.path, body,
+                                 {"X-Payload-ID": self.headers["X-Payload-ID"]})
+                answer = upstream.getresponse()
+                content = answer.read()
+                upstream.close()
+                self.send_response(answer.status)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = _relay
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_proxy_from_the_environment_is_used(server, monkeypatch):
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = ForwardProxy()
+    monkeypatch.setenv("http_proxy", proxy.url)
+    transport, _ = make()
+    try:
+        for _ in range(2):
+            assert transport.post(server.url + "/x", b"cipher", HEADERS) == b"ok"
+    finally:
+        transport.close()
+        proxy.close()
+    assert proxy.targets == [server.url + "/x"] * 2
+    assert [r["body"] for r in server.received] == [b"cipher"] * 2
