@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies
 
 from .errors import (
@@ -40,6 +39,7 @@ from .errors import (
     ServerError,
     ServiceUnavailableError,
 )
+from .http_pools import OneWriteAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Transport:
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
         session = requests.Session()
         session.trust_env = False
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
+        adapter = OneWriteAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         self._session: requests.Session | None = session

@@ -18,6 +18,7 @@ import pytest
 import requests
 import urllib3.exceptions
 
+from nomyo import http_pools
 from nomyo import transport as transport_module
 from nomyo.errors import (
     APIConnectionError,
@@ -39,6 +40,14 @@ from nomyo.transport import (
     parse_retry_after,
     require_secure_url,
 )
+
+
+def data_segments_in(sock: socket.socket) -> int:
+    """TCP segments carrying data received so far on `sock` (Linux tcp_info.tcpi_data_segs_in,
+    at byte 152 since kernel 4.6)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    assert len(info) >= 156, "kernel tcp_info has no tcpi_data_segs_in (Linux 4.6 or later)"
+    return int.from_bytes(info[152:156], "little")
 
 
 class ScriptedServer:
@@ -64,7 +73,8 @@ class ScriptedServer:
                 body = self.rfile.read(length) if length else b""
                 script.received.append(
                     {"method": self.command, "path": self.path, "headers": dict(self.headers),
-                     "body": body, "peer": self.client_address}
+                     "body": body, "peer": self.client_address,
+                     "data_segments_in": data_segments_in(self.connection)}
                 )
                 reply = script.replies.popleft() if script.replies else (200, {}, b"ok")
                 if reply == "drop":
@@ -460,3 +470,27 @@ def test_proxy_from_the_environment_is_used(server, monkeypatch):
         proxy.close()
     assert proxy.targets == [server.url + "/x"] * 2
     assert [r["body"] for r in server.received] == [b"cipher"] * 2
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_small_request_leaves_in_one_segment(scheme, tls_pair, tmp_path):
+    ca, ctx = tls_pair
+    srv = ScriptedServer(ctx if scheme == "https" else None)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    transport, _ = make(verify=str(bundle))
+    large = os.urandom(http_pools.ONE_WRITE_MAX + 1)
+    try:
+        for body in (b"cipher", b"cipher", large, b"cipher"):
+            assert transport.post(srv.url + "/x", body, HEADERS) == b"ok"
+    finally:
+        transport.close()
+        srv.close()
+    assert [r["body"] for r in srv.received] == [b"cipher", b"cipher", large, b"cipher"]
+    assert len({r["peer"] for r in srv.received}) == 1
+    segments = [r["data_segments_in"] for r in srv.received]
+    # header block and body in one write, hence one segment (one TLS record over HTTPS)
+    assert segments[1] - segments[0] == 1
+    assert segments[3] - segments[2] == 1
+    if scheme == "http":
+        assert segments[0] == 1
