@@ -66,22 +66,30 @@ class PackageInfo:
 
 
 class Workspace:
-    """Secure buffers one exchange reuses: a slot for AES keys and one for plaintext.
+    """Secure buffers one exchange reuses: a plaintext slot, and the AES key in a cell of it.
 
-    Each slot is its own guarded mapping, handed out again with `refit` (old contents wiped)
-    while the new secret fits, else replaced. A slot holds one secret at a time, and what it
-    hands out belongs to the workspace: `done` wipes it, `close` releases everything.
-    `headroom` bytes are reserved beyond a new plaintext so that an answer not much larger
-    than its request (an echo, a short reply to a short prompt) fits in the request's slot;
-    untouched memfd_secret pages cost nothing until used.
+    The plaintext slot is a guarded mapping, handed out again with `refit` (old contents
+    wiped) while the new plaintext fits, else replaced. The key lives in a cell just below
+    the plaintext's data, in the same page, so an exchange maps and faults one page instead
+    of two; only when the slot has no room (or is not there) does the key get a slot of its
+    own. What the workspace hands out belongs to it: `done` wipes it (and frees the cell),
+    `close` releases everything. `headroom` bytes are reserved beyond a new plaintext so
+    that an answer not much larger than its request (an echo, a short reply to a short
+    prompt) fits in the request's slot; untouched memfd_secret pages cost nothing until used.
     """
 
     def __init__(self, headroom: int = ANSWER_HEADROOM) -> None:
         self.headroom = headroom
         self._slots: dict[str, SecureBuffer] = {}
+        self._cell: Any = None  # the key's cell in the plaintext slot, while handed out
 
-    def key(self, size: int) -> SecureBuffer:
-        """The key slot, fitted to `size` bytes."""
+    def key(self, size: int) -> Any:
+        """A key buffer of `size` bytes: a cell of the plaintext slot when it has room."""
+        owner = self._slots.get("plaintext")
+        if self._cell is None and owner is not None and not owner.closed:
+            self._cell = owner.cell_below(size)
+            if self._cell is not None:
+                return self._cell
         return self._take("key", size, 0)
 
     def plaintext(self, size: int) -> SecureBuffer:
@@ -98,13 +106,19 @@ class Workspace:
         buf = self._slots[slot] = SecureBuffer(size, capacity=size + headroom)
         return buf
 
-    def done(self, buf: SecureBuffer) -> None:
-        """A secret from this workspace is no longer needed: wipe it, keep the memory."""
-        if not buf.closed:
+    def done(self, buf: Any) -> None:
+        """A secret from this workspace is no longer needed: wipe it, keep the memory (a
+        cell is closed, which frees its slot for the next refit)."""
+        if buf is self._cell:
+            self._cell = None
+            buf.close()
+        elif not buf.closed:
             buf.wipe()
 
     def close(self) -> None:
         """Wipe and release every slot."""
+        if self._cell is not None:
+            self.done(self._cell)
         slots, self._slots = self._slots, {}
         for buf in slots.values():
             if not buf.closed:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import socket
@@ -223,14 +224,23 @@ def test_sixteen_concurrent_requests_overlap(client, peer):
 
 
 class RecordingWorkspace(envelope.Workspace):
-    """Notes, when the exchange closes it, whether every slot was already wiped."""
+    """Notes, when the exchange closes it, whether every slot and key cell was already wiped
+    (cells are read through their slot's mapping, which is still there)."""
 
     events: list[str]
+
+    def key(self, size: int):
+        buf = super().key(size)
+        self.cells = [*getattr(self, "cells", []), (buf.address, size)]
+        return buf
 
     def close(self) -> None:
         slots = [buf for buf in self._slots.values() if not buf.closed]
         with_secrets = sum(1 for buf in slots if any(memoryview(buf).cast("B")))
-        self.events.append(f"close: {len(slots)} slots, {with_secrets} not wiped")
+        cells = getattr(self, "cells", [])
+        cells_with_secrets = sum(1 for where, size in cells if any(ctypes.string_at(where, size)))
+        self.events.append(f"close: {len(slots)} slots, {with_secrets} not wiped; "
+                           f"{len(cells)} keys, {cells_with_secrets} not wiped")
         super().close()
 
 
@@ -256,8 +266,10 @@ def test_slots_are_wiped_when_the_exchange_returns(client, peer, recorded):
     time.sleep(0.2)  # the async exchange unmaps its workspace just after the answer
     # sync: closed before it returns; async: the answer is posted to the loop, then the
     # workspace is unmapped (which of the two the test sees first is up to the scheduler)
-    assert recorded[0] == "close: 2 slots, 0 not wiped"
-    assert sorted(recorded[1:]) == ["answer", "close: 2 slots, 0 not wiped"]
+    # one mapping each: the AES keys lived in cells of the plaintext slot
+    closed = "close: 1 slots, 0 not wiped; 2 keys, 0 not wiped"
+    assert recorded[0] == closed
+    assert sorted(recorded[1:]) == ["answer", closed]
 
 
 def test_cancelled_request_still_releases_its_workspace(client, peer, recorded):
@@ -275,7 +287,7 @@ def test_cancelled_request_still_releases_its_workspace(client, peer, recorded):
         await asyncio.sleep(0.5)  # the worker finishes the exchange meanwhile
 
     asyncio.run(cancel_midway())
-    assert sorted(recorded) == ["cancelled", "close: 2 slots, 0 not wiped"]
+    assert sorted(recorded) == ["cancelled", "close: 1 slots, 0 not wiped; 2 keys, 0 not wiped"]
 
 
 def test_answer_after_the_loop_closed_is_dropped_and_released(client, peer, recorded, caplog):
@@ -291,7 +303,7 @@ def test_answer_after_the_loop_closed_is_dropped_and_released(client, peer, reco
     with caplog.at_level("DEBUG", logger="nomyo.client"):
         asyncio.run(leave_it_running())  # cancels the task and closes its loop
         time.sleep(0.6)
-    assert recorded == ["close: 2 slots, 0 not wiped"]
+    assert recorded == ["close: 1 slots, 0 not wiped; 2 keys, 0 not wiped"]
     assert "event loop closed before the answer arrived" in caplog.text
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 
 import pytest
@@ -55,8 +56,9 @@ def _secretmem_mappings() -> int:
         return sum("secretmem" in line for line in f)
 
 
-def test_workspace_carries_one_exchange_in_two_secure_mappings() -> None:
-    """Request plaintext and key slots are reused for the answer: two mappings, not four."""
+def test_workspace_carries_one_exchange_in_one_secure_mapping() -> None:
+    """The plaintext slot is reused for the answer and both AES keys live in cells of it:
+    one mapping, not four."""
     client, server = keypair("client"), keypair("server")
     before = _secretmem_mappings()
     with envelope.Workspace(headroom=4096) as work:
@@ -71,8 +73,35 @@ def test_workspace_carries_one_exchange_in_two_secure_mappings() -> None:
         assert obj == {"a": "y" * 8000}
         assert not slot.closed and slot.data.tobytes() == bytes(len(slot))  # held the answer
         if nomyo.get_memory_protection_info()["allocator"] == "memfd_secret":
-            assert _secretmem_mappings() - before == 2
+            assert _secretmem_mappings() - before == 1
     assert slot.closed and _secretmem_mappings() == before
+
+
+def test_workspace_key_cell_is_wiped_and_never_shared() -> None:
+    with envelope.Workspace() as work:
+        plaintext = work.plaintext(100)
+        key = work.key(32)
+        assert 0 < plaintext.address - key.address <= 64  # in the slot's page, below its data
+        key.fill_random()
+        where = key.address
+        assert any(ctypes.string_at(where, 32))
+        second = work.key(32)  # while the cell is out: a slot of its own, never the same bytes
+        assert second.address != where and len(second) == 32
+        with pytest.raises(BufferError):
+            work.plaintext(200)  # the slot cannot move under a live cell
+        work.done(key)
+        assert key.closed and ctypes.string_at(where, 32) == bytes(32)
+        assert work.plaintext(200) is plaintext  # free to move again
+        work.done(second)
+        assert not second.closed and second.data.tobytes() == bytes(32)
+
+
+def test_workspace_key_without_room_in_the_slot_gets_its_own_mapping() -> None:
+    page = 4096
+    with envelope.Workspace(headroom=0) as work:
+        full = work.plaintext(page - 8)  # the canary and data fill the one page
+        key = work.key(32)
+        assert abs(full.address - key.address) >= page and not key.closed
 
 
 def test_workspace_replaces_a_slot_too_small_and_wipes_on_failure() -> None:

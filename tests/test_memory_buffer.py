@@ -206,3 +206,40 @@ def test_adopt_bytes_moves_a_temporary_and_refuses_a_referenced_one():
     kept = _fresh_bytes()
     with pytest.raises(ValueError, match="referenced elsewhere"):
         adopt_bytes(kept)
+
+
+def test_cell_below_holds_its_buffer_in_place_until_released():
+    owner = SecureBuffer(100, capacity=4096)
+    cell = owner.cell_below(32)
+    assert cell.locked == owner.locked and len(cell) == 32
+    assert 0 < owner.address - cell.address <= 64
+    cell.fill_random()
+    view = memoryview(cell)
+    cell.close()  # wiped at once; the owner stays in place while the view lives
+    assert cell.closed and view.tobytes() == bytes(32)
+    with pytest.raises(ValueError):
+        cell.close()
+    with pytest.raises(BufferError):
+        owner.refit(200)
+    view.release()
+    del view, cell
+    owner.refit(200)
+    owner.close()
+    with pytest.raises(ValueError):
+        owner.cell_below(32)
+
+
+def test_cell_below_is_refused_in_a_forked_child():
+    owner = SecureBuffer(100, capacity=4096)
+    cell = owner.cell_below(32)
+    pid = os.fork()
+    if pid == 0:  # the child must not touch the parent's secret memory
+        try:
+            memoryview(cell)
+        except ValueError:
+            os._exit(0)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    cell.close()
+    owner.close()
