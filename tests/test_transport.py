@@ -50,7 +50,33 @@ def data_segments_in(sock: socket.socket) -> int:
     return int.from_bytes(info[152:156], "little")
 
 
-class ScriptedServer:
+class QuietHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+
+class LoopbackServer:
+    """A threaded HTTP server on loopback for `handler` (HTTPS with an SSL context)."""
+
+    def __init__(self, handler: type, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        scheme = "http"
+        if ssl_context is not None:
+            self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class ScriptedServer(LoopbackServer):
     """Answers each request with the next scripted reply; records what it received.
 
     A reply is (status, headers, body), "drop" (close without answering) or ("sleep", s).
@@ -61,13 +87,7 @@ class ScriptedServer:
         self.received: list[dict] = []
         script = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
+        class Handler(QuietHandler):
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
@@ -97,19 +117,7 @@ class ScriptedServer:
 
             do_GET = do_POST = _serve
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        scheme = "http"
-        if ssl_context is not None:
-            self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
-            scheme = "https"
-        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, ssl_context)
 
 
 @pytest.fixture
@@ -139,13 +147,17 @@ def make(max_retries: int = 2, timeout: float = 5.0, **kw) -> tuple[Transport, C
 HEADERS = {"X-Payload-ID": "pid-1", "Content-Type": "application/octet-stream"}
 
 
-def test_success_returns_body_and_reuses_one_connection(server):
-    transport, _ = make()
+def post_then_close(transport: Transport, url: str, times: int) -> None:
+    """POST b"cipher" `times` times, each answered b"ok"; the transport is closed after."""
     try:
-        for _ in range(5):
-            assert transport.post(server.url + "/x", b"cipher", HEADERS) == b"ok"
+        for _ in range(times):
+            assert transport.post(url, b"cipher", HEADERS) == b"ok"
     finally:
         transport.close()
+
+
+def test_success_returns_body_and_reuses_one_connection(server):
+    post_then_close(make()[0], server.url + "/x", 5)
     assert {r["peer"] for r in server.received} == {server.received[0]["peer"]}
     assert server.received[0]["body"] == b"cipher"
 
@@ -415,19 +427,14 @@ def test_closed_pool_is_replaced_without_a_retry(server):
     assert first["peer"] != again["peer"]  # a new connection from a new pool
 
 
-class ForwardProxy:
+class ForwardProxy(LoopbackServer):
     """A plain HTTP forward proxy on loopback: records each absolute-form target it relays."""
 
     def __init__(self) -> None:
         self.targets: list[str] = []
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def _relay(self) -> None:
                 proxy.targets.append(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
@@ -446,14 +453,7 @@ class ForwardProxy:
 
             do_GET = do_POST = _relay
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def test_proxy_from_the_environment_is_used(server, monkeypatch):
@@ -461,12 +461,9 @@ def test_proxy_from_the_environment_is_used(server, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     proxy = ForwardProxy()
     monkeypatch.setenv("http_proxy", proxy.url)
-    transport, _ = make()
     try:
-        for _ in range(2):
-            assert transport.post(server.url + "/x", b"cipher", HEADERS) == b"ok"
+        post_then_close(make()[0], server.url + "/x", 2)
     finally:
-        transport.close()
         proxy.close()
     assert proxy.targets == [server.url + "/x"] * 2
     assert [r["body"] for r in server.received] == [b"cipher"] * 2

@@ -118,7 +118,22 @@ class _SecretPolicy:
 
 if _native.BACKEND == "native":
 
-    class SecureBuffer(_SecretPolicy, _native.pyobjects.Region):
+    class _NativeSecret(_SecretPolicy, _native.pyobjects.Region):
+        """What native secrets share: close() wipes at once and releases the memory (`_free`)
+        now, or once the last live view is gone."""
+
+        __slots__ = ()
+
+        def close(self) -> None:
+            """Wipe now; release now, or when the last live view is released."""
+            self._release_view()
+            exports = self._detach()
+            if exports < 0:
+                raise ValueError("secure buffer is already closed")
+            if exports == 0:
+                self._free()  # each subclass says what releasing means
+
+    class SecureBuffer(_NativeSecret):
         """Fixed-size secret memory: guarded, locked, excluded from dumps, wiped on release.
 
         Exposes the writable buffer protocol (memoryview, readinto, encrypt_into) and refuses
@@ -204,15 +219,6 @@ if _native.BACKEND == "native":
             check_errno(lib.nm_region_refit(self._region, n), "secure refit failed")
             self._refit(int(ffi.cast("uintptr_t", self._region.data)), n)
 
-        def close(self) -> None:
-            """Wipe now; unlock and unmap now, or when the last live view is released."""
-            self._release_view()
-            exports = self._detach()
-            if exports < 0:
-                raise ValueError("secure buffer is already closed")
-            if exports == 0:
-                self._free()
-
         def _free(self) -> None:
             region = self._region
             if region is None or region.base == ffi.NULL:
@@ -229,7 +235,7 @@ if _native.BACKEND == "native":
             except Exception:  # interpreter shutdown: nothing sensible left to raise into
                 log.debug("secure buffer release at finalisation failed", exc_info=True)
 
-    class SecureCell(_SecretPolicy, _native.pyobjects.Region):
+    class SecureCell(_NativeSecret):
         """A secret inside a SecureBuffer's mapping (see `SecureBuffer.cell_below`), locked
         and excluded from dumps as that mapping is; wiped on close."""
 
@@ -253,14 +259,8 @@ if _native.BACKEND == "native":
                 check_errno(lib.nm_fill_random(ffi.from_buffer(view), len(view)),
                             "getrandom failed")
 
-        def close(self) -> None:
-            """Wipe now; let go of the owner's mapping now, or when the last view goes."""
-            self._release_view()
-            exports = self._detach()
-            if exports < 0:
-                raise ValueError("secure buffer is already closed")
-            if exports == 0:
-                self._hold.release()
+        def _free(self) -> None:
+            self._hold.release()  # the owner may move or be unmapped again
 
 else:
 
