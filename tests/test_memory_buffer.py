@@ -243,3 +243,15 @@ def test_cell_below_is_refused_in_a_forked_child():
     assert os.waitstatus_to_exitcode(status) == 0
     cell.close()
     owner.close()
+
+
+def test_cell_dropped_without_close_is_wiped():
+    owner = SecureBuffer(100, capacity=4096)
+    cell = owner.cell_below(32)
+    cell.fill_random()
+    where = cell.address
+    assert any(ctypes.string_at(where, 32))
+    del cell
+    assert ctypes.string_at(where, 32) == bytes(32)
+    owner.refit(200)  # its view of the owner went with it
+    owner.close()

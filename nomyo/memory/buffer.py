@@ -239,11 +239,11 @@ if _native.BACKEND == "native":
         """A secret inside a SecureBuffer's mapping (see `SecureBuffer.cell_below`), locked
         and excluded from dumps as that mapping is; wiped on close."""
 
-        __slots__ = ("_owner", "_hold", "_view", "address")
+        __slots__ = ("_owner", "_hold", "_view", "_address")
 
         def __new__(cls, address: int, size: int, owner: SecureBuffer) -> SecureCell:
             self = super().__new__(cls, address, size)
-            self.address = address
+            self._address = address
             self._owner = owner
             self._hold = memoryview(owner)  # keeps the owner's mapping in place
             self._view = None
@@ -252,6 +252,14 @@ if _native.BACKEND == "native":
         @property
         def locked(self) -> bool:
             return self._owner.locked and not self.closed
+
+        @property
+        def address(self) -> int:
+            return self._address
+
+        def __del__(self) -> None:
+            # a refit of the owner wipes only its own data: a dropped cell is wiped here
+            self._detach()
 
         def fill_random(self) -> None:
             """Overwrite the whole cell with bytes from the kernel CSPRNG, in place."""
