@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import nomyo
 from nomyo.memory import SecureBuffer, secure_bytearray, wipe_bytes, wipe_str
+from tests.helpers import run_python
 
 
 def test_new_buffer_is_zeroed_writable_and_sized():
@@ -255,3 +256,23 @@ def test_cell_dropped_without_close_is_wiped():
     assert ctypes.string_at(where, 32) == bytes(32)
     owner.refit(200)  # its view of the owner went with it
     owner.close()
+
+
+@pytest.mark.parametrize("first", ["owner", "cell"])
+def test_cell_and_owner_collected_together_never_touch_unmapped_pages(first):
+    # In a garbage cycle the finalisers run in no set order: the owner may unmap its pages
+    # before the cell's finaliser would wipe them (a segfault, before the fix).
+    proc = run_python(f"""
+        import gc
+        from nomyo.memory import SecureBuffer
+        for _ in range(50):
+            owner = SecureBuffer(100, capacity=4096)
+            cell = owner.cell_below(32)
+            cell.fill_random()
+            box = [owner, cell] if {first!r} == "owner" else [cell, owner]
+            box.append(box)
+            del owner, cell, box
+            gc.collect()
+        print("collected")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip() == "collected", proc.stderr

@@ -219,9 +219,15 @@ if _native.BACKEND == "native":
             check_errno(lib.nm_region_refit(self._region, n), "secure refit failed")
             self._refit(int(ffi.cast("uintptr_t", self._region.data)), n)
 
+        @property
+        def _mapped(self) -> bool:
+            """True until the pages are unmapped (by close, or by finalisation)."""
+            region = self._region
+            return region is not None and region.base != ffi.NULL
+
         def _free(self) -> None:
             region = self._region
-            if region is None or region.base == ffi.NULL:
+            if not self._mapped:
                 return
             if self._foreign:  # forked child: the pages are absent or wiped, never touch them
                 lib.nm_region_unmap(region)
@@ -258,8 +264,11 @@ if _native.BACKEND == "native":
             return self._address
 
         def __del__(self) -> None:
-            # a refit of the owner wipes only its own data: a dropped cell is wiped here
-            self._detach()
+            # A refit of the owner wipes only its own data: a dropped cell is wiped here. In
+            # a garbage cycle the owner may have been finalised (wiped whole and unmapped)
+            # first: its pages are then gone and must not be touched.
+            if self._owner._mapped:
+                self._detach()
 
         def fill_random(self) -> None:
             """Overwrite the whole cell with bytes from the kernel CSPRNG, in place."""
