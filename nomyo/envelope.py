@@ -181,7 +181,7 @@ def seal(
     """Encrypt `plaintext` (any buffer, normally a SecureBuffer) to the recipient's RSA key.
 
     Returns the package as UTF-8 JSON bytes; `processed_at` (response direction) is added
-    at top level when given. The AES key is born in the workspace's key slot.
+    at top level when given. The AES key is born in the workspace's key buffer.
     """
     if tag_layout not in TAG_LAYOUTS:
         raise ValueError(f"tag_layout must be one of {TAG_LAYOUTS}, not {tag_layout!r}")
@@ -296,7 +296,7 @@ def _wrap_key(key_view: memoryview, public_key: rsa.RSAPublicKey) -> bytes:
 
 def _unwrap_key(wrapped: bytes, private_key: rsa.RSAPrivateKey, workspace: Workspace
                 ) -> SecureBuffer:
-    """The AES key, in the workspace's key slot (the caller hands it back with `done`)."""
+    """The AES key, in the workspace's key buffer (the caller hands it back with `done`)."""
     try:
         # RSA decrypt returns an immutable `bytes`: handed straight to adopt_bytes (no local
         # keeps it), which moves it into secure memory and zeroes the original.

@@ -29,12 +29,10 @@ class _OneWrite:
         self._hold = isinstance(body, (bytes, bytearray)) and 0 < len(body) <= ONE_WRITE_MAX
         try:
             super().request(method, url, body=body, headers=headers, **kwargs)  # type: ignore[misc]
-            held, self._held = self._held, None
-            if held is not None:  # nothing followed the header block: send it alone
-                super().send(held)  # type: ignore[misc]
+            if self._held is not None:  # nothing followed the header block: send it alone
+                super().send(self._held)  # type: ignore[misc]
         finally:
-            self._hold = False
-            self._held = None
+            self._hold, self._held = False, None
 
     def send(self, data: Any) -> None:
         if self._hold:

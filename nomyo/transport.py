@@ -52,7 +52,7 @@ _BASE_HEADERS = {"User-Agent": "nomyo-python", "Accept": "*/*", "Accept-Encoding
 # Largest answer read: a protocol package carries at most 10 MiB of plaintext (about 14 MiB
 # of base64); anything far beyond is refused before it can exhaust memory.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
-_CACHE_LIMIT = 64  # endpoints remembered (routes, proxies)
+_CACHE_LIMIT = 64  # routes remembered (endpoint and method)
 POOL_SIZE = 32  # connections kept per endpoint: one per client worker thread
 MAX_DETAIL_CHARS = 500
 
@@ -334,7 +334,7 @@ def _secrets_in(headers: Mapping[str, str]) -> tuple[str, ...]:
 def _connection_message(err: Exception, url: str) -> str:
     """A message naming the failure kind and host only."""
     host = urlsplit(url).netloc or "the server"
-    timeout = isinstance(err, (requests.Timeout, urllib3.exceptions.TimeoutError))
+    timeout = isinstance(err, urllib3.exceptions.TimeoutError)  # the exchange's own errors
     if timeout and not isinstance(err, urllib3.exceptions.NewConnectionError):
         return f"Request to {host} timed out"
     return f"Failed to connect to {host} ({type(err).__name__})"
