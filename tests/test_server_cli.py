@@ -56,6 +56,12 @@ def test_serves_and_stops_cleanly_on_signal(tmp_path, sig) -> None:
     assert "Traceback" not in err and "over the CLI" not in err + out
 
 
+def run_server_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m nomyo.server ARGS` from the checkout; output captured, never raised on."""
+    return subprocess.run([sys.executable, "-m", "nomyo.server", *args], check=False, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -70,14 +76,7 @@ def test_serves_and_stops_cleanly_on_signal(tmp_path, sig) -> None:
     ],
 )
 def test_bad_flags_give_one_line_errors(args, message) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "nomyo.server", "--port", "0", "--key-bits", "2048", *args],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_server_cli("--port", "0", "--key-bits", "2048", *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
@@ -85,25 +84,11 @@ def test_bad_flags_give_one_line_errors(args, message) -> None:
 
 def test_bad_policy_and_wrong_password_are_one_line(tmp_path) -> None:
     (tmp_path / "tiers.json").write_text(json.dumps({"m": ["ultra"]}))
-    proc = subprocess.run(
-        [sys.executable, "-m", "nomyo.server", "--tier-policy", str(tmp_path / "tiers.json")],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_server_cli("--tier-policy", str(tmp_path / "tiers.json"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     KeyPair.generate(2048).save(tmp_path, password="right")
-    proc = subprocess.run(
-        [sys.executable, "-m", "nomyo.server", "--key-file", str(tmp_path / "private_key.pem")],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "NOMYO_KEY_PASSWORD": "wrong"},
-    )
+    proc = run_server_cli("--key-file", str(tmp_path / "private_key.pem"),
+                          env={**os.environ, "NOMYO_KEY_PASSWORD": "wrong"})
     assert proc.returncode == 2
     key_file = tmp_path / "private_key.pem"
     assert proc.stderr.strip().splitlines() == [
@@ -112,14 +97,9 @@ def test_bad_policy_and_wrong_password_are_one_line(tmp_path) -> None:
 
 
 def test_help_is_clear() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "nomyo.server", "--help"],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    proc = run_server_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     for flag in (
         "--backend",
         "--key-file",
