@@ -39,7 +39,7 @@ from urllib.parse import quote, urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nomyo import envelope, keys  # noqa: E402
+from nomyo.protocol import envelope, keys  # noqa: E402
 
 PUBLISHED = "nomyo==0.2.9"
 SMALL_MESSAGES = [{"role": "user", "content": "Hello! What is the capital of France?"}]

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psutil  # noqa: E402
 import requests  # noqa: E402
 
-from nomyo import envelope  # noqa: E402
-from nomyo.keys import KeyPair  # noqa: E402
+from nomyo.protocol import envelope  # noqa: E402
+from nomyo.protocol.keys import KeyPair  # noqa: E402
 from nomyo.server.backends import EchoBackend  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@
 Code written for nomyo 0.2.x imports `from nomyo.SecureCompletionClient import ...`; this
 keeps that working. New code: `from nomyo import SecureCompletionClient`.
 """
-from nomyo.client import SecureCompletionClient
+from nomyo.client.core import SecureCompletionClient
 from nomyo.errors import (
     APIConnectionError,
     APIError,

@@ -37,8 +37,8 @@ _EXPORTS = {
     "harden_process": "nomyo.memory",
     "MemoryProtectionLevel": "nomyo.memory",
     # client
-    "SecureCompletionClient": "nomyo.client",
-    "SecureChatCompletion": "nomyo.chat",
+    "SecureCompletionClient": "nomyo.client.core",
+    "SecureChatCompletion": "nomyo.client.facade",
     # attestation
     "verify_tpm_attestation": "nomyo.attestation",
     "AttestationResult": "nomyo.attestation",

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nomyo import envelope
 from nomyo.errors import PackageError, SecurityError
+from nomyo.protocol import envelope
 from tests.server_fixtures import keypair
 
 _SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,11 +1,11 @@
 """An independent, minimal implementation of the server side of PROTOCOL.md, for tests.
 
 Written from the protocol text with `cryptography` directly; it deliberately shares no code
-with `nomyo` (no `nomyo.envelope`, no `nomyo.keys`), so a client bug cannot be mirrored by the
-same bug on the server. Fault injection: scripted replies (status, headers, body) answered
-before a request is processed, dropped connections, server-key rotation. It records what it
-saw (headers, request plaintexts, AES keys of both directions, response plaintexts) so tests
-can check the wire and scan a client process for residues.
+with `nomyo` (no `nomyo.protocol.envelope`, no `nomyo.protocol.keys`), so a client bug cannot
+be mirrored by the same bug on the server. Fault injection: scripted replies (status, headers,
+body) answered before a request is processed, dropped connections, server-key rotation. It
+records what it saw (headers, request plaintexts, AES keys of both directions, response
+plaintexts) so tests can check the wire and scan a client process for residues.
 
 Run standalone: `python tests/peer_server.py` prints its URL and serves until killed.
 """

@@ -53,7 +53,7 @@ def vector_keys() -> dict[str, str]:
 @cache
 def keypair(role: str) -> Any:
     """The server or client KeyPair of keys.json (shared across tests; never closed)."""
-    from nomyo.keys import KeyPair
+    from nomyo.protocol.keys import KeyPair
 
     return KeyPair.from_pem(vector_keys()[f"{role}_private_pem"].encode("ascii"))
 
@@ -81,13 +81,13 @@ def chat_request(text: str = "Hello, server", **extra: Any) -> dict[str, Any]:
 
 
 def seal_request(obj: Any, server_pem: str, **kwargs: Any) -> bytes:
-    from nomyo import envelope
+    from nomyo.protocol import envelope
 
     return envelope.seal_json(obj, server_pem, **kwargs)
 
 
 def open_response(content: bytes, role: str = "client") -> tuple[Any, Any]:
-    from nomyo import envelope
+    from nomyo.protocol import envelope
 
     return envelope.open_json(content, keypair(role))
 

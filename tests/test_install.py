@@ -31,8 +31,9 @@ def test_fresh_venv_install_then_import_without_compiler(tmp_path):
     elsewhere.mkdir()
     env = {"PATH": os.environ["PATH"], "CC": "/bin/false", "HOME": str(tmp_path)}
     probe = subprocess.run(
-        [py, "-c", "import nomyo, nomyo.b64, json; i = nomyo.get_memory_protection_info(); "
-                   "print(json.dumps([i['backend'], nomyo.__file__, nomyo.b64.NATIVE]))"],
+        [py, "-c", "import nomyo, nomyo.protocol.b64, json; "
+                   "i = nomyo.get_memory_protection_info(); "
+                   "print(json.dumps([i['backend'], nomyo.__file__, nomyo.protocol.b64.NATIVE]))"],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr
     backend, where, native_b64 = __import__("json").loads(probe.stdout)

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from nomyo.memory import _native, secure_json
+from nomyo.memory import binding as _native
+from nomyo.memory import secure_json
 from nomyo.memory.buffer import SecureBuffer
 from nomyo.memory.hardening import harden_process
 from nomyo.memory.report import MemoryProtectionLevel, get_memory_protection_info

@@ -12,8 +12,9 @@ import operator
 from typing import Any
 
 from nomyo.errors import SecureMemoryUnavailable
-from nomyo.memory import _native, limits, settings
-from nomyo.memory._native import check_errno, ffi, lib
+from nomyo.memory import binding as _native
+from nomyo.memory import limits, settings
+from nomyo.memory.binding import check_errno, ffi, lib
 
 log = logging.getLogger("nomyo.memory")
 

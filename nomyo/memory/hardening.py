@@ -5,7 +5,7 @@ import logging
 import resource
 from typing import Any
 
-from nomyo.memory._native import check_errno, lib
+from nomyo.memory.binding import check_errno, lib
 from nomyo.memory.report import get_memory_protection_info
 
 log = logging.getLogger("nomyo.memory")

@@ -6,8 +6,9 @@ import sys
 from enum import Enum
 from typing import Any
 
-from nomyo.memory import _native, limits, settings
-from nomyo.memory._native import ffi, lib
+from nomyo.memory import binding as _native
+from nomyo.memory import limits, settings
+from nomyo.memory.binding import ffi, lib
 
 
 class MemoryProtectionLevel(Enum):

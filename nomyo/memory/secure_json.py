@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nomyo.errors import PackageError
-from nomyo.memory import _native
+from nomyo.memory import binding as _native
 from nomyo.memory.buffer import SecureBuffer
 
 MAX_DEPTH = 256

@@ -2,6 +2,6 @@
 
 import sys
 
-from nomyo.server.cli import main
+from nomyo.cli.serve import main
 
 sys.exit(main())

@@ -18,12 +18,12 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from nomyo import envelope, keys
 from nomyo.errors import PackageError, SecurityError
 from nomyo.memory import get_memory_protection_info
+from nomyo.memory.scrub import wipe_tree
+from nomyo.protocol import envelope, keys
 from nomyo.server.backends import Backend, BackendError
 from nomyo.server.policy import DEFAULT_TIER, TIERS, ApiKeys, RateLimiter, TierPolicy
-from nomyo.server.scrub import wipe_tree
 
 logger = logging.getLogger("nomyo.server")
 

@@ -13,7 +13,7 @@ import requests
 import urllib3.exceptions
 
 from nomyo.memory import SecureBuffer, secure_json, wipe_bytes
-from nomyo.server.scrub import wipe_tree
+from nomyo.memory.scrub import wipe_tree
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from nomyo import envelope
-from nomyo.keys import DEFAULT_KEY_BITS, KeyPair
+from nomyo.protocol import envelope
+from nomyo.protocol.keys import DEFAULT_KEY_BITS, KeyPair
 from nomyo.server.app import AppOptions, SecureCompletionApp
 from nomyo.server.backends import create_backend
 from nomyo.server.policy import ApiKeys, RateLimiter, TierPolicy

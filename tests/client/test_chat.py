@@ -231,14 +231,14 @@ def test_unusable_expected_pcrs_are_refused_at_construction(kwargs):
 def test_round_trip_on_the_fallback_backend(peer):
     """Without the compiled helpers the client still works, on honestly reported memory."""
     out = run_python(f"""
-        import json, nomyo, nomyo.b64
+        import json, nomyo, nomyo.protocol.b64
         from nomyo import SecureChatCompletion
         with SecureChatCompletion(base_url={peer.url!r}, allow_http=True, key_size=2048) as c:
             short = c.create_sync("m", [{{"role": "user", "content": "hi"}}])
             long = c.create_sync("m", [{{"role": "user", "content": "y" * 50000}}])
         info = nomyo.get_memory_protection_info()
         print(json.dumps([short["_metadata"]["is_encrypted"], len(json.dumps(long)),
-                          info["backend"], nomyo.b64.NATIVE]))
+                          info["backend"], nomyo.protocol.b64.NATIVE]))
     """, NOMYO_MEMORY_BACKEND="fallback", timeout=120)
     assert out.returncode == 0, out.stderr
     encrypted, long_size, backend, native_codec = json.loads(out.stdout.splitlines()[-1])

@@ -13,9 +13,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from nomyo import client as client_module
-from nomyo import envelope, keys
-from nomyo.client import SecureCompletionClient
+from nomyo.client import core as client_module
+from nomyo.client.core import SecureCompletionClient
 from nomyo.errors import (
     APIConnectionError,
     DisposedError,
@@ -25,6 +24,7 @@ from nomyo.errors import (
     SecurityError,
     ServiceUnavailableError,
 )
+from nomyo.protocol import envelope, keys
 from tests.peer_server import PeerServer, open_with, seal_for
 
 MESSAGES = [{"role": "user", "content": "hello peer"}]
@@ -300,7 +300,7 @@ def test_answer_after_the_loop_closed_is_dropped_and_released(client, peer, reco
             {"model": "m", "messages": MESSAGES}, "p"))
         await asyncio.sleep(0.1)
 
-    with caplog.at_level("DEBUG", logger="nomyo.client"):
+    with caplog.at_level("DEBUG", logger="nomyo.client.core"):
         asyncio.run(leave_it_running())  # cancels the task and closes its loop
         time.sleep(0.6)
     assert recorded == ["close: 1 slots, 0 not wiped; 2 keys, 0 not wiped"]
@@ -313,7 +313,7 @@ def test_failed_release_after_the_answer_is_logged(client, peer, recorded, monke
         raise ValueError("secure free failed: [Errno 22] Invalid argument")
 
     monkeypatch.setattr(RecordingWorkspace, "close", failing_close)
-    with caplog.at_level("ERROR", logger="nomyo.client"):
+    with caplog.at_level("ERROR", logger="nomyo.client.core"):
         answer = asyncio.run(client.send_secure_request(
             {"model": "m", "messages": MESSAGES}, "p"))
         time.sleep(0.2)
@@ -405,7 +405,7 @@ def test_require_secure_memory_fails_closed_without_the_right_to_lock(peer):
 
     code = f"""
         from nomyo import SecureMemoryUnavailable
-        from nomyo.client import SecureCompletionClient
+        from nomyo.client.core import SecureCompletionClient
         try:
             SecureCompletionClient({peer.url!r}, allow_http=True, key_size=2048,
                                    require_secure_memory=True)

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from nomyo import b64, keys
 from nomyo.errors import PackageError, SecurityError
 from nomyo.memory import SecureBuffer, adopt_bytes, secure_json, wipe_bytes
+from nomyo.protocol import b64, keys
 
 VERSION = "1.0"
 ALGORITHM = "hybrid-aes256-rsa4096"

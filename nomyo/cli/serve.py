@@ -10,10 +10,10 @@ import ssl
 import sys
 from typing import Any
 
-from nomyo.cli_parser import OneLineParser
+from nomyo.cli.parser import OneLineParser
 from nomyo.errors import NomyoError
-from nomyo.keys import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
 from nomyo.memory import harden_process
+from nomyo.protocol.keys import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
 
 KEY_PASSWORD_ENV = "NOMYO_KEY_PASSWORD"
 DEFAULT_PORT = 12434

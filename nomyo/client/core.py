@@ -22,23 +22,23 @@ from urllib.parse import quote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from . import envelope, keys
-from .errors import (
-    DisposedError,
-    InvalidRequestError,
-    PackageError,
-    SecureMemoryUnavailable,
-    SecurityError,
-)
-from .keyring import KeyRing
-from .memory import get_memory_protection_info, secure_json
-from .transport import (
+from nomyo.client.keyring import KeyRing
+from nomyo.client.transport import (
     DEFAULT_TIMEOUT,
     RetryPolicy,
     Transport,
     check_header_values,
     require_secure_url,
 )
+from nomyo.errors import (
+    DisposedError,
+    InvalidRequestError,
+    PackageError,
+    SecureMemoryUnavailable,
+    SecurityError,
+)
+from nomyo.memory import get_memory_protection_info, secure_json
+from nomyo.protocol import envelope, keys
 
 logger = logging.getLogger(__name__)
 

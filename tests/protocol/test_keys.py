@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from nomyo import keys
 from nomyo.errors import DisposedError
-from nomyo.keys import KeyPair
+from nomyo.protocol import keys
+from nomyo.protocol.keys import KeyPair
 from tests.server_fixtures import keypair, vector_keys
 
 
@@ -61,7 +61,7 @@ def test_private_key_mode_is_0600_from_creation_under_open_umask(tmp_path) -> No
     # Run in a child with umask 0: a chmod-after-write would leave a 0644 window; ours does not.
     code = (
         "import os, stat, sys; os.umask(0);"
-        "from nomyo.keys import KeyPair; p = KeyPair.generate(2048).save(sys.argv[1]);"
+        "from nomyo.protocol.keys import KeyPair; p = KeyPair.generate(2048).save(sys.argv[1]);"
         "print(oct(stat.S_IMODE(p.stat().st_mode)))"
     )
     out = subprocess.run(

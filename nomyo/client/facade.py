@@ -11,10 +11,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from .client import SecureCompletionClient
-from .errors import SecurityError
-from .keys import Password
-from .transport import DEFAULT_TIMEOUT
+from nomyo.client.core import SecureCompletionClient
+from nomyo.client.transport import DEFAULT_TIMEOUT
+from nomyo.errors import SecurityError
+from nomyo.protocol.keys import Password
 
 ATTESTATION_MODES = (None, "verify", "require")
 _CALL_OPTIONS = ("base_url", "api_key", "security_tier")
@@ -48,7 +48,7 @@ class SecureChatCompletion:
         if expected_pcrs is not None:
             if attestation is None:
                 raise ValueError("expected_pcrs needs attestation='verify' or 'require'")
-            from .attestation import validate_expected_pcrs
+            from nomyo.attestation import validate_expected_pcrs
 
             validate_expected_pcrs(expected_pcrs)
         self.client = SecureCompletionClient(
@@ -130,7 +130,7 @@ class SecureChatCompletion:
         """Verify the TPM attestation when asked; `require` refuses an unverified answer."""
         if self.attestation is None:
             return response
-        from .attestation import verify_tpm_attestation  # only clients that ask load it
+        from nomyo.attestation import verify_tpm_attestation  # only clients that ask load it
 
         metadata = response["_metadata"]
         block = metadata.get("tpm_attestation")

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from nomyo.client.keyring import KeyRing
 from nomyo.errors import DisposedError
-from nomyo.keyring import KeyRing
 
 
 class FakeClock:

@@ -26,7 +26,8 @@ import urllib3
 import urllib3.exceptions
 from requests.utils import get_environ_proxies
 
-from .errors import (
+from nomyo.client.http_pools import OneWriteAdapter
+from nomyo.errors import (
     APIConnectionError,
     APIError,
     AuthenticationError,
@@ -39,7 +40,6 @@ from .errors import (
     ServerError,
     ServiceUnavailableError,
 )
-from .http_pools import OneWriteAdapter
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import pytest
 from tests.helpers import ROOT
 from tests.peer_server import PeerServer
 
-DROPIN = Path(__file__).parent / "dropin"
+DROPIN = Path(ROOT) / "tests" / "dropin"
 ERROR_STATUSES = (400, 401, 403, 404, 429, 500, 502, 503, 504)
 API_KEY = "sk-dropin-key-0123"
 

@@ -18,8 +18,15 @@ import pytest
 import requests
 import urllib3.exceptions
 
-from nomyo import http_pools
-from nomyo import transport as transport_module
+from nomyo.client import http_pools
+from nomyo.client import transport as transport_module
+from nomyo.client.transport import (
+    RetryPolicy,
+    Transport,
+    error_for_status,
+    parse_retry_after,
+    require_secure_url,
+)
 from nomyo.errors import (
     APIConnectionError,
     APIError,
@@ -32,13 +39,6 @@ from nomyo.errors import (
     SecurityError,
     ServerError,
     ServiceUnavailableError,
-)
-from nomyo.transport import (
-    RetryPolicy,
-    Transport,
-    error_for_status,
-    parse_retry_after,
-    require_secure_url,
 )
 
 

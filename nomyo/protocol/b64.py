@@ -18,10 +18,10 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Optional
 
-from nomyo import _b64_fallback
 from nomyo.memory import settings
+from nomyo.protocol import b64_fallback as _b64_fallback
 
-log = logging.getLogger("nomyo.b64")
+log = logging.getLogger("nomyo.protocol.b64")
 
 ABI_VERSION = 1  # must equal ABI_VERSION in csrc/b64codec.c
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import requests
 
-from nomyo.keys import KeyPair
+from nomyo.protocol.keys import KeyPair
 from tests.helpers import ROOT
 from tests.server_fixtures import (
     COMPLETION,

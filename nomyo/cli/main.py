@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nomyo.cli_parser import OneLineParser
+from nomyo.cli.parser import OneLineParser
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the request failed, or a required protection is missing
@@ -127,7 +127,7 @@ def _parser(serve_arguments: bool) -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the self-hostable secure-completion endpoint")
     if serve_arguments:
-        from nomyo.server.cli import add_serve_arguments
+        from nomyo.cli.serve import add_serve_arguments
 
         add_serve_arguments(serve)
     serve.set_defaults(run=_run_serve)
@@ -205,7 +205,7 @@ def _human_report(r: dict[str, Any]) -> str:
 # -- chat --------------------------------------------------------------------------------------
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from nomyo.chat import SecureChatCompletion
+    from nomyo.client.facade import SecureChatCompletion
     from nomyo.errors import NomyoError
 
     text = " ".join(args.message) if args.message else sys.stdin.read().strip()
@@ -264,7 +264,7 @@ def _password(variable: str | None) -> str | None:
 
 
 def _run_keys_generate(args: argparse.Namespace) -> int:
-    from nomyo.keys import KeyPair
+    from nomyo.protocol.keys import KeyPair
 
     try:
         password = _password(args.password_env)
@@ -282,13 +282,13 @@ def _run_keys_generate(args: argparse.Namespace) -> int:
 
 
 def _run_keys_fingerprint(args: argparse.Namespace) -> int:
-    from nomyo import keys
     from nomyo.errors import NomyoError
+    from nomyo.protocol import keys
 
     try:
         if args.url:
-            from nomyo.client import PUBLIC_KEY_PATH
-            from nomyo.transport import Transport, require_secure_url
+            from nomyo.client.core import PUBLIC_KEY_PATH
+            from nomyo.client.transport import Transport, require_secure_url
 
             url = args.url.rstrip("/")
             require_secure_url(url, args.allow_http)
@@ -315,7 +315,7 @@ def _run_keys_fingerprint(args: argparse.Namespace) -> int:
 # -- serve -------------------------------------------------------------------------------------
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from nomyo.server.cli import run_serve
+    from nomyo.cli.serve import run_serve
 
     result = run_serve(args)
     return int(result or 0)

@@ -13,8 +13,8 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from nomyo import envelope
-from nomyo.keys import KeyPair
+from nomyo.protocol import envelope
+from nomyo.protocol.keys import KeyPair
 from nomyo.server import start_background
 from tests.server_fixtures import (
     COMPLETION,
@@ -199,7 +199,7 @@ def _header_cases(client_pem: str) -> dict[str, dict]:
 def _weak_pem() -> str:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from nomyo.keys import public_pem
+    from nomyo.protocol.keys import public_pem
 
     return public_pem(rsa.generate_private_key(public_exponent=65537, key_size=1024))
 

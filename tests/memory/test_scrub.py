@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from nomyo.server.scrub import wipe_tree
+from nomyo.memory.scrub import wipe_tree
 
 
 def test_empties_nested_trees_and_spares_shared_strings() -> None:

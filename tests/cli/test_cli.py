@@ -122,8 +122,8 @@ def test_chat_without_base_url_uses_the_embedded_endpoint():
 
 
 def test_serve_delegates_to_the_server_cli():
-    pytest.importorskip("nomyo.server.cli",
-                        reason="nomyo.server.cli (server branch) not merged yet")
+    pytest.importorskip("nomyo.cli.serve",
+                        reason="nomyo.cli.serve (server branch) not merged yet")
     result = nomyo("serve", "--help")
     assert result.returncode == 0 and "serve" in result.stdout
 
@@ -146,7 +146,7 @@ def test_keys_generate_and_fingerprint(tmp_path):
 
 
 def test_keys_fingerprint_of_a_server_for_pinning(peer):
-    from nomyo import keys
+    from nomyo.protocol import keys
 
     result = nomyo("keys", "fingerprint", "--url", peer.url, "--allow-http")
     assert result.returncode == 0, result.stderr

@@ -9,10 +9,10 @@ import json
 import pytest
 
 import nomyo
-from nomyo import envelope
 from nomyo.errors import PackageError, SecurityError
-from nomyo.keys import KeyPair
 from nomyo.memory import SecureBuffer, secure_json
+from nomyo.protocol import envelope
+from nomyo.protocol.keys import KeyPair
 from tests.server_fixtures import keypair, package_bytes, vector, vector_keys, vector_names
 
 

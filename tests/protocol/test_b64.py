@@ -1,8 +1,9 @@
-"""nomyo.b64: both backends agree with base64.b64encode and b64decode(validate=True).
+"""nomyo.protocol.b64: both backends agree with base64.b64encode and b64decode(validate=True).
 
-The native functions (nomyo._b64) and the fallback ones (nomyo._b64_fallback) run through the
-same tests via the `codec` fixture. The acceptance rules are CPython 3.11's; the explicit edge
-table pins them on every interpreter, the comparisons with the running stdlib need 3.11.
+The native functions (nomyo._b64) and the fallback ones (nomyo.protocol.b64_fallback) run
+through the same tests via the `codec` fixture. The acceptance rules are CPython 3.11's; the
+explicit edge table pins them on every interpreter, the comparisons with the running stdlib
+need 3.11.
 """
 import array
 import base64
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nomyo import _b64_fallback, b64
+from nomyo.protocol import b64
+from nomyo.protocol import b64_fallback as _b64_fallback
 from tests.helpers import run_python
 
 try:
@@ -409,7 +411,7 @@ def test_native_codec_is_built():
     assert native is not None, "nomyo._b64 is missing: the build did not compile csrc/b64codec.c"
     assert native.ABI_VERSION == b64.ABI_VERSION
     out = json.loads(run_python(
-        "import json, nomyo.b64 as m, nomyo._b64 as n;"
+        "import json, nomyo.protocol.b64 as m, nomyo._b64 as n;"
         "print(json.dumps([m.NATIVE, m.decode is n.decode, m.encode(b'abc').decode()]))",
         check=True).stdout)
     assert out == [True, True, "YWJj"]
@@ -425,8 +427,8 @@ def test_forced_fallback_backend_still_decodes_right():
     proc = run_python("""
         import base64, json, logging, os
         logging.basicConfig(level=logging.DEBUG, format="%(name)s %(message)s")
-        import nomyo._b64_fallback as fallback
-        import nomyo.b64 as m
+        import nomyo.protocol.b64_fallback as fallback
+        import nomyo.protocol.b64 as m
         data = os.urandom(100000)
         text = base64.b64encode(data)
         out = bytearray(len(data) + 4)
@@ -440,5 +442,5 @@ def test_forced_fallback_backend_still_decodes_right():
         print(json.dumps([m.NATIVE, ok, rejected, m.decode is fallback.decode]))
     """, NOMYO_MEMORY_BACKEND="fallback", check=True)
     assert json.loads(proc.stdout) == [False, True, True, True]
-    assert "nomyo.b64 native base64 codec unavailable" in proc.stderr
+    assert "nomyo.protocol.b64 native base64 codec unavailable" in proc.stderr
     assert "NOMYO_MEMORY_BACKEND=fallback" in proc.stderr

@@ -20,8 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DisposedError
-from .keys import PRIVATE_KEY_FILE, KeyPair, Password
+from nomyo.errors import DisposedError
+from nomyo.protocol.keys import PRIVATE_KEY_FILE, KeyPair, Password
 
 logger = logging.getLogger(__name__)
 
