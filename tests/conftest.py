@@ -6,7 +6,7 @@ from tests.peer_server import PeerServer
 
 @pytest.fixture
 def peer():
-    """An independent PROTOCOL.md endpoint (not nomyo's server) on loopback."""
+    """An independent docs/protocol.md endpoint (not nomyo's server) on loopback."""
     server = PeerServer()
     yield server
     server.close()

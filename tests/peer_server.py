@@ -1,4 +1,4 @@
-"""An independent, minimal implementation of the server side of PROTOCOL.md, for tests.
+"""An independent, minimal implementation of the server side of docs/protocol.md, for tests.
 
 Written from the protocol text with `cryptography` directly; it deliberately shares no code
 with `nomyo` (no `nomyo.protocol.envelope`, no `nomyo.protocol.keys`), so a client bug cannot
@@ -49,7 +49,7 @@ def _b64(data: bytes) -> str:
 
 
 def seal_for(public_key: rsa.RSAPublicKey, plaintext: bytes) -> tuple[bytes, bytes]:
-    """Encrypt plaintext to public_key per PROTOCOL.md; returns (package JSON, AES key)."""
+    """Encrypt plaintext to public_key per docs/protocol.md; returns (package JSON, AES key)."""
     key = AESGCM.generate_key(256)
     nonce = os.urandom(12)
     sealed = AESGCM(key).encrypt(nonce, plaintext, None)

@@ -76,7 +76,7 @@ def _after_fork(ref: weakref.ReferenceType[TpmQuoter]) -> None:
 
 
 class TpmQuoter:
-    """Makes `tpm_attestation` blocks (PROTOCOL.md) for payload ids with the TPM at `tcti`,
+    """Makes `tpm_attestation` blocks (docs/protocol.md) for payload ids with the TPM at `tcti`,
     e.g. `swtpm:host=127.0.0.1,port=2321` or `device:/dev/tpmrm0`."""
 
     def __init__(self, tcti: str, pcrs: str = "sha256:0,7,10", *, aik: str = "ecc256",

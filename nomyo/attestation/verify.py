@@ -1,4 +1,4 @@
-"""Verify a `tpm_attestation` block (PROTOCOL.md) against the request's payload id.
+"""Verify a `tpm_attestation` block (docs/protocol.md) against the request's payload id.
 
 Pure Python on `cryptography`: the quote's signature with the AIK it carries, the AIK's
 attributes and scheme, the binding of `extraData` to the payload id, and the PCR digest

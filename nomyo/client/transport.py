@@ -2,7 +2,7 @@
 
 One pooled `requests.Session` per client, a default timeout, retries on network errors,
 timeouts, 429 and 5xx (honouring `Retry-After`, else jittered exponential backoff), and the
-mapping from HTTP status to the exception classes of PROTOCOL.md. It only ever carries
+mapping from HTTP status to the exception classes of docs/protocol.md. It only ever carries
 ciphertext; it never sees plaintext or key material, and never puts the API key in a message.
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _error_body(content: bytes) -> dict[str, Any] | None:
 def error_for_status(
     status: int, content: bytes, redact: tuple[str, ...] = ()
 ) -> APIError:
-    """Build the PROTOCOL.md exception for an HTTP error status (the caller raises it)."""
+    """Build the docs/protocol.md exception for an HTTP error status (the caller raises it)."""
     details = _error_body(content)
     detail = details.get("detail") if details else None
     cls, prefix, fallback = _STATUS_ERRORS.get(

@@ -1,4 +1,4 @@
-"""Protocol 1.0 packages: seal and open, in both directions (see PROTOCOL.md).
+"""Protocol 1.0 packages: seal and open, in both directions (see docs/protocol.md).
 
 Where each secret lives (every buffer comes from a `Workspace`):
 - the AES key is born in secure memory (getrandom) and wiped before `seal` returns;

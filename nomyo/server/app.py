@@ -344,7 +344,7 @@ def _check_completion_request(request: Any) -> None:
 
 
 def _memory_protection_summary() -> dict[str, Any]:
-    """The four fields PROTOCOL.md puts in `_metadata.memory_protection`, from our own report."""
+    """The four fields of `_metadata.memory_protection` (docs/protocol.md), from our report."""
     info = get_memory_protection_info()
     return {
         "platform": info["platform"],

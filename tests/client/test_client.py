@@ -1,4 +1,4 @@
-"""SecureCompletionClient against an independent PROTOCOL.md implementation (peer_server.py)."""
+"""SecureCompletionClient against an independent protocol implementation (peer_server.py)."""
 from __future__ import annotations
 
 import asyncio
