@@ -25,7 +25,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#define ABI_VERSION 1
+#ifndef NOMYO_BUILD_VERSION
+#error "NOMYO_BUILD_VERSION is set by the build from nomyo/_version.py (csrc/build_secmem.py)"
+#endif
 #define NOGIL_THRESHOLD (64 * 1024)  /* below this, releasing the GIL costs more than it saves */
 /* Run `stmt` (which touches no Python object) without the GIL when `n` bytes make it worth it. */
 #define WITHOUT_GIL_IF_LARGE(n, stmt)                                                      \
@@ -485,7 +487,7 @@ PyInit__b64(void)
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "ABI_VERSION", ABI_VERSION) < 0) {
+    if (PyModule_AddStringConstant(m, "BUILD_VERSION", NOMYO_BUILD_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

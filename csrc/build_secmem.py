@@ -1,4 +1,8 @@
-"""cffi out-of-line API-mode build of nomyo._secmem (runs at install time, never at import)."""
+"""cffi out-of-line API-mode build of nomyo._secmem (runs at install time, never at import).
+
+`VERSION_MACROS` stamps nomyo/_version.py's version into every compiled module (setup.py
+uses it too), so that the import can tell a stale build from a current one.
+"""
 import os
 import re
 
@@ -17,6 +21,17 @@ def _cdef_from_header(path: str) -> str:
     return match.group(1)
 
 
+def _package_version() -> str:
+    """`__version__` from nomyo/_version.py, read as text (the package is not importable yet)."""
+    with open(os.path.join(HERE, os.pardir, "nomyo", "_version.py"), encoding="utf-8") as f:
+        match = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError("no __version__ in nomyo/_version.py")
+    return match.group(1)
+
+
+VERSION_MACROS = [("NOMYO_BUILD_VERSION", f'"{_package_version()}"')]
+
 ffi = FFI()
 ffi.cdef(_cdef_from_header(os.path.join(HERE, "secmem.h")))
 ffi.set_source(
@@ -24,6 +39,7 @@ ffi.set_source(
     '#include "secmem.h"',
     sources=[os.path.relpath(os.path.join(HERE, "secmem.c"))],
     include_dirs=[os.path.relpath(HERE)],
+    define_macros=VERSION_MACROS,
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-fstack-protector-strong"],
 )
 

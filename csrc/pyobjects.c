@@ -11,6 +11,9 @@
  * Memory management itself is in secmem.c (cffi); nothing here allocates secret memory.
  */
 #define PY_SSIZE_T_CLEAN
+#ifndef NOMYO_BUILD_VERSION
+#error "NOMYO_BUILD_VERSION is set by the build from nomyo/_version.py (csrc/build_secmem.py)"
+#endif
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
@@ -552,7 +555,7 @@ PyInit__pyobjects(void)
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "ABI_VERSION", 2) < 0) {
+    if (PyModule_AddStringConstant(m, "BUILD_VERSION", NOMYO_BUILD_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -23,6 +23,15 @@
 #define MADV_DONTDUMP 16
 #endif
 
+#ifndef NOMYO_BUILD_VERSION
+#error "NOMYO_BUILD_VERSION is set by the build from nomyo/_version.py (csrc/build_secmem.py)"
+#endif
+
+const char *nm_build_version(void)
+{
+    return NOMYO_BUILD_VERSION;
+}
+
 static size_t page_size(void)
 {
     static size_t cached;

@@ -11,7 +11,6 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define NM_ABI_VERSION 2   /* bump on any change the Python layer must know about */
 #define NM_ALLOC_MMAP 1
 #define NM_ALLOC_MEMFD_SECRET 2
 
@@ -50,6 +49,7 @@ int nm_region_unmap(nm_region *r);
 int nm_fill_random(void *p, size_t n);
 int nm_get_dumpable(void);
 int nm_set_dumpable(int value);
+const char *nm_build_version(void);  /* the nomyo version this was built for */
 /* cdef-end */
 
 #endif

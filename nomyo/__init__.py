@@ -10,7 +10,7 @@ import sys
 import types
 from typing import Any
 
-__version__ = "0.3.0"
+from nomyo._version import __version__ as __version__
 
 _EXPORTS = {
     # errors
@@ -21,6 +21,7 @@ _EXPORTS = {
     "DisposedError": "nomyo.errors",
     "APIError": "nomyo.errors",
     "InvalidRequestError": "nomyo.errors",
+    "ChatRequestError": "nomyo.errors",
     "AuthenticationError": "nomyo.errors",
     "ForbiddenError": "nomyo.errors",
     "RateLimitError": "nomyo.errors",

@@ -59,6 +59,14 @@ class InvalidRequestError(APIError):
     default_status = 400
 
 
+class ChatRequestError(InvalidRequestError, ValueError):
+    """A chat request the protocol cannot carry, refused before sealing (client) or after
+    opening (server, as a 400); a ValueError too, as the published client raises."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status_code=None)
+
+
 class AuthenticationError(APIError):
     """401: missing or invalid API key."""
 

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -50,3 +52,11 @@ def unprivileged_prefix() -> list:
     if probe.returncode != 0:
         pytest.skip(f"cannot drop CAP_IPC_LOCK here (setpriv: {probe.stderr.strip()})")
     return NO_IPC_LOCK
+
+
+def wait_until(predicate: Callable[[], object], seconds: float = 30.0) -> None:
+    """Poll `predicate` until it holds; fail the test when `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)

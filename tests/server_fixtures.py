@@ -92,6 +92,19 @@ def open_response(content: bytes, role: str = "client") -> tuple[Any, Any]:
     return envelope.open_json(content, keypair(role))
 
 
+def post_sealed(url: str, body: bytes, headers: dict, session: Any = None) -> Any:
+    """POST a sealed package to an endpoint's completion path (the one way tests post one)."""
+    import requests
+
+    return (session or requests).post(url + COMPLETION, data=body, headers=headers, timeout=30)
+
+
+def post_request(srv: Any, obj: Any = None, **headers: str) -> Any:
+    """Seal `obj` (a default chat request) to `srv` and post it with the vector client key."""
+    return post_sealed(srv.url, seal_request(obj or chat_request(), srv.public_key_pem),
+                       completion_headers(vector_keys()["client_public_pem"], **headers))
+
+
 def serve_process(*args: str, env: dict | None = None) -> subprocess.Popen:
     """`python -m nomyo.server --port 0 ARGS` in its own process group (workers included)."""
     return subprocess.Popen(

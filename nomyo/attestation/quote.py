@@ -31,6 +31,7 @@ except ImportError:  # not POSIX: no fork-based workers there, the thread lock s
 from nomyo.attestation import tpm_structures as ts
 from nomyo.attestation.verify import Reason, parse_pcr_banks, verify_tpm_attestation
 from nomyo.errors import SecurityError
+from nomyo.protocol.constants import DEFAULT_PCRS, MAX_PAYLOAD_ID_CHARS
 
 if TYPE_CHECKING:  # annotations only; never imported at run time
     from typing_extensions import Self
@@ -46,7 +47,6 @@ AIK_KINDS = {
 }
 AIK_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign"
 MAX_RAW_QUALIFYING = 64  # tpm2-tools and TPMs accept at most a TPMU_HA of qualifying data
-MAX_PAYLOAD_ID_CHARS = 4096
 PCR_RETRIES = 3
 REQUIRED_TOOLS = ("tpm2_createprimary", "tpm2_create", "tpm2_quote", "tpm2_flushcontext")
 
@@ -79,7 +79,7 @@ class TpmQuoter:
     """Makes `tpm_attestation` blocks (docs/protocol.md) for payload ids with the TPM at `tcti`,
     e.g. `swtpm:host=127.0.0.1,port=2321` or `device:/dev/tpmrm0`."""
 
-    def __init__(self, tcti: str, pcrs: str = "sha256:0,7,10", *, aik: str = "ecc256",
+    def __init__(self, tcti: str, pcrs: str = DEFAULT_PCRS, *, aik: str = "ecc256",
                  timeout: float = 60.0) -> None:
         if (not isinstance(tcti, str) or not tcti or len(tcti) > 512
                 or not tcti.isprintable()):

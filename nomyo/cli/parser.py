@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+EXIT_OK = 0
+EXIT_FAILED = 1  # the request failed, or a required protection is missing
+EXIT_USAGE = 2
+
 
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags give one line on stderr (and exit status 2), not the whole usage text;

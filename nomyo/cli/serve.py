@@ -13,11 +13,15 @@ from typing import Any
 from nomyo.cli.parser import OneLineParser
 from nomyo.errors import NomyoError
 from nomyo.memory import harden_process
-from nomyo.protocol.keys import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
+from nomyo.protocol.constants import (
+    DEFAULT_BACKEND_TIMEOUT,
+    DEFAULT_KEY_BITS,
+    DEFAULT_PCRS,
+    GENERATE_KEY_BITS,
+)
 
 KEY_PASSWORD_ENV = "NOMYO_KEY_PASSWORD"
 DEFAULT_PORT = 12434
-DEFAULT_PCRS = "sha256:0,7,10"
 
 
 def _positive_float(text: str) -> float:
@@ -100,9 +104,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     inference.add_argument(
         "--backend-timeout",
         type=_positive_float,
-        default=120.0,
+        default=DEFAULT_BACKEND_TIMEOUT,
         metavar="SECONDS",
-        help="read timeout for the backend (default 120)",
+        help=f"read timeout for the backend (default {DEFAULT_BACKEND_TIMEOUT:g})",
     )
 
     key = parser.add_argument_group("server key")
@@ -251,14 +255,23 @@ def _fail(err: object) -> int:
     return 2
 
 
+_DESCRIPTION = (
+    "Serve the NOMYO secure-completion protocol (1.0): clients encrypt prompts to this "
+    "server's key; it decrypts them in secure memory, asks the backend, and encrypts the "
+    "answer to the client's key."
+)
+
+
+def register(sub: Any) -> None:
+    """Add `serve` to the `nomyo` command's subparsers."""
+    serve = sub.add_parser("serve", help="run the self-hostable secure-completion endpoint",
+                           description=_DESCRIPTION)
+    add_serve_arguments(serve)
+    serve.set_defaults(run=run_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(
-        prog="nomyo serve",
-        description=(
-            "Serve the NOMYO secure-completion protocol (1.0): clients encrypt prompts to this "
-            "server's key; it decrypts them in secure memory, asks the backend, and encrypts the "
-            "answer to the client's key."
-        ),
-    )
+    """`python -m nomyo.server`: the same as `nomyo serve`."""
+    parser = OneLineParser(prog="nomyo serve", description=_DESCRIPTION)
     add_serve_arguments(parser)
     return run_serve(parser.parse_args(argv))

@@ -1,10 +1,12 @@
 """`SecureCompletionClient`: one encrypted request, end to end.
 
-The request plaintext is serialised straight into secure memory, sealed to the server's key
-(fetched once per endpoint and cached, optionally pinned by fingerprint), posted through the
-pooled transport, and the answer opened with the client's leased key pair and parsed out of
-secure memory. The async methods run all of that in a worker thread, so the event loop never
-blocks on RSA or HTTP; `*_sync` variants serve synchronous code.
+A request is checked once (the protocol's chat-request check, then the transport's URL and
+header boundary) before any key is made or byte is sent. Its plaintext is serialised straight
+into secure memory and sealed by the envelope to the server's key (fetched once per endpoint
+and cached, optionally pinned by fingerprint); the answer is opened with the client's leased
+key pair, parsed out of secure memory and, when asked, its TPM attestation verified. The async
+methods do all of that in one worker trip, so the event loop never blocks on RSA or HTTP;
+`*_sync` variants serve synchronous code.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,41 +25,30 @@ from urllib.parse import quote, urlsplit
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nomyo.client.keyring import KeyRing
-from nomyo.client.transport import (
-    DEFAULT_TIMEOUT,
-    RetryPolicy,
-    Transport,
-    check_header_values,
-    require_secure_url,
-)
-from nomyo.errors import (
-    DisposedError,
-    InvalidRequestError,
-    PackageError,
-    SecureMemoryUnavailable,
-    SecurityError,
-)
-from nomyo.memory import get_memory_protection_info, secure_json
+from nomyo.client.transport import Prepared, RetryPolicy, Transport
+from nomyo.errors import DisposedError, InvalidRequestError, PackageError, SecurityError
+from nomyo.memory import get_memory_protection_info, require_protection
 from nomyo.protocol import envelope, keys
+from nomyo.protocol.chat_request import check_chat_request, check_security_tier
+from nomyo.protocol.constants import (
+    COMPLETION_PATH,
+    DEFAULT_KEY_BITS,
+    DEFAULT_TIMEOUT,
+    PAYLOAD_ID_HEADER,
+    PUBLIC_KEY_HEADER,
+    PUBLIC_KEY_PATH,
+    SECURITY_TIER_HEADER,
+)
+from nomyo.protocol.workspace import FRESH, Fresh, Workspace
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SECURITY_TIERS = ("standard", "high", "maximum")
-PUBLIC_KEY_PATH = "/pki/public_key"
-COMPLETION_PATH = "/v1/chat/secure_completion"
+ATTESTATION_MODES = (None, "verify", "require")
 MAX_WORKERS = 32
 MAX_CACHED_SERVER_KEYS = 64  # endpoints (per-call base_url) whose key is remembered
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-
-
-def validate_security_tier(security_tier: str | None) -> None:
-    """Refuse a tier outside standard | high | maximum (ValueError, as the published client)."""
-    if security_tier is not None and security_tier not in SECURITY_TIERS:
-        raise ValueError(
-            f"Invalid security_tier: {security_tier!r}. Must be one of: {', '.join(SECURITY_TIERS)}"
-        )
 
 
 def normalise_fingerprint(value: str) -> str:
@@ -85,7 +76,7 @@ class SecureCompletionClient:
         secure_memory: bool = True,
         max_retries: int = 2,
         timeout: float | None = DEFAULT_TIMEOUT,
-        key_size: int = 4096,
+        key_size: int = DEFAULT_KEY_BITS,
         *,
         key_dir: str | os.PathLike | None = None,
         key_password: keys.Password = None,
@@ -93,23 +84,32 @@ class SecureCompletionClient:
         server_key_fingerprint: str | None = None,
         ca_bundle: str | None = None,
         require_secure_memory: bool = False,
+        attestation: str | None = None,
+        expected_pcrs: Mapping[str, Mapping[Any, str]] | None = None,
         debug: bool = False,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if attestation not in ATTESTATION_MODES:
+            raise ValueError("attestation must be None, 'verify' or 'require'")
+        if expected_pcrs is not None:
+            if attestation is None:
+                raise ValueError("expected_pcrs needs attestation='verify' or 'require'")
+            from nomyo.attestation import validate_expected_pcrs
+
+            validate_expected_pcrs(expected_pcrs)
         if debug:
             logging.getLogger("nomyo").setLevel(logging.DEBUG)
         self.router_url = router_url.rstrip("/")
-        self.allow_http = allow_http
         # Accepted for the published signature: locking is process-wide here
         # (nomyo.disable_secure_memory()), and buffers are always guarded and wiped.
-        self.secure_memory = secure_memory
-        self.require_secure_memory = require_secure_memory
+        self._secure_memory = secure_memory
+        self._require_secure_memory = require_secure_memory
         if require_secure_memory:
-            _require_secure_memory(get_memory_protection_info())
-        self.max_retries = max_retries
-        self.timeout = timeout
-        self.key_size = key_size
+            report = get_memory_protection_info()
+            require_protection(report["has_memory_locking"], report["dump_excluded"])
+        self._attestation = attestation
+        self._expected_pcrs = expected_pcrs
         self._pin = (normalise_fingerprint(server_key_fingerprint)
                      if server_key_fingerprint else None)
         self._keyring = KeyRing(
@@ -118,7 +118,7 @@ class SecureCompletionClient:
         )
         self._transport = Transport(
             timeout=timeout, retry=RetryPolicy(max_retries=max_retries),
-            verify=ca_bundle if ca_bundle else True,
+            verify=ca_bundle if ca_bundle else True, allow_http=allow_http,
         )
         self._server_keys: dict[str, _ServerKey] = {}
         self._server_key_lock = threading.Lock()
@@ -126,6 +126,41 @@ class SecureCompletionClient:
         self._executor_lock = threading.Lock()
         self._closed = False
         _warn_if_plain_http(self.router_url, allow_http)
+
+    # -- settings, fixed at construction (read-only: changing them would not take effect) ---
+
+    @property
+    def allow_http(self) -> bool:
+        return self._transport.allow_http
+
+    @property
+    def secure_memory(self) -> bool:
+        return self._secure_memory
+
+    @property
+    def require_secure_memory(self) -> bool:
+        return self._require_secure_memory
+
+    @property
+    def max_retries(self) -> int:
+        return self._transport.retry.max_retries
+
+    @property
+    def timeout(self) -> float | None:
+        return self._transport.timeout
+
+    @property
+    def key_size(self) -> int:
+        return self._keyring.key_size
+
+    @property
+    def attestation(self) -> str | None:
+        return self._attestation
+
+    @property
+    def keyring(self) -> KeyRing:
+        """The client's key pairs (read-outs for health checks and tests)."""
+        return self._keyring
 
     # -- key management (published signatures) ---------------------------------------------
 
@@ -172,7 +207,7 @@ class SecureCompletionClient:
 
     async def fetch_server_public_key(self) -> str:
         """The server's public key PEM (fetched once per endpoint, then cached)."""
-        return (await self._run(self._server_key, self.router_url)).pem
+        return await self._run(self.fetch_server_public_key_sync)
 
     async def encrypt_payload(self, payload: dict[str, Any]) -> bytes:
         """Seal a request payload to the server's key; returns the package bytes."""
@@ -191,15 +226,16 @@ class SecureCompletionClient:
         *,
         base_url: str | None = None,
     ) -> dict[str, Any]:
-        """Encrypt, POST (with retries), decrypt: the whole round trip, off the event loop.
+        """Encrypt, POST (with retries), decrypt, verify: the whole round trip in one worker
+        trip, off the event loop.
 
-        The answer is handed to the loop as soon as it is parsed; the exchange's workspace,
+        The answer is handed to the loop as soon as it is ready; the exchange's workspace,
         wiped by then, is unmapped afterwards in the worker, off the answer's path
         (releasing memfd_secret pages costs about 0.1 ms).
         """
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
-        pool = self._pool()  # DisposedError once closed
+        pool = self._pool()  # the one "closed?" of an async request: DisposedError once closed
         try:
             pool.submit(self._exchange_for, loop, answer,
                         payload, payload_id, api_key, security_tier, base_url)
@@ -209,17 +245,25 @@ class SecureCompletionClient:
 
     # -- blocking API ---------------------------------------------------------------------
 
+    def fetch_server_public_key_sync(self) -> str:
+        """Blocking `fetch_server_public_key`."""
+        self._check_open()
+        return self._server_key(self.router_url).pem
+
     def encrypt_payload_sync(self, payload: dict[str, Any]) -> bytes:
         """Blocking `encrypt_payload`."""
-        _check_payload(payload)
-        return self._seal(payload, self._server_key(self.router_url).public_key, envelope.FRESH)
+        self._check_open()
+        check_chat_request(payload)
+        server_key = self._server_key(self.router_url)
+        return envelope.seal_json(payload, server_key.public_key, workspace=self._fresh())
 
     def decrypt_response_sync(self, encrypted_response: bytes, payload_id: str) -> dict[str, Any]:
         """Blocking `decrypt_response`."""
+        self._check_open()
         if not encrypted_response:
             raise PackageError("Empty encrypted response")
         with self._keyring.lease() as pair:
-            return _open_response(encrypted_response, pair, payload_id, envelope.FRESH)
+            return _open_response(encrypted_response, pair, payload_id, FRESH)
 
     def send_secure_request_sync(
         self,
@@ -231,14 +275,15 @@ class SecureCompletionClient:
         base_url: str | None = None,
     ) -> dict[str, Any]:
         """Blocking `send_secure_request`; `base_url` overrides the endpoint for this call."""
-        with envelope.Workspace() as work:
+        self._check_open()
+        with self._workspace() as work:
             return self._exchange(work, payload, payload_id, api_key, security_tier, base_url)
 
     def _exchange_for(self, loop: asyncio.AbstractEventLoop, answer: asyncio.Future[Any],
                       *request: Any) -> None:
         """`_exchange` in a worker thread: post its outcome to `answer` on `loop`, then release
         the workspace, whose slots are wiped by then, off the answer's path."""
-        work = envelope.Workspace()
+        work = self._workspace()
         try:
             outcome = (self._exchange(work, *request), None)
         except BaseException as exc:  # handed to the awaiting task, as run_in_executor does
@@ -253,28 +298,27 @@ class SecureCompletionClient:
             logger.exception("releasing an exchange's (wiped) secure buffers failed")
 
     def _exchange(
-        self, work: envelope.Workspace, payload: dict[str, Any], payload_id: str,
+        self, work: Workspace, payload: dict[str, Any], payload_id: str,
         api_key: str | None, security_tier: str | None, base_url: str | None,
     ) -> dict[str, Any]:
         """One round trip in `work`, whose slots are all wiped again when it returns: the
         request's key and plaintext before any byte is sent, the answer's as it is parsed."""
-        self._check_open()
-        validate_security_tier(security_tier)
-        _check_payload(payload)
+        check_security_tier(security_tier)
+        check_chat_request(payload)
         url = base_url.rstrip("/") if base_url else self.router_url
-        require_secure_url(url, self.allow_http)
-        headers = {"X-Payload-ID": str(payload_id), "Content-Type": "application/octet-stream"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+        headers = {PAYLOAD_ID_HEADER: str(payload_id), "Content-Type": "application/octet-stream"}
         if security_tier:
-            headers["X-Security-Tier"] = security_tier
-        check_header_values(headers)  # before any key is made or byte is sent
+            headers[SECURITY_TIER_HEADER] = security_tier
+        # the one boundary: URL scheme and headers, before any key is made or byte is sent
+        post = self._transport.prepare("POST", url + COMPLETION_PATH, headers, api_key=api_key)
         self._keyring.start()  # no-op once a pair exists; else it is made while we fetch
         server_key = self._server_key(url)
         with self._keyring.lease() as pair:
-            headers["X-Public-Key"] = _quoted(pair.public_pem)
-            content = self._post_sealed(url, server_key, payload, headers, work)
-            return _open_response(content, pair, str(payload_id), work)
+            content = self._post_sealed(post, url, server_key, payload, pair, work)
+            response = _open_response(content, pair, str(payload_id), work)
+        if self._attestation is not None:
+            self._attest(response, str(payload_id))
+        return response
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -320,11 +364,10 @@ class SecureCompletionClient:
         if self._closed:
             raise DisposedError("This client has been closed")
 
-    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking step in this client's worker pool, keeping the event loop free."""
-        self._check_open()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool(), functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(self._pool(), functools.partial(fn, *args))
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._executor_lock:
@@ -335,10 +378,16 @@ class SecureCompletionClient:
                 )
             return self._executor
 
+    def _workspace(self) -> Workspace:
+        """An exchange's buffers; fail-closed when this client requires secure memory."""
+        return Workspace(require=self._require_secure_memory or None)
+
+    def _fresh(self) -> Workspace:
+        """No reuse (one-off calls), with this client's fail-closed setting."""
+        return Fresh(require=self._require_secure_memory or None)
+
     def _server_key(self, url: str, stale: _ServerKey | None = None) -> _ServerKey:
         """The endpoint's key from the cache, fetching it once (again only when `stale`)."""
-        self._check_open()
-        require_secure_url(url, self.allow_http)
         cached = self._server_keys.get(url)
         if cached is not None and cached is not stale:
             return cached
@@ -365,24 +414,14 @@ class SecureCompletionClient:
             logger.warning("server %s presented a new public key", urlsplit(url).netloc)
         return _ServerKey(public_key, pem, fingerprint)
 
-    def _seal(self, payload: dict[str, Any], public_key: rsa.RSAPublicKey,
-              work: envelope.Workspace) -> bytes:
-        """Serialise into secure memory and seal; the plaintext is wiped before any byte is
-        sent, so it never waits in memory for the model's answer."""
-        plaintext = secure_json.dumps(payload, work.plaintext)
+    def _post_sealed(self, post: Prepared, url: str, server_key: _ServerKey,
+                     payload: dict[str, Any], pair: keys.KeyPair, work: Workspace) -> bytes:
+        """Seal (the plaintext is wiped before any byte is sent) and POST; if the server could
+        not open the package, refresh its key once."""
+        generated = {PUBLIC_KEY_HEADER: _quoted(pair.public_pem)}
+        body = envelope.seal_json(payload, server_key.public_key, workspace=work)
         try:
-            if self.require_secure_memory and not plaintext.locked:
-                _require_secure_memory(get_memory_protection_info())
-            return envelope.seal(plaintext, public_key, workspace=work)
-        finally:
-            work.done(plaintext)
-
-    def _post_sealed(self, url: str, server_key: _ServerKey, payload: dict[str, Any],
-                     headers: dict[str, str], work: envelope.Workspace) -> bytes:
-        """Seal and POST; if the server could not open the package, refresh its key once."""
-        body = self._seal(payload, server_key.public_key, work)
-        try:
-            return self._transport.post(url + COMPLETION_PATH, body, headers)
+            return self._transport.send(post, body, generated)
         except InvalidRequestError as err:
             if not _server_could_not_open(err):
                 raise
@@ -390,8 +429,26 @@ class SecureCompletionClient:
             if fresh.fingerprint == server_key.fingerprint:
                 raise
             logger.info("retrying once with the server's new public key")
-        body = self._seal(payload, fresh.public_key, work)
-        return self._transport.post(url + COMPLETION_PATH, body, headers)
+        body = envelope.seal_json(payload, fresh.public_key, workspace=work)
+        return self._transport.send(post, body, generated)
+
+    def _attest(self, response: dict[str, Any], payload_id: str) -> None:
+        """Verify the TPM attestation into `_metadata.attestation_verification`; `require`
+        refuses an unverified answer."""
+        from nomyo.attestation import verify_tpm_attestation  # only clients that ask load it
+
+        metadata = response["_metadata"]
+        block = metadata.get("tpm_attestation")
+        if isinstance(block, dict) and block.get("is_available"):
+            result = verify_tpm_attestation(block, payload_id, expected_pcrs=self._expected_pcrs)
+            verdict = result.to_dict()
+        else:
+            verdict = {"valid": False, "reasons": ["not_available"]}
+        metadata["attestation_verification"] = verdict
+        if self._attestation == "require" and not verdict["valid"]:
+            raise SecurityError(
+                "TPM attestation required but not verified: " + ", ".join(verdict["reasons"])
+            )
 
 
 @functools.lru_cache(maxsize=8)
@@ -410,18 +467,6 @@ def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | No
         future.set_result(result)
 
 
-def _check_payload(payload: Any) -> None:
-    if not isinstance(payload, dict):
-        raise ValueError("payload must be a dict")  # ValueError, as the published client
-    if not payload:
-        raise ValueError("payload cannot be empty")
-    if payload.get("stream"):
-        raise InvalidRequestError(
-            "stream=True is not supported: the protocol carries whole encrypted responses only",
-            status_code=None,
-        )
-
-
 def _server_could_not_open(err: InvalidRequestError) -> bool:
     """True when a 400 says the package could not be decrypted with the server's key."""
     detail = (err.error_details or {}).get("detail")
@@ -429,7 +474,7 @@ def _server_could_not_open(err: InvalidRequestError) -> bool:
 
 
 def _open_response(content: bytes, pair: keys.KeyPair, payload_id: str,
-                   work: envelope.Workspace) -> dict[str, Any]:
+                   work: Workspace) -> dict[str, Any]:
     """Open and parse a response package; merge the client-side `_metadata` fields."""
     response, info = envelope.open_json(content, pair, workspace=work)
     if not isinstance(response, dict):
@@ -444,20 +489,6 @@ def _open_response(content: bytes, pair: keys.KeyPair, payload_id: str,
         encryption_algorithm=info.algorithm,
     )
     return response
-
-
-def _require_secure_memory(report: dict[str, Any]) -> None:
-    """Fail closed unless memory locking and dump exclusion are really in force."""
-    missing = [what for what, ok in (
-        ("memory locking", report.get("has_memory_locking")),
-        ("exclusion from core dumps", report.get("dump_excluded")),
-    ) if not ok]
-    if missing:
-        raise SecureMemoryUnavailable(
-            f"secure memory is required (require_secure_memory=True) but {' and '.join(missing)} "
-            "is not in force: grant CAP_IPC_LOCK or raise RLIMIT_MEMLOCK (ulimit -l; docker "
-            "--ulimit memlock=-1); `nomyo doctor` shows what this process can do"
-        )
 
 
 def _warn_if_plain_http(url: str, allow_http: bool) -> None:

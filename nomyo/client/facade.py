@@ -12,11 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from nomyo.client.core import SecureCompletionClient
-from nomyo.client.transport import DEFAULT_TIMEOUT
-from nomyo.errors import SecurityError
+from nomyo.protocol.constants import DEFAULT_KEY_BITS, DEFAULT_TIMEOUT
 from nomyo.protocol.keys import Password
 
-ATTESTATION_MODES = (None, "verify", "require")
 _CALL_OPTIONS = ("base_url", "api_key", "security_tier")
 
 
@@ -33,7 +31,7 @@ class SecureChatCompletion:
         max_retries: int = 2,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
-        key_size: int = 4096,
+        key_size: int = DEFAULT_KEY_BITS,
         key_password: Password = None,
         key_rotation_interval: float | None = 24 * 3600,
         server_key_fingerprint: str | None = None,
@@ -43,38 +41,25 @@ class SecureChatCompletion:
         require_secure_memory: bool = False,
         debug: bool = False,
     ) -> None:
-        if attestation not in ATTESTATION_MODES:
-            raise ValueError("attestation must be None, 'verify' or 'require'")
-        if expected_pcrs is not None:
-            if attestation is None:
-                raise ValueError("expected_pcrs needs attestation='verify' or 'require'")
-            from nomyo.attestation import validate_expected_pcrs
-
-            validate_expected_pcrs(expected_pcrs)
         self.client = SecureCompletionClient(
             router_url=base_url, allow_http=allow_http, secure_memory=secure_memory,
             max_retries=max_retries, timeout=timeout, key_size=key_size, key_dir=key_dir,
             key_password=key_password, key_rotation_interval=key_rotation_interval,
             server_key_fingerprint=server_key_fingerprint, ca_bundle=ca_bundle,
-            require_secure_memory=require_secure_memory, debug=debug,
+            require_secure_memory=require_secure_memory, attestation=attestation,
+            expected_pcrs=expected_pcrs, debug=debug,
         )
         self.api_key = api_key
-        self.attestation = attestation
-        self.expected_pcrs = expected_pcrs
         self.client.prepare_keys()
 
     async def create(self, model: str, messages: list[dict[str, Any]], **kwargs: Any
                      ) -> dict[str, Any]:
         """Create an encrypted chat completion; returns the response dict with `_metadata`."""
         payload, options = self._prepare(model, messages, kwargs)
-        response = await self.client.send_secure_request(
+        return await self.client.send_secure_request(
             payload, options["payload_id"], options["api_key"], options["security_tier"],
             base_url=options["base_url"],
         )
-        if self.attestation is None:
-            return response
-        # signature checks are CPU work: off the event loop, like the rest of the request
-        return await self.client._run(self._attest, response, options["payload_id"])
 
     async def acreate(self, model: str, messages: list[dict[str, Any]], **kwargs: Any
                       ) -> dict[str, Any]:
@@ -85,11 +70,10 @@ class SecureChatCompletion:
                     ) -> dict[str, Any]:
         """Blocking `create` for synchronous code (no event loop needed)."""
         payload, options = self._prepare(model, messages, kwargs)
-        response = self.client.send_secure_request_sync(
+        return self.client.send_secure_request_sync(
             payload, options["payload_id"], options["api_key"], options["security_tier"],
             base_url=options["base_url"],
         )
-        return self._attest(response, options["payload_id"])
 
     def close(self) -> None:
         """Wipe key material and release connections; later calls raise DisposedError."""
@@ -109,6 +93,11 @@ class SecureChatCompletion:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def attestation(self) -> str | None:
+        """None, "verify" or "require", as given at construction."""
+        return self.client.attestation
+
     def __repr__(self) -> str:
         return f"SecureChatCompletion({self.client.router_url!r})"
 
@@ -125,23 +114,3 @@ class SecureChatCompletion:
             options["api_key"] = self.api_key
         options["payload_id"] = str(uuid.uuid4())
         return {"model": model, "messages": messages, **kwargs}, options
-
-    def _attest(self, response: dict[str, Any], payload_id: str) -> dict[str, Any]:
-        """Verify the TPM attestation when asked; `require` refuses an unverified answer."""
-        if self.attestation is None:
-            return response
-        from nomyo.attestation import verify_tpm_attestation  # only clients that ask load it
-
-        metadata = response["_metadata"]
-        block = metadata.get("tpm_attestation")
-        if isinstance(block, dict) and block.get("is_available"):
-            result = verify_tpm_attestation(block, payload_id, expected_pcrs=self.expected_pcrs)
-            verdict = result.to_dict()
-        else:
-            verdict = {"valid": False, "reasons": ["not_available"]}
-        metadata["attestation_verification"] = verdict
-        if self.attestation == "require" and not verdict["valid"]:
-            raise SecurityError(
-                "TPM attestation required but not verified: " + ", ".join(verdict["reasons"])
-            )
-        return response

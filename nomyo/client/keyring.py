@@ -69,6 +69,16 @@ class KeyRing:
         self._closed = False
 
     @property
+    def pending_first(self) -> Future | None:
+        """The first pair's birth while it is under way (None before start and once in use)."""
+        return self._first
+
+    @property
+    def pending_next(self) -> Future | None:
+        """The next pair's birth while a rotation is being prepared, else None."""
+        return self._next
+
+    @property
     def current(self) -> KeyPair | None:
         """The pair new requests use, or None while the first one is still being born."""
         slot = self._current

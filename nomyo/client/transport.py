@@ -4,6 +4,8 @@ One pooled `requests.Session` per client, a default timeout, retries on network 
 timeouts, 429 and 5xx (honouring `Retry-After`, else jittered exponential backoff), and the
 mapping from HTTP status to the exception classes of docs/protocol.md. It only ever carries
 ciphertext; it never sees plaintext or key material, and never puts the API key in a message.
+`prepare` is the one boundary where a URL's scheme and every header are checked, and where
+the `Authorization` header is built, so the transport knows which value to redact.
 """
 from __future__ import annotations
 
@@ -40,11 +42,11 @@ from nomyo.errors import (
     ServerError,
     ServiceUnavailableError,
 )
+from nomyo.protocol.constants import AUTHORIZATION_HEADER, DEFAULT_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-DEFAULT_TIMEOUT = 60.0
 # The exchange talks to the urllib3 pool directly: its errors are the network failures.
 _NETWORK_ERRORS = (urllib3.exceptions.HTTPError,)
 _NO_RETRY = urllib3.Retry(total=False, redirect=False)  # what retries=False means, built once
@@ -149,6 +151,17 @@ def _redacted(value: Any, secrets: tuple[str, ...]) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A request whose URL and headers passed `Transport.prepare`; `redact` holds the values
+    no message may show (the API key)."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    redact: tuple[str, ...] = ()
+
+
 @dataclass
 class RetryPolicy:
     """How many extra attempts and how long to wait between them."""
@@ -176,9 +189,12 @@ class Transport:
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         verify: bool | str = True,
+        allow_http: bool = False,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.retry = retry or RetryPolicy()
+        self.allow_http = allow_http
+        self.timeout = timeout
         self._sleep = sleep
         self._lock = threading.Lock()
         # The environment is read once (the CA bundle here, proxies once per route) instead of
@@ -202,6 +218,18 @@ class Transport:
         session.mount("http://", adapter)
         self._session: requests.Session | None = session
 
+    @property
+    def ca_bundle(self) -> bool | str:
+        """What server certificates are verified against (a CA bundle path, or False)."""
+        return self._verify
+
+    def connection_pools(self, url: str) -> Any:
+        """The pool manager's pools behind `url` (a diagnostic read-out)."""
+        session = self._session
+        if session is None:
+            raise DisposedError("This client has been closed")
+        return session.get_adapter(url).poolmanager.pools
+
     def close(self) -> None:
         """Release pooled connections; later calls raise DisposedError."""
         with self._lock:
@@ -209,20 +237,33 @@ class Transport:
         if session is not None:
             session.close()
 
-    def get(self, url: str, headers: Mapping[str, str] | None = None) -> bytes:
+    def prepare(self, method: str, url: str, headers: Mapping[str, str] | None = None, *,
+                api_key: str | None = None) -> Prepared:
+        """Check the URL's scheme and every header (SecurityError before any byte is sent) and
+        add `Authorization: Bearer <api_key>` when a key is given."""
+        require_secure_url(url, self.allow_http)
+        checked = dict(headers or {})
+        if api_key:
+            checked[AUTHORIZATION_HEADER] = f"Bearer {api_key}"
+        check_header_values(checked)
+        return Prepared(method, url, checked, (api_key,) if api_key else ())
+
+    def get(self, url: str, headers: Mapping[str, str] | None = None, *,
+            api_key: str | None = None) -> bytes:
         """GET with retries; the body of a 200 answer, else the mapped exception."""
-        return self.request("GET", url, headers=headers or {})
+        return self.send(self.prepare("GET", url, headers, api_key=api_key))
 
-    def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+    def post(self, url: str, body: bytes, headers: Mapping[str, str], *,
+             api_key: str | None = None) -> bytes:
         """POST with retries (same headers, hence same X-Payload-ID, on every attempt)."""
-        return self.request("POST", url, headers=headers, body=body)
+        return self.send(self.prepare("POST", url, headers, api_key=api_key), body)
 
-    def request(
-        self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None = None
-    ) -> bytes:
-        """Send until success, a non-retryable answer, or retries run out."""
-        check_header_values(headers)
-        redact = _secrets_in(headers)
+    def send(self, request: Prepared, body: bytes | None = None,
+             generated: Mapping[str, str] | None = None) -> bytes:
+        """Send until success, a non-retryable answer, or retries run out. `generated` headers
+        are ones this library made itself (a percent-encoded PEM): no caller input, no check."""
+        method, url, redact = request.method, request.url, request.redact
+        headers = {**request.headers, **generated} if generated else request.headers
         attempts = self.retry.max_retries + 1
         for attempt in range(attempts):
             session = self._session
@@ -322,13 +363,6 @@ class Transport:
             pool = adapter.get_connection_with_tls_context(stub, self._verify, proxies=proxies)
             route = self._routes[key] = (pool, adapter.request_url(stub, proxies))
         return route
-
-
-def _secrets_in(headers: Mapping[str, str]) -> tuple[str, ...]:
-    """Header values that must never appear in a message (the bearer token)."""
-    auth = headers.get("Authorization", "")
-    token = auth.split(" ", 1)[1] if auth.startswith("Bearer ") else auth
-    return (token,) if token else ()
 
 
 def _connection_message(err: Exception, url: str) -> str:

@@ -9,20 +9,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from nomyo.memory import binding as _native
-from nomyo.memory import secure_json
+from nomyo.memory import binding, secure_json
 from nomyo.memory.buffer import SecureBuffer
+from nomyo.memory.failclosed import require_protection
 from nomyo.memory.hardening import harden_process
 from nomyo.memory.report import MemoryProtectionLevel, get_memory_protection_info
 from nomyo.memory.settings import disable_secure_memory, enable_secure_memory
 
-if _native.pyobjects is not None:
+if binding.pyobjects is not None:
     # Exported as the C functions themselves: a Python wrapper would add a reference and
     # every wipe would be refused as "still referenced elsewhere". For the same reason,
     # callers call them inline on their own local, never through a helper of their own:
     # wipe_bytes(b) succeeds only when that local is the object's one reference.
-    wipe_bytes = _native.pyobjects.wipe_bytes
-    wipe_str = _native.pyobjects.wipe_str
+    wipe_bytes = binding.pyobjects.wipe_bytes
+    wipe_str = binding.pyobjects.wipe_str
 else:
 
     def wipe_bytes(obj: bytes) -> bool:
@@ -80,6 +80,7 @@ __all__ = [
     "enable_secure_memory",
     "get_memory_protection_info",
     "harden_process",
+    "require_protection",
     "secure_bytearray",
     "secure_bytes",
     "secure_json",

@@ -1,54 +1,64 @@
-"""Binding layer: loads the compiled helpers once and turns C results into Python errors.
+"""The one binding layer: loads the compiled helpers once, checks they belong to this nomyo,
+and wraps every C call in a checked function. No other module touches `ffi` or `lib`.
 
-Nothing is compiled here: the modules are built at install time. When they are missing
-(or `NOMYO_MEMORY_BACKEND=fallback` forces it, for tests and diagnosis) the fallback backend is
-used and every report says so.
+Nothing is compiled here: the modules are built at install time. When they are missing or
+stale (built for another nomyo version), or `NOMYO_MEMORY_BACKEND=fallback` forces it (for
+tests and diagnosis), the fallback backend is used and every report says why.
 """
 from __future__ import annotations
 
 import logging
 import os
+from types import ModuleType
 from typing import Any
 
+from nomyo._version import __version__
 from nomyo.memory import settings
 
 log = logging.getLogger("nomyo.memory")
 
-ffi: Any = None
-lib: Any = None
-pyobjects: Any = None
+_ffi: Any = None
+_lib: Any = None
+pyobjects: Any = None  # nomyo._pyobjects: Region, the wipers, the JSON and UTF-8 helpers
 FALLBACK_REASON: str | None = None
-ABI_VERSION = 2  # must equal NM_ABI_VERSION (csrc/secmem.h) and _pyobjects.ABI_VERSION
 
-try:
+
+def stale_build(name: str, built_for: str) -> str | None:
+    """Why a compiled module cannot be used with this package, or None when it can."""
+    if built_for == __version__:
+        return None
+    return (f"{name} was built for nomyo {built_for}, this is nomyo {__version__}: "
+            "a stale build; reinstall nomyo (pip install --force-reinstall) to rebuild it")
+
+
+def _load() -> None:
+    global _ffi, _lib, pyobjects
     if settings.fallback_forced():
         raise ImportError("forced by NOMYO_MEMORY_BACKEND=fallback")
-    from nomyo import _pyobjects as pyobjects
+    from nomyo import _pyobjects
     from nomyo._secmem import ffi, lib
 
-    if lib.NM_ABI_VERSION != ABI_VERSION or pyobjects.ABI_VERSION != ABI_VERSION:
-        raise ImportError("compiled helpers are from another nomyo build; reinstall nomyo")
-except ImportError as exc:  # exotic platform or a source checkout that was never built
-    ffi = lib = pyobjects = None
+    built_for = ffi.string(lib.nm_build_version()).decode("ascii")
+    stale = (stale_build("nomyo._secmem", built_for)
+             or stale_build("nomyo._pyobjects", _pyobjects.BUILD_VERSION))
+    if stale:
+        raise ImportError(stale)
+    _ffi, _lib, pyobjects = ffi, lib, _pyobjects
+    # Teach the CPython glue what 'only the caller references it' looks like here: one
+    # local name, passed as an argument (the shape of every wipe call site).
+    probe = "".join(("nomyo-", "calibration"))
+    pyobjects._calibrate(probe)
+
+
+try:
+    _load()
+except (ImportError, AttributeError) as exc:  # AttributeError: a build older than the stamp
     FALLBACK_REASON = str(exc)
     log.warning("nomyo native secure memory unavailable, using the fallback backend: %s", exc)
 
-BACKEND = "native" if lib is not None else "fallback"
-
-
-def _allocator_flags() -> int:
-    """Read the allocator switch once: NOMYO_SECURE_ALLOCATOR=mmap skips memfd_secret."""
-    if lib is None:
-        return 0
-    choice = os.environ.get("NOMYO_SECURE_ALLOCATOR", "auto").strip().lower()
-    if choice == "mmap":
-        return lib.NM_FLAG_FORCE_MMAP
-    if choice not in ("", "auto", "memfd_secret"):
-        log.warning("NOMYO_SECURE_ALLOCATOR=%r is not auto|memfd_secret|mmap; using auto", choice)
-    return 0
-
-
-ALLOCATOR_FLAGS = _allocator_flags()
+BACKEND = "native" if _lib is not None else "fallback"
+CANARY_BYTES = _lib.NM_CANARY_BYTES if _lib is not None else 0
+_FORK = {0: None, 1: "wipeonfork", 2: "dontfork"}
 
 
 def check_errno(rc: int, what: str) -> None:
@@ -61,11 +71,116 @@ def check_errno(rc: int, what: str) -> None:
     raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _calibrate() -> None:
-    """Teach the CPython glue what 'only the caller references it' looks like here."""
-    probe = "".join(("nomyo-", "calibration"))
-    pyobjects._calibrate(probe)
+def _allocator_flags() -> int:
+    """Read the allocator switch once: NOMYO_SECURE_ALLOCATOR=mmap skips memfd_secret."""
+    if _lib is None:
+        return 0
+    choice = os.environ.get("NOMYO_SECURE_ALLOCATOR", "auto").strip().lower()
+    if choice == "mmap":
+        return _lib.NM_FLAG_FORCE_MMAP
+    if choice not in ("", "auto", "memfd_secret"):
+        log.warning("NOMYO_SECURE_ALLOCATOR=%r is not auto|memfd_secret|mmap; using auto", choice)
+    return 0
 
 
-if pyobjects is not None:
-    _calibrate()
+_ALLOCATOR_FLAGS = _allocator_flags()
+
+
+class Allocation:
+    """One guarded mapping from the C allocator and what its setup achieved (each protection
+    step's result is recorded, never assumed)."""
+
+    __slots__ = ("_region",)
+
+    def __init__(self, size: int, capacity: int, *, lock: bool) -> None:
+        region = _ffi.new("nm_region *")
+        flags = _ALLOCATOR_FLAGS | (0 if lock else _lib.NM_FLAG_NO_LOCK)
+        check_errno(_lib.nm_region_alloc(region, size, capacity, flags),
+                    "secure allocation failed")
+        self._region = region
+
+    @property
+    def data(self) -> int:
+        """Address of the caller's bytes (against the trailing guard page)."""
+        return int(_ffi.cast("uintptr_t", self._region.data))
+
+    @property
+    def inner(self) -> int:
+        """Address of the first accessible page."""
+        return int(_ffi.cast("uintptr_t", self._region.inner))
+
+    @property
+    def capacity(self) -> int:
+        """The largest size `refit` accepts: the accessible pages less the canary."""
+        return int(self._region.inner_len) - CANARY_BYTES
+
+    @property
+    def mapped(self) -> bool:
+        return self._region.base != _ffi.NULL
+
+    @property
+    def locked(self) -> bool:
+        return bool(self._region.locked)
+
+    @property
+    def lock_errno(self) -> int:
+        return int(self._region.lock_errno)
+
+    @property
+    def dump_excluded(self) -> bool:
+        return bool(self._region.dump_excluded)
+
+    @property
+    def allocator(self) -> str:
+        return "memfd_secret" if self._region.allocator == _lib.NM_ALLOC_MEMFD_SECRET else "mmap"
+
+    @property
+    def fork_protection(self) -> str | None:
+        return _FORK.get(self._region.fork_protection)
+
+    def refit(self, size: int) -> None:
+        """Wipe, then place `size` bytes against the trailing guard with a fresh canary."""
+        check_errno(_lib.nm_region_refit(self._region, size), "secure refit failed")
+
+    def free(self) -> None:
+        """Check the canary, wipe, unlock and unmap (idempotent)."""
+        if self.mapped:
+            check_errno(_lib.nm_region_free(self._region), "secure free failed")
+
+    def unmap(self) -> None:
+        """Unmap without touching the pages (a forked child, where they are absent or wiped)."""
+        if self.mapped:
+            _lib.nm_region_unmap(self._region)
+
+
+def fill_random(view: memoryview) -> None:
+    """Overwrite a writable buffer with bytes from the kernel CSPRNG, in place."""
+    check_errno(_lib.nm_fill_random(_ffi.from_buffer(view), len(view)), "getrandom failed")
+
+
+def get_dumpable() -> int | None:
+    """The process dumpable flag (prctl PR_GET_DUMPABLE); None where it cannot be read."""
+    if _lib is None:
+        return None
+    value = _lib.nm_get_dumpable()
+    return value if value >= 0 else None
+
+
+def set_dumpable(value: int) -> bool:
+    """Set the dumpable flag; False (nothing done) on the fallback backend."""
+    if _lib is None:
+        return False
+    check_errno(_lib.nm_set_dumpable(value), f"prctl(PR_SET_DUMPABLE, {value}) failed")
+    return True
+
+
+def native_module(name: str) -> tuple[ModuleType | None, str | None]:
+    """Another compiled helper of this package (e.g. `_b64`), or None and why not."""
+    if settings.fallback_forced():
+        return None, "forced by NOMYO_MEMORY_BACKEND=fallback"
+    try:
+        module = __import__(f"nomyo.{name}", fromlist=["BUILD_VERSION"])
+        stale = stale_build(f"nomyo.{name}", module.BUILD_VERSION)
+    except (ImportError, AttributeError) as exc:
+        return None, str(exc)
+    return (None, stale) if stale else (module, None)

@@ -1,8 +1,6 @@
 """Readings of the kernel limits that decide whether memory can be locked and dumped."""
 from __future__ import annotations
 
-import errno
-import os
 import resource
 
 
@@ -54,24 +52,3 @@ def core_pattern_is_pipe() -> bool:
 def suid_dumpable() -> int | None:
     value = _read_sys("/proc/sys/fs/suid_dumpable")
     return int(value) if value and value.isdigit() else None
-
-
-def missing_protection_message(locked: bool, dump_excluded: bool, lock_errno: int) -> str:
-    """What fail-closed mode found missing, and how an operator grants it."""
-    missing = []
-    if not locked:
-        limit = memlock_limit()
-        shown = "unlimited" if limit is None else f"{limit} bytes"
-        reason = os.strerror(lock_errno) if lock_errno else "locking unavailable"
-        if lock_errno in (errno.EPERM, errno.ENOMEM, errno.EAGAIN):
-            reason += " (RLIMIT_MEMLOCK exhausted or no CAP_IPC_LOCK)"
-        missing.append(
-            f"memory cannot be locked: {reason}; RLIMIT_MEMLOCK memlock limit is {shown}. "
-            "Grant CAP_IPC_LOCK, raise the limit (ulimit -l, systemd LimitMEMLOCK=), or run the "
-            "container with --ulimit memlock=-1 (or enough bytes for the buffers in use)"
-        )
-    if not dump_excluded:
-        missing.append("memory cannot be excluded from core dumps (madvise MADV_DONTDUMP failed)")
-    return (
-        "secure memory is required (NOMYO_REQUIRE_SECURE_MEMORY=1) but " + "; ".join(missing)
-    )

@@ -6,9 +6,7 @@ import sys
 from enum import Enum
 from typing import Any
 
-from nomyo.memory import binding as _native
-from nomyo.memory import limits, settings
-from nomyo.memory.binding import ffi, lib
+from nomyo.memory import binding, limits, settings
 
 
 class MemoryProtectionLevel(Enum):
@@ -19,45 +17,27 @@ class MemoryProtectionLevel(Enum):
     NONE = "none"
 
 
-_FORK = {0: None, 1: "wipeonfork", 2: "dontfork"}
-
-
-def _trial_region(flags: int) -> dict[str, Any]:
+def _trial_region(lock: bool) -> dict[str, Any]:
     """Allocate and free one buffer the way new buffers are made, and record what held."""
-    region = ffi.new("nm_region *")
-    rc = lib.nm_region_alloc(region, 1, 1, flags)
-    if rc != 0:
-        return {"ok": False, "locked": False, "dump_excluded": False, "allocator": None,
-                "fork": None, "errno": -rc}
-    result = {
-        "ok": True,
-        "locked": bool(region.locked),
-        "dump_excluded": bool(region.dump_excluded),
-        "allocator": "memfd_secret" if region.allocator == lib.NM_ALLOC_MEMFD_SECRET else "mmap",
-        "fork": _FORK.get(region.fork_protection),
-        "errno": region.lock_errno,
-    }
-    lib.nm_region_free(region)
-    return result
-
-
-def dumpable() -> int | None:
-    """The process dumpable flag (prctl PR_GET_DUMPABLE); None where it cannot be read."""
-    if lib is None:
-        return None
-    value = lib.nm_get_dumpable()
-    return value if value >= 0 else None
+    try:
+        region = binding.Allocation(1, 1, lock=lock)
+    except (OSError, MemoryError):
+        return {"locked": False, "dump_excluded": False, "allocator": None, "fork": None}
+    try:
+        return {"locked": region.locked, "dump_excluded": region.dump_excluded,
+                "allocator": region.allocator, "fork": region.fork_protection}
+    finally:
+        region.free()
 
 
 def get_memory_protection_info() -> dict[str, Any]:
     """Protection report for health checks: the published keys plus what was measured here."""
-    native = _native.BACKEND == "native"
+    native = binding.BACKEND == "native"
     enabled = settings.enabled()
     if native:
         # can_lock: can this process lock memory at all (measured even while disabled)
-        lock_trial = _trial_region(_native.ALLOCATOR_FLAGS)
-        live = lock_trial if enabled else _trial_region(
-            _native.ALLOCATOR_FLAGS | lib.NM_FLAG_NO_LOCK)
+        lock_trial = _trial_region(lock=True)
+        live = lock_trial if enabled else _trial_region(lock=False)
         can_lock = lock_trial["locked"]
         dump_excluded = live["dump_excluded"]
         allocator = live["allocator"] or "mmap"
@@ -66,7 +46,7 @@ def get_memory_protection_info() -> dict[str, Any]:
         can_lock = dump_excluded = False
         allocator, fork_protection = "heap", None
 
-    dump_flag = dumpable()
+    dump_flag = binding.get_dumpable()
     core = limits.core_limit()
     suid = limits.suid_dumpable()
     core_dumps_disabled = bool(
@@ -83,7 +63,7 @@ def get_memory_protection_info() -> dict[str, Any]:
         "has_secure_zeroing": True,
         "supports_full_protection": full,
         "page_size": mmap.PAGESIZE,
-        "backend": _native.BACKEND,
+        "backend": binding.BACKEND,
         "allocator": allocator,
         "can_lock": can_lock,
         "memlock_limit": limits.memlock_limit(),
@@ -99,5 +79,5 @@ def get_memory_protection_info() -> dict[str, Any]:
         "fail_closed": settings.required(),
     }
     if not native:
-        report["fallback_reason"] = _native.FALLBACK_REASON
+        report["fallback_reason"] = binding.FALLBACK_REASON
     return report

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nomyo.errors import PackageError
-from nomyo.memory import binding as _native
+from nomyo.memory import binding
 from nomyo.memory.buffer import SecureBuffer
 
 MAX_DEPTH = 256
@@ -72,7 +72,7 @@ def _collect(value: Any, out: list, depth: int) -> None:
 def dumps(obj: Any, alloc: Callable[[int], SecureBuffer] = SecureBuffer) -> SecureBuffer:
     """Serialise obj as compact UTF-8 JSON into `alloc(size)`: by default a new SecureBuffer
     the caller closes, or a reused one (see envelope.Workspace)."""
-    glue = _native.pyobjects
+    glue = binding.pyobjects
     if glue is None:  # fallback backend: the document passes through the heap once
         return _fallback_dumps(obj, alloc)
     pieces: list = []
@@ -107,7 +107,7 @@ def _fallback_dumps(obj: Any, alloc: Callable[[int], SecureBuffer]) -> SecureBuf
 def loads(data: Any) -> Any:
     """Parse UTF-8 JSON from a buffer; the one transient str is wiped before returning.
     NaN and infinities are refused, as dumps refuses them."""
-    glue = _native.pyobjects
+    glue = binding.pyobjects
     if glue is None:  # fallback backend: the decoded text cannot be wiped
         with memoryview(data) as view:
             try:

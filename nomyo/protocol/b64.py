@@ -18,29 +18,18 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Optional
 
-from nomyo.memory import settings
+from nomyo.memory import binding
 from nomyo.protocol import b64_fallback as _b64_fallback
 
 log = logging.getLogger("nomyo.protocol.b64")
 
-ABI_VERSION = 1  # must equal ABI_VERSION in csrc/b64codec.c
-
 
 def _load_native() -> Optional[ModuleType]:
     """The compiled codec, or None (logged) when it is switched off, missing or stale."""
-    if settings.fallback_forced():
-        reason = "forced by NOMYO_MEMORY_BACKEND=fallback"
-    else:
-        try:
-            from nomyo import _b64
-        except ImportError as exc:  # exotic platform or a source checkout that was never built
-            reason = str(exc)
-        else:
-            if _b64.ABI_VERSION == ABI_VERSION:
-                return _b64
-            reason = "nomyo._b64 is from another nomyo build; reinstall nomyo"
-    log.debug("native base64 codec unavailable, using the binascii fallback: %s", reason)
-    return None
+    module, reason = binding.native_module("_b64")
+    if module is None:
+        log.debug("native base64 codec unavailable, using the binascii fallback: %s", reason)
+    return module
 
 
 _backend = _load_native()

@@ -6,9 +6,8 @@ Where each secret lives (every buffer comes from a `Workspace`):
   secure buffer (`encrypt_into` / `decrypt_into`), which the caller closes;
 - the unwrapped AES key, which RSA-OAEP can only return as `bytes`, is copied into secure
   memory and the `bytes` object is zeroed in place at once with `wipe_bytes`.
-By default every secret gets a new buffer. A `Workspace` lets one exchange reuse its
-buffers instead (a request's plaintext slot holds its answer next, wiped in between):
-creating and tearing down guarded mappings is most of what secure memory costs.
+By default every secret gets a new buffer; a `Workspace` (nomyo.protocol.workspace) lets one
+exchange reuse its buffers instead.
 Structural problems raise `PackageError` (a `ValueError`); anything that fails authentication
 raises `SecurityError` with one fixed message, so an attacker learns nothing from it.
 """
@@ -29,21 +28,18 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nomyo.errors import PackageError, SecurityError
 from nomyo.memory import SecureBuffer, adopt_bytes, secure_json, wipe_bytes
 from nomyo.protocol import b64, keys
+from nomyo.protocol.constants import MAX_PACKAGE_BYTES, MAX_PLAINTEXT_BYTES
+from nomyo.protocol.workspace import FRESH, Workspace
 
 VERSION = "1.0"
 ALGORITHM = "hybrid-aes256-rsa4096"
 KEY_ALGORITHM = "RSA-OAEP-SHA256"
 PAYLOAD_ALGORITHM = "AES-256-GCM"
-MAX_PLAINTEXT_BYTES = 10 * 1024 * 1024
-# Largest package that can carry MAX_PLAINTEXT_BYTES: base64 of plaintext + tag, an RSA-wrapped
-# key of at most 16384 bits, and generous room for the JSON around them.
-MAX_PACKAGE_BYTES = (MAX_PLAINTEXT_BYTES + 16 + 2) // 3 * 4 + 8192 + 4096
 
 TAG_SEPARATE = "separate"  # published Python client and router: `tag` field of its own
 TAG_APPENDED = "appended"  # nomyo-js: 16-byte tag appended to `ciphertext`, no `tag` field
 TAG_LAYOUTS = (TAG_SEPARATE, TAG_APPENDED)
 
-ANSWER_HEADROOM = 4096  # see Workspace
 NONCE_BYTES = 12
 TAG_BYTES = 16
 AES_KEY_BYTES = 32
@@ -65,84 +61,6 @@ class PackageInfo:
     algorithm: str
 
 
-class Workspace:
-    """Secure buffers one exchange reuses: a plaintext slot, and the AES key in a cell of it.
-
-    The plaintext slot is a guarded mapping, handed out again with `refit` (old contents
-    wiped) while the new plaintext fits, else replaced. The key lives in a cell just below
-    the plaintext's data, in the same page, so an exchange maps and faults one page instead
-    of two; only when the slot has no room (or is not there) does the key get a slot of its
-    own. What the workspace hands out belongs to it: `done` wipes it (and frees the cell),
-    `close` releases everything. `headroom` bytes are reserved beyond a new plaintext so
-    that an answer not much larger than its request (an echo, a short reply to a short
-    prompt) fits in the request's slot; untouched memfd_secret pages cost nothing until used.
-    """
-
-    def __init__(self, headroom: int = ANSWER_HEADROOM) -> None:
-        self.headroom = headroom
-        self._slots: dict[str, SecureBuffer] = {}
-        self._cell: Any = None  # the key's cell in the plaintext slot, while handed out
-
-    def key(self, size: int) -> Any:
-        """A key buffer of `size` bytes: a cell of the plaintext slot when it has room."""
-        owner = self._slots.get("plaintext")
-        if self._cell is None and owner is not None and not owner.closed:
-            self._cell = owner.cell_below(size)
-            if self._cell is not None:
-                return self._cell
-        return self._take("key", size, 0)
-
-    def plaintext(self, size: int) -> SecureBuffer:
-        """The plaintext slot, fitted to `size` bytes."""
-        return self._take("plaintext", size, self.headroom)
-
-    def _take(self, slot: str, size: int, headroom: int) -> SecureBuffer:
-        buf = self._slots.get(slot)
-        if buf is not None and not buf.closed:
-            if size <= buf.capacity:
-                buf.refit(size)
-                return buf
-            buf.close()
-        buf = self._slots[slot] = SecureBuffer(size, capacity=size + headroom)
-        return buf
-
-    def done(self, buf: Any) -> None:
-        """A secret from this workspace is no longer needed: wipe it, keep the memory (a
-        cell is closed, which frees its slot for the next refit)."""
-        if buf is self._cell:
-            self._cell = None
-            buf.close()
-        elif not buf.closed:
-            buf.wipe()
-
-    def close(self) -> None:
-        """Wipe and release every slot."""
-        if self._cell is not None:
-            self.done(self._cell)
-        slots, self._slots = self._slots, {}
-        for buf in slots.values():
-            if not buf.closed:
-                buf.close()
-
-    def __enter__(self) -> Workspace:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _Fresh(Workspace):
-    """No reuse: every secret gets a new buffer, closed as soon as it is done."""
-
-    def _take(self, slot: str, size: int, headroom: int) -> SecureBuffer:
-        return SecureBuffer(size)
-
-    def done(self, buf: SecureBuffer) -> None:
-        if not buf.closed:
-            buf.close()
-
-
-FRESH = _Fresh()  # stateless: the default wherever no workspace is given
 
 
 @dataclass(frozen=True)

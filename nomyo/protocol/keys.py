@@ -21,12 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nomyo.errors import DisposedError
 from nomyo.memory import SecureBuffer, adopt_bytes, wipe_bytes
+from nomyo.protocol.constants import DEFAULT_KEY_BITS, GENERATE_KEY_BITS, MIN_KEY_BITS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KEY_BITS = 4096
-GENERATE_KEY_BITS = (2048, 4096)
-MIN_KEY_BITS = 2048
 PRIVATE_KEY_FILE = "private_key.pem"
 PUBLIC_KEY_FILE = "public_key.pem"
 MAX_PEM_BYTES = 64 * 1024  # an RSA-16384 PKCS#8 PEM is about 13 KiB

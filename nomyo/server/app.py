@@ -18,20 +18,27 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from nomyo.errors import PackageError, SecurityError
+from nomyo.errors import ChatRequestError, PackageError, SecurityError
 from nomyo.memory import get_memory_protection_info
 from nomyo.memory.scrub import wipe_tree
 from nomyo.protocol import envelope, keys
+from nomyo.protocol.chat_request import check_chat_request
+from nomyo.protocol.constants import (
+    COMPLETION_PATH,
+    DEFAULT_SECURITY_TIER,
+    MAX_PACKAGE_BYTES,
+    MAX_PAYLOAD_ID_CHARS,
+    MAX_PUBLIC_KEY_HEADER_CHARS,
+    PUBLIC_KEY_PATH,
+    SECURITY_TIERS,
+)
+from nomyo.protocol.workspace import Workspace
 from nomyo.server.backends import Backend, BackendError
-from nomyo.server.policy import DEFAULT_TIER, TIERS, ApiKeys, RateLimiter, TierPolicy
+from nomyo.server.policy import ApiKeys, RateLimiter, TierPolicy
 
 logger = logging.getLogger("nomyo.server")
 
-COMPLETION_PATH = "/v1/chat/secure_completion"
-PUBLIC_KEY_PATH = "/pki/public_key"
 HEALTH_PATH = "/health"
-MAX_PAYLOAD_ID_CHARS = 256
-MAX_PUBLIC_KEY_HEADER_CHARS = 16 * 1024
 
 
 @dataclass
@@ -66,7 +73,7 @@ class AppOptions:
     api_keys: ApiKeys | None = None
     tier_policy: TierPolicy | None = None
     rate_limiter: RateLimiter | None = None
-    max_request_bytes: int = envelope.MAX_PACKAGE_BYTES
+    max_request_bytes: int = MAX_PACKAGE_BYTES
     attestor: Any = None  # object with .quote(payload_id) -> dict, or None
 
 
@@ -177,7 +184,7 @@ class SecureCompletionApp:
         body = read_body(content_length)
         # One workspace for the exchange: the request's key and plaintext buffers hold the
         # answer's next (wiped in between), and all are released before the reply is sent.
-        with envelope.Workspace() as work:
+        with Workspace() as work:
             try:
                 request, info = envelope.open_json(body, self.keypair, workspace=work)
             except (PackageError, SecurityError) as err:
@@ -185,7 +192,10 @@ class SecureCompletionApp:
             del body
             result: Any = None
             try:
-                _check_completion_request(request)
+                try:
+                    check_chat_request(request)
+                except ChatRequestError as err:
+                    raise HttpError(400, str(err)) from None
                 tier = self._resolve_tier(request["model"], tier)
                 try:
                     result = self.backend.complete(request)
@@ -234,7 +244,7 @@ class SecureCompletionApp:
 
     def _resolve_tier(self, model: str, requested: str | None) -> str:
         if self.options.tier_policy is None:
-            return requested or DEFAULT_TIER
+            return requested or DEFAULT_SECURITY_TIER
         tier, reason = self.options.tier_policy.resolve(model, requested)
         if tier is None:
             raise HttpError(403, reason)
@@ -322,25 +332,10 @@ def _client_public_key(value: str | None) -> Any:
 def _security_tier(value: str | None) -> str | None:
     if value is None or value == "":
         return None
-    if value not in TIERS:
-        raise HttpError(400, f"invalid X-Security-Tier; must be one of: {', '.join(TIERS)}")
+    if value not in SECURITY_TIERS:
+        raise HttpError(
+            400, f"invalid X-Security-Tier; must be one of: {', '.join(SECURITY_TIERS)}")
     return value
-
-
-def _check_completion_request(request: Any) -> None:
-    if not isinstance(request, dict):
-        raise HttpError(400, "payload must be a JSON object")
-    if not isinstance(request.get("model"), str) or not request["model"]:
-        raise HttpError(400, "payload needs a 'model' string")
-    messages = request.get("messages")
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(isinstance(m, dict) for m in messages)
-    ):
-        raise HttpError(400, "payload needs a non-empty 'messages' list of objects")
-    if request.get("stream"):
-        raise HttpError(400, "stream=true is not supported: the protocol carries whole responses")
 
 
 def _memory_protection_summary() -> dict[str, Any]:

@@ -14,6 +14,7 @@ import urllib3.exceptions
 
 from nomyo.memory import SecureBuffer, secure_json, wipe_bytes
 from nomyo.memory.scrub import wipe_tree
+from nomyo.protocol.constants import DEFAULT_BACKEND_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Backend(Protocol):
         """Release connections."""
 
 
-def create_backend(spec: str, *, timeout: float = 120.0) -> Backend:
+def create_backend(spec: str, *, timeout: float = DEFAULT_BACKEND_TIMEOUT) -> Backend:
     """`"echo"` or the base URL of an OpenAI-compatible server (`http://host:port`)."""
     if spec == "echo":
         return EchoBackend()
@@ -180,7 +181,8 @@ class HttpBackend:
     """Forwards to `<base>/v1/chat/completions` of an OpenAI-compatible server (requests)."""
 
     def __init__(
-        self, base_url: str, *, timeout: float = 120.0, connect_timeout: float = 5.0
+        self, base_url: str, *, timeout: float = DEFAULT_BACKEND_TIMEOUT,
+        connect_timeout: float = 5.0,
     ) -> None:
         self.url = base_url.rstrip("/") + "/v1/chat/completions"
         self.name = base_url.rstrip("/")

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from nomyo.protocol import envelope
-from nomyo.protocol.keys import DEFAULT_KEY_BITS, KeyPair
+from nomyo.protocol.constants import DEFAULT_BACKEND_TIMEOUT, DEFAULT_KEY_BITS, MAX_PACKAGE_BYTES
+from nomyo.protocol.keys import KeyPair
 from nomyo.server.app import AppOptions, SecureCompletionApp
 from nomyo.server.backends import create_backend
 from nomyo.server.policy import ApiKeys, RateLimiter, TierPolicy
@@ -28,8 +28,8 @@ def create_app(
     tier_policy: TierPolicy | Mapping[str, Any] | None = None,
     tier_policy_file: str | Path | None = None,
     rate_limit: float | None = None,
-    max_request_bytes: int = envelope.MAX_PACKAGE_BYTES,
-    backend_timeout: float = 120.0,
+    max_request_bytes: int = MAX_PACKAGE_BYTES,
+    backend_timeout: float = DEFAULT_BACKEND_TIMEOUT,
     attestor: Any = None,
 ) -> SecureCompletionApp:
     """A ready application; the server key is `key`, loaded from `key_file`, or ephemeral.

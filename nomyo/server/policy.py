@@ -11,8 +11,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-TIERS = ("standard", "high", "maximum")
-DEFAULT_TIER = "standard"
+from nomyo.protocol.constants import SECURITY_TIERS as TIERS
 
 
 class ApiKeys:
@@ -100,12 +99,11 @@ class TierPolicy:
 class RateLimiter:
     """Token bucket per client identity: `rate` requests per second, bursts up to `rate`."""
 
-    _MAX_CLIENTS = 10_000
-
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, *, max_clients: int = 10_000) -> None:
         if not (rate > 0 and math.isfinite(rate)):
             raise ValueError("rate limit must be a positive number of requests per second")
         self.rate = float(rate)
+        self.max_clients = max_clients
         self.capacity = max(1.0, self.rate)
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
@@ -122,10 +120,15 @@ class RateLimiter:
             self._store(identity, tokens, now)
             return (1.0 - tokens) / self.rate
 
+    def clients(self) -> list[str]:
+        """The identities remembered, least recently seen first."""
+        with self._lock:
+            return list(self._buckets)
+
     def _store(self, identity: str, tokens: float, now: float) -> None:
         # Re-inserted so the table stays in least-recently-seen order; when full, the oldest
         # entry goes (O(1)): a client unseen that long has refilled or nearly so.
         self._buckets.pop(identity, None)
-        if len(self._buckets) >= self._MAX_CLIENTS:
+        if len(self._buckets) >= self.max_clients:
             del self._buckets[next(iter(self._buckets))]
         self._buckets[identity] = (tokens, now)

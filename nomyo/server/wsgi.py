@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from nomyo.memory import harden_process
+from nomyo.protocol.constants import DEFAULT_BACKEND_TIMEOUT
 from nomyo.server.app import SecureCompletionApp
 from nomyo.server.factory import create_app as _create_app
 
@@ -33,5 +34,5 @@ def create_app() -> SecureCompletionApp:
         api_key_file=env.get("NOMYO_API_KEY_FILE") or None,
         tier_policy_file=env.get("NOMYO_TIER_POLICY") or None,
         rate_limit=float(rate) if rate else None,
-        backend_timeout=float(env.get("NOMYO_BACKEND_TIMEOUT", "120")),
+        backend_timeout=float(env.get("NOMYO_BACKEND_TIMEOUT") or DEFAULT_BACKEND_TIMEOUT),
     )

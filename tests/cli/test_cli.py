@@ -172,3 +172,11 @@ def test_unusable_directories_are_one_line_errors(argv):
                           text=True, timeout=120, env=child_env())
     assert proc.returncode not in (0, 2) and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2 and "error:" in proc.stderr
+
+
+def test_version_names_the_package_version():
+    from nomyo import __version__
+
+    result = nomyo("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"nomyo {__version__}"

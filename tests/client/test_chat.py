@@ -4,14 +4,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from urllib.parse import unquote
 
 import pytest
 
-from nomyo import SecureChatCompletion
+from nomyo import SecureChatCompletion, SecureCompletionClient
 from nomyo.errors import DisposedError, InvalidRequestError, SecurityError
-from tests.helpers import run_python
+from tests.helpers import run_python, wait_until
 from tests.peer_server import PeerServer
 from tests.tpm_fixtures import block_of, load_vectors
 
@@ -91,10 +90,8 @@ def test_stream_and_bad_tier_refused_before_any_byte(chat, peer):
 def test_key_generation_starts_at_construction(peer):
     c = SecureChatCompletion(base_url=peer.url, allow_http=True, key_size=2048)
     try:
-        deadline = time.monotonic() + 30
-        while c.client._keyring._first is not None and not c.client._keyring._first.done():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        ring = c.client.keyring
+        wait_until(lambda: ring.pending_first is None or ring.pending_first.done())
         assert peer.received == []  # born without any request
         c.create_sync("m", MESSAGES)
     finally:
@@ -118,7 +115,7 @@ def test_sixteen_concurrent_creates_overlap(chat, peer):
 def test_close_dispose_and_context_managers(peer):
     c = SecureChatCompletion(base_url=peer.url, allow_http=True, key_size=2048)
     c.create_sync("m", MESSAGES)
-    pair = c.client._keyring.current
+    pair = c.client.keyring.current
     c.dispose()
     assert pair.closed
     with pytest.raises(DisposedError):
@@ -179,14 +176,15 @@ def test_attestation_bound_to_another_payload_is_refused(peer):
 
 
 @pytest.mark.parametrize("name", sorted(load_vectors()))
-def test_attestation_verdict_for_a_bound_quote(name):
+def test_attestation_verdict_for_a_bound_quote(name, peer):
     vector = load_vectors()[name]
-    chat = SecureChatCompletion(base_url="https://unused.invalid", key_size=2048,
-                                attestation="require")
-    response = {"_metadata": {"tpm_attestation": block_of(vector)}}
-    verdict = chat._attest(response, vector["payload_id"])["_metadata"]["attestation_verification"]
+    peer.attestation = block_of(vector)  # a genuine quote for the payload id sent below
+    with SecureCompletionClient(peer.url, allow_http=True, key_size=2048,
+                                attestation="require") as client:
+        response = client.send_secure_request_sync(
+            {"model": "m", "messages": MESSAGES}, vector["payload_id"])
+    verdict = response["_metadata"]["attestation_verification"]
     assert verdict["valid"] is True and verdict["nonce_bound"] is True
-    chat.close()
 
 
 def test_bad_attestation_mode():

@@ -17,6 +17,7 @@ from nomyo.client import core as client_module
 from nomyo.client.core import SecureCompletionClient
 from nomyo.errors import (
     APIConnectionError,
+    ChatRequestError,
     DisposedError,
     InvalidRequestError,
     PackageError,
@@ -24,7 +25,8 @@ from nomyo.errors import (
     SecurityError,
     ServiceUnavailableError,
 )
-from nomyo.protocol import envelope, keys
+from nomyo.protocol import keys
+from nomyo.protocol.workspace import Workspace
 from tests.peer_server import PeerServer, open_with, seal_for
 
 MESSAGES = [{"role": "user", "content": "hello peer"}]
@@ -223,7 +225,7 @@ def test_sixteen_concurrent_requests_overlap(client, peer):
     assert peer.max_in_flight >= 12
 
 
-class RecordingWorkspace(envelope.Workspace):
+class RecordingWorkspace(Workspace):
     """Notes, when the exchange closes it, whether every slot and key cell was already wiped
     (cells are read through their slot's mapping, which is still there)."""
 
@@ -249,7 +251,7 @@ def recorded(monkeypatch):
     """The events of every exchange: answers handed to the loop, workspaces closed."""
     events: list[str] = []
     monkeypatch.setattr(RecordingWorkspace, "events", events, raising=False)
-    monkeypatch.setattr(client_module.envelope, "Workspace", RecordingWorkspace)
+    monkeypatch.setattr(client_module, "Workspace", RecordingWorkspace)
     settle = client_module._settle
 
     def recording_settle(future, result, exc):
@@ -309,7 +311,7 @@ def test_answer_after_the_loop_closed_is_dropped_and_released(client, peer, reco
 
 def test_failed_release_after_the_answer_is_logged(client, peer, recorded, monkeypatch, caplog):
     def failing_close(self):
-        envelope.Workspace.close(self)
+        Workspace.close(self)
         raise ValueError("secure free failed: [Errno 22] Invalid argument")
 
     monkeypatch.setattr(RecordingWorkspace, "close", failing_close)
@@ -368,7 +370,7 @@ def test_key_dir_constructor_option(peer, tmp_path):
 def test_close_wipes_keys_and_disposes(peer):
     c = SecureCompletionClient(peer.url, allow_http=True, key_size=2048)
     send(c)
-    pair = c._keyring.current
+    pair = c.keyring.current
     c.close()
     assert pair.closed and c.closed
     for call in (lambda: send(c), c.generate_keys,
@@ -454,3 +456,29 @@ def test_locally_raised_errors_carry_no_http_status():
     assert InvalidRequestError("stream refused", status_code=None).status_code is None
     assert InvalidRequestError("from the server").status_code == 400
     assert RateLimitError("slow down", 429, {"detail": "x"}).error_details == {"detail": "x"}
+
+
+@pytest.mark.parametrize("payload, words", [
+    ({"messages": MESSAGES}, "'model'"),
+    ({"model": "m"}, "'messages'"),
+    ({"model": "m", "messages": []}, "'messages'"),
+    ({"model": "m", "messages": ["hi"]}, "'messages'"),
+    ({"model": "m", "messages": MESSAGES, "stream": True}, "stream"),
+])
+def test_the_one_chat_request_check_refuses_before_any_byte(peer, payload, words):
+    """Client and server share one check; its error is both a ValueError (as the published
+    client raises) and an InvalidRequestError."""
+    with SecureCompletionClient(peer.url, allow_http=True, key_size=2048) as c:
+        with pytest.raises(ChatRequestError, match=words) as info:
+            c.send_secure_request_sync(payload, "p")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, InvalidRequestError)
+    assert peer.received == [] and peer.key_fetches == 0
+
+
+def test_settings_that_cannot_change_are_read_only(peer):
+    with SecureCompletionClient(peer.url, allow_http=True, max_retries=1, timeout=7.0,
+                                key_size=2048, secure_memory=False) as c:
+        assert (c.max_retries, c.timeout, c.key_size, c.secure_memory) == (1, 7.0, 2048, False)
+        for name in ("max_retries", "timeout", "key_size", "secure_memory", "allow_http"):
+            with pytest.raises(AttributeError):
+                setattr(c, name, getattr(c, name))

@@ -9,6 +9,7 @@ import pytest
 
 from nomyo.client.keyring import KeyRing
 from nomyo.errors import DisposedError
+from tests.helpers import wait_until
 
 
 class FakeClock:
@@ -19,18 +20,11 @@ class FakeClock:
         return self.now
 
 
-def wait_until(predicate, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 def test_start_makes_the_first_pair_in_the_background():
     ring = KeyRing(key_size=2048)
     assert ring.current is None
     ring.start()
-    wait_until(lambda: ring._first is not None and ring._first.done())
+    wait_until(lambda: ring.pending_first is not None and ring.pending_first.done())
     with ring.lease() as pair:
         assert pair.key_size == 2048
     ring.close()
@@ -51,11 +45,11 @@ def test_rotation_prepared_early_and_switched_when_due():
         pass
     clock.now += 74
     with ring.lease() as pair:
-        assert pair is first and ring._next is None
+        assert pair is first and ring.pending_next is None
     clock.now += 1  # 3/4 of the interval: the next pair is prepared in the background
     with ring.lease() as pair:
-        assert pair is first and ring._next is not None
-    wait_until(ring._next.done)
+        assert pair is first and ring.pending_next is not None
+    wait_until(ring.pending_next.done)
     clock.now += 20  # still inside the interval
     with ring.lease() as pair:
         assert pair is first
@@ -74,8 +68,8 @@ def test_rotation_never_waits_for_an_unready_pair():
     clock.now += 500  # long overdue, nothing prepared yet
     with ring.lease() as pair:
         assert pair is first  # served at once with the current pair
-        assert ring._next is not None
-    wait_until(ring._next.done)
+        assert ring.pending_next is not None
+    wait_until(ring.pending_next.done)
     with ring.lease() as pair:
         assert pair is not first
     ring.close()
@@ -88,7 +82,7 @@ def test_pair_in_flight_survives_rotation_until_its_lease_ends():
         clock.now += 80
         with ring.lease():
             pass
-        wait_until(ring._next.done)
+        wait_until(ring.pending_next.done)
         clock.now += 30
         with ring.lease() as new:
             assert new is not old
@@ -105,7 +99,7 @@ def test_rotation_disabled(interval):
         pass
     clock.now += 10 ** 9
     with ring.lease() as pair:
-        assert pair is first and ring._next is None
+        assert pair is first and ring.pending_next is None
     ring.close()
 
 
@@ -133,7 +127,7 @@ def test_key_dir_pair_older_than_interval_is_rotated_and_saved(tmp_path):
     ring = KeyRing(key_size=2048, key_dir=tmp_path, rotation_interval=3600)
     with ring.lease() as pair:
         assert pair.public_pem == old_pem  # served at once; replacement prepared meanwhile
-    wait_until(ring._next.done)
+    wait_until(ring.pending_next.done)
     with ring.lease() as pair:
         assert pair.public_pem != old_pem
         assert (tmp_path / "public_key.pem").read_text() == pair.public_pem
@@ -156,7 +150,7 @@ def test_wrong_password_is_an_error_never_an_overwrite(tmp_path):
 def test_close_disposes_and_closes_pending_pairs():
     ring = KeyRing(key_size=2048)
     ring.start()
-    pending = ring._first
+    pending = ring.pending_first
     ring.close()
     with pytest.raises(DisposedError), ring.lease():
         pass
@@ -174,7 +168,7 @@ def test_bad_options():
 def test_install_supersedes_a_pair_still_being_born():
     ring = KeyRing(key_size=2048)
     ring.start()
-    pending = ring._first
+    pending = ring.pending_first
     mine = ring.generate()
     ring.install(mine)
     with ring.lease() as pair:

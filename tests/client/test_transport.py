@@ -139,6 +139,7 @@ class Clock:
 
 def make(max_retries: int = 2, timeout: float = 5.0, **kw) -> tuple[Transport, Clock]:
     clock = Clock()
+    kw.setdefault("allow_http", True)  # the scripted servers are plain HTTP on loopback
     transport = Transport(timeout=timeout, retry=RetryPolicy(max_retries=max_retries),
                           sleep=clock, **kw)
     return transport, clock
@@ -208,7 +209,7 @@ def test_backoff_is_exponential_and_jittered_without_retry_after(server):
 
 def test_retry_after_real_wait(server):
     server.replies.extend([(503, {"Retry-After": "1"}, b"{}"), (200, {}, b"ok")])
-    transport = Transport(timeout=5, retry=RetryPolicy(max_retries=1))
+    transport = Transport(timeout=5, retry=RetryPolicy(max_retries=1), allow_http=True)
     start = time.monotonic()
     assert transport.post(server.url, b"c", HEADERS) == b"ok"
     assert time.monotonic() - start >= 0.95
@@ -251,7 +252,7 @@ def test_api_key_never_in_message(server):
     server.replies.append((401, {}, json.dumps({"detail": f"bad key {token}"}).encode()))
     transport, _ = make()
     with pytest.raises(AuthenticationError) as info:
-        transport.post(server.url, b"c", {**HEADERS, "Authorization": f"Bearer {token}"})
+        transport.post(server.url, b"c", HEADERS, api_key=token)  # the transport builds the header
     assert token not in str(info.value)
     assert server.received[0]["headers"]["Authorization"] == f"Bearer {token}"
 
@@ -297,9 +298,18 @@ def test_timeout_is_retried_then_raised(server):
 def test_header_injection_refused_before_sending(server, bad):
     transport, _ = make()
     with pytest.raises(SecurityError):
-        transport.post(server.url, b"c", {**HEADERS, "Authorization": f"Bearer {bad}"})
+        transport.post(server.url, b"c", HEADERS, api_key=bad)
     with pytest.raises(SecurityError):
         transport.get(server.url, {"X-Security-Tier": bad})
+    with pytest.raises(SecurityError):
+        transport.get(server.url, {f"X-{bad}": "1"})
+    assert server.received == []
+
+
+def test_plain_http_refused_unless_allowed(server):
+    transport, _ = make(allow_http=False)
+    with pytest.raises(SecurityError, match="plain HTTP"):
+        transport.get(server.url)
     assert server.received == []
 
 
@@ -404,7 +414,7 @@ def test_ca_bundle_default_and_missing_path():
     import requests.certs
 
     env_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    assert Transport()._verify == (env_bundle or requests.certs.where())
+    assert Transport().ca_bundle == (env_bundle or requests.certs.where())
 
 
 def test_closed_pool_is_replaced_without_a_retry(server):
@@ -414,7 +424,7 @@ def test_closed_pool_is_replaced_without_a_retry(server):
     url = server.url + "/x"
     try:
         assert transport.post(url, b"cipher", HEADERS) == b"ok"
-        pools = transport._session.get_adapter(url).poolmanager.pools
+        pools = transport.connection_pools(url)
         for key in pools.keys():  # evicted as 1.x does: out of the manager, then closed
             pool = pools[key]
             del pools[key]

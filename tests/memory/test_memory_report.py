@@ -75,3 +75,19 @@ def test_import_nomyo_stays_light():
         print(sorted(m for m in ("requests", "cryptography", "urllib3") if m in sys.modules))
     """)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_a_stale_build_is_reported_as_such():
+    """Compiled helpers built for another version are refused by name, never half-used."""
+    proc = run_python("""
+        import json
+        import nomyo._version
+        nomyo._version.__version__ = "9.9.9"  # as if the package were upgraded, not rebuilt
+        import nomyo
+        from nomyo.protocol import b64
+        info = nomyo.get_memory_protection_info()
+        print(json.dumps([info["backend"], info["fallback_reason"], b64.NATIVE]))
+    """)
+    backend, reason, codec = json.loads(proc.stdout.splitlines()[-1])
+    assert backend == "fallback" and codec is False
+    assert "stale build" in reason and "built for nomyo 0.3.0, this is nomyo 9.9.9" in reason

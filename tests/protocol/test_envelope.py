@@ -12,7 +12,9 @@ import nomyo
 from nomyo.errors import PackageError, SecurityError
 from nomyo.memory import SecureBuffer, secure_json
 from nomyo.protocol import envelope
+from nomyo.protocol.constants import MAX_PLAINTEXT_BYTES
 from nomyo.protocol.keys import KeyPair
+from nomyo.protocol.workspace import Workspace
 from tests.server_fixtures import keypair, package_bytes, vector, vector_keys, vector_names
 
 
@@ -61,7 +63,7 @@ def test_workspace_carries_one_exchange_in_one_secure_mapping() -> None:
     one mapping, not four."""
     client, server = keypair("client"), keypair("server")
     before = _secretmem_mappings()
-    with envelope.Workspace(headroom=4096) as work:
+    with Workspace(headroom=4096) as work:
         request = secure_json.dumps({"q": "x" * 5000}, work.plaintext)
         slot = request
         package = envelope.seal(request, server.public_key, workspace=work)
@@ -78,7 +80,7 @@ def test_workspace_carries_one_exchange_in_one_secure_mapping() -> None:
 
 
 def test_workspace_key_cell_is_wiped_and_never_shared() -> None:
-    with envelope.Workspace() as work:
+    with Workspace() as work:
         plaintext = work.plaintext(100)
         key = work.key(32)
         assert 0 < plaintext.address - key.address <= 64  # in the slot's page, below its data
@@ -98,7 +100,7 @@ def test_workspace_key_cell_is_wiped_and_never_shared() -> None:
 
 def test_workspace_key_without_room_in_the_slot_gets_its_own_mapping() -> None:
     page = 4096
-    with envelope.Workspace(headroom=0) as work:
+    with Workspace(headroom=0) as work:
         full = work.plaintext(page - 8)  # the canary and data fill the one page
         key = work.key(32)
         assert abs(full.address - key.address) >= page and not key.closed
@@ -106,7 +108,7 @@ def test_workspace_key_without_room_in_the_slot_gets_its_own_mapping() -> None:
 
 def test_workspace_replaces_a_slot_too_small_and_wipes_on_failure() -> None:
     client = keypair("client")
-    with envelope.Workspace() as work:
+    with Workspace() as work:
         small = work.plaintext(10)
         big_answer = envelope.seal_json({"a": "z" * 10_000}, client.public_key)
         with envelope.open_package(big_answer, client, workspace=work) as opened:
@@ -143,11 +145,11 @@ def test_fresh_key_and_nonce_every_time() -> None:
 
 def test_plaintext_over_10_mib_refused_before_encrypting() -> None:
     with (
-        SecureBuffer(envelope.MAX_PLAINTEXT_BYTES + 1) as big,
+        SecureBuffer(MAX_PLAINTEXT_BYTES + 1) as big,
         pytest.raises(PackageError, match="at most"),
     ):
         envelope.seal(big, keypair("client").public_key)
-    with SecureBuffer(envelope.MAX_PLAINTEXT_BYTES) as exact:
+    with SecureBuffer(MAX_PLAINTEXT_BYTES) as exact:
         assert envelope.seal(exact, keypair("client").public_key)
 
 

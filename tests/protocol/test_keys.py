@@ -14,12 +14,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nomyo.errors import DisposedError
 from nomyo.protocol import keys
+from nomyo.protocol.constants import DEFAULT_KEY_BITS
 from nomyo.protocol.keys import KeyPair
 from tests.server_fixtures import keypair, vector_keys
 
 
 def test_default_is_4096_and_2048_allowed() -> None:
-    assert keys.DEFAULT_KEY_BITS == 4096
+    assert DEFAULT_KEY_BITS == 4096
     assert KeyPair.generate(2048).key_size == 2048
 
 

@@ -14,8 +14,10 @@ import pytest
 import requests
 
 from nomyo.protocol import envelope
+from nomyo.protocol.constants import MAX_PACKAGE_BYTES
 from nomyo.protocol.keys import KeyPair
 from nomyo.server import start_background
+from tests.helpers import wait_until
 from tests.server_fixtures import (
     COMPLETION,
     chat_request,
@@ -23,6 +25,7 @@ from tests.server_fixtures import (
     keypair,
     open_response,
     package_bytes,
+    post_sealed,
     seal_request,
     vector,
     vector_keys,
@@ -41,12 +44,8 @@ def client_pem() -> str:
     return vector_keys()["client_public_pem"]
 
 
-def _post(url: str, body: bytes, headers: dict, session=None) -> requests.Response:
-    return (session or requests).post(url + COMPLETION, data=body, headers=headers, timeout=30)
-
-
 def _complete(server, client_pem: str, text: str = "still serving?") -> dict:
-    response = _post(
+    response = post_sealed(
         server.url,
         seal_request(chat_request(text), server.public_key_pem),
         completion_headers(client_pem),
@@ -69,7 +68,7 @@ def test_public_key_and_health(server) -> None:
 @pytest.mark.parametrize("name", vector_names("request"))
 def test_opens_every_vector_and_answers_sealed_to_client_key(server, client_pem, name) -> None:
     vec = vector(name)
-    response = _post(
+    response = post_sealed(
         server.url,
         package_bytes(vec),
         completion_headers(client_pem, payload_id="6f1c2a4e-1d2b-4c1e-9a7e-d3b42c4e598a"),
@@ -105,7 +104,7 @@ def test_nomyo_js_layout_and_header_encoding(server, client_pem) -> None:
     headers = completion_headers(client_pem, payload_id="openai-compat-1700000000000-k3j5x")
     headers["X-Public-Key"] = quote(client_pem.rstrip("\n"), safe="-_.!~*'()")
     assert "%2F" in headers["X-Public-Key"] or "/" not in client_pem
-    response = _post(server.url, package, headers)
+    response = post_sealed(server.url, package, headers)
     assert response.status_code == 200, response.text
     doc = json.loads(response.content)
     assert "tag" not in doc["encrypted_payload"]
@@ -116,7 +115,7 @@ def test_nomyo_js_layout_and_header_encoding(server, client_pem) -> None:
 
 @pytest.mark.parametrize("tier", ["standard", "high", "maximum"])
 def test_security_tier_header_is_reported(server, client_pem, tier) -> None:
-    response = _post(
+    response = post_sealed(
         server.url,
         seal_request(chat_request(), server.public_key_pem),
         completion_headers(client_pem, **{"X-Security-Tier": tier}),
@@ -166,7 +165,7 @@ def _bad_bodies(server_pem: str) -> dict[str, bytes]:
 )
 def test_bad_bodies_get_400_json_and_server_keeps_serving(server, client_pem, case) -> None:
     body = _bad_bodies(server.public_key_pem)[case]
-    response = _post(server.url, body, completion_headers(client_pem))
+    response = post_sealed(server.url, body, completion_headers(client_pem))
     assert response.status_code == 400, response.text
     detail = response.json()["detail"]
     assert isinstance(detail, str) and detail
@@ -219,7 +218,7 @@ def _weak_pem() -> str:
 )
 def test_bad_headers_get_400(server, client_pem, case) -> None:
     headers = _header_cases(client_pem)[case]
-    response = _post(server.url, seal_request(chat_request(), server.public_key_pem), headers)
+    response = post_sealed(server.url, seal_request(chat_request(), server.public_key_pem), headers)
     assert response.status_code == 400, response.text
     assert response.json()["detail"]
     assert _complete(server, client_pem)["object"] == "chat.completion"
@@ -245,7 +244,7 @@ def test_oversized_body_refused_with_413_before_reading(server, client_pem) -> N
     answer = _raw(
         server.url,
         f"POST {COMPLETION} HTTP/1.1\r\nHost: x\r\n{headers}"
-        f"Content-Length: {envelope.MAX_PACKAGE_BYTES + 1}\r\n\r\n".encode(),
+        f"Content-Length: {MAX_PACKAGE_BYTES + 1}\r\n\r\n".encode(),
     )
     status, _, rest = answer.partition(b"\r\n")
     assert b" 413 " in status and b"Connection: close" in rest
@@ -255,13 +254,13 @@ def test_oversized_body_refused_with_413_before_reading(server, client_pem) -> N
 
 def test_configured_size_limit_and_chunked_and_bad_length(client_pem) -> None:
     with start_background(key=keypair("server"), max_request_bytes=1500) as small:
-        response = _post(
+        response = post_sealed(
             small.url,
             seal_request(chat_request("x" * 2000), small.public_key_pem),
             completion_headers(client_pem),
         )
         assert response.status_code == 413
-        chunked = _post(small.url, iter([b"abc"]), completion_headers(client_pem))
+        chunked = post_sealed(small.url, iter([b"abc"]), completion_headers(client_pem))
         assert chunked.status_code == 411
         bad = _raw(
             small.url,
@@ -386,10 +385,8 @@ def test_connection_cap_answers_503(client_pem) -> None:
         finally:
             for conn in held:
                 conn.close()
-        deadline = time.monotonic() + 5
-        while requests.get(srv.url + "/health", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: requests.get(srv.url + "/health", timeout=10).status_code == 200,
+                   seconds=5)
 
 
 def test_stop_closes_idle_keep_alive_connections_promptly(client_pem) -> None:
@@ -413,18 +410,18 @@ def test_nothing_secret_is_logged(caplog, client_pem) -> None:
         caplog.at_level("DEBUG"),
         start_background(key=keypair("server"), api_keys=[api_key]) as srv,
     ):
-        response = _post(
+        response = post_sealed(
             srv.url,
             seal_request(chat_request(marker), srv.public_key_pem),
             completion_headers(client_pem, Authorization=f"Bearer {api_key}"),
         )
         assert response.status_code == 200
-        _post(
+        post_sealed(
             srv.url,
             b"{" + marker.encode(),
             completion_headers(client_pem, Authorization=f"Bearer {api_key}"),
         )
-        _post(srv.url, b"x", completion_headers(client_pem, Authorization=f"Bearer {marker}"))
+        post_sealed(srv.url, b"x", completion_headers(client_pem, Authorization=f"Bearer {marker}"))
     text = caplog.text
     assert "POST /v1/chat/secure_completion 200" in text
     for secret in (marker, api_key, "PRIVATE KEY", client_pem.splitlines()[1]):
@@ -444,7 +441,7 @@ def test_internal_error_is_500_json_and_logs_no_message(caplog, client_pem) -> N
     with caplog.at_level("DEBUG"), start_background(key=keypair("server")) as srv:
         srv.app.backend = Broken()
         body = seal_request(chat_request("SECRET-IN-EXCEPTION"), srv.public_key_pem)
-        response = _post(srv.url, body, completion_headers(client_pem))
+        response = post_sealed(srv.url, body, completion_headers(client_pem))
         assert response.status_code == 500
         assert response.json() == {"detail": "internal server error"}
     assert "KeyError at" in caplog.text and "SECRET-IN-EXCEPTION" not in caplog.text

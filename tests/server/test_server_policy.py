@@ -10,37 +10,24 @@ import requests
 from nomyo.server import start_background
 from nomyo.server.policy import ApiKeys, RateLimiter, TierPolicy
 from tests.server_fixtures import (
-    COMPLETION,
     chat_request,
-    completion_headers,
     keypair,
     open_response,
-    seal_request,
-    vector_keys,
+    post_request,
 )
-
-
-def _post(srv, obj=None, **headers: str) -> requests.Response:
-    body = seal_request(obj or chat_request(), srv.public_key_pem)
-    return requests.post(
-        srv.url + COMPLETION,
-        data=body,
-        timeout=30,
-        headers=completion_headers(vector_keys()["client_public_pem"], **headers),
-    )
 
 
 def test_api_key_file(tmp_path) -> None:
     key_file = tmp_path / "keys.txt"
     key_file.write_text("# team keys\nsk-alpha\n\n  sk-beta  \n")
     with start_background(key=keypair("server"), api_key_file=str(key_file)) as srv:
-        missing = _post(srv)
+        missing = post_request(srv)
         assert missing.status_code == 401 and missing.json()["detail"].startswith("missing API key")
-        wrong = _post(srv, Authorization="Bearer sk-alph")
+        wrong = post_request(srv, Authorization="Bearer sk-alph")
         assert wrong.status_code == 401 and wrong.json() == {"detail": "invalid API key"}
-        assert _post(srv, Authorization="Basic sk-alpha").status_code == 401
+        assert post_request(srv, Authorization="Basic sk-alpha").status_code == 401
         for key in ("sk-alpha", "sk-beta"):
-            ok = _post(srv, Authorization=f"Bearer {key}")
+            ok = post_request(srv, Authorization=f"Bearer {key}")
             assert ok.status_code == 200, ok.text
         assert requests.get(srv.url + "/pki/public_key", timeout=10).status_code == 200
 
@@ -58,16 +45,17 @@ def test_tier_policy_file(tmp_path) -> None:
     policy = tmp_path / "tiers.json"
     policy.write_text(json.dumps({"test-model": ["high", "maximum"], "open": ["standard"]}))
     with start_background(key=keypair("server"), tier_policy_file=str(policy)) as srv:
-        forbidden = _post(srv, **{"X-Security-Tier": "standard"})
+        forbidden = post_request(srv, **{"X-Security-Tier": "standard"})
         assert forbidden.status_code == 403 and "tier" in forbidden.json()["detail"]
-        unknown = _post(srv, {"model": "other", "messages": [{"role": "user", "content": "x"}]})
+        unknown = post_request(
+            srv, {"model": "other", "messages": [{"role": "user", "content": "x"}]})
         assert unknown.status_code == 403
-        allowed = _post(srv, **{"X-Security-Tier": "maximum"})
+        allowed = post_request(srv, **{"X-Security-Tier": "maximum"})
         assert open_response(allowed.content)[0]["_metadata"]["security_tier"] == "maximum"
-        default = _post(srv)  # no tier asked: the lowest the model allows
+        default = post_request(srv)  # no tier asked: the lowest the model allows
         assert open_response(default.content)[0]["_metadata"]["security_tier"] == "high"
         # an in-payload security_tier (nomyo-js) is an ordinary field, never used for routing
-        sneaky = _post(
+        sneaky = post_request(
             srv, chat_request(security_tier="maximum"), **{"X-Security-Tier": "standard"}
         )
         assert sneaky.status_code == 403
@@ -87,7 +75,7 @@ def test_tier_policy_wildcard() -> None:
 
 def test_rate_limit_burst_gets_429_with_retry_after() -> None:
     with start_background(key=keypair("server"), rate_limit=2) as srv:
-        statuses = [_post(srv) for _ in range(6)]
+        statuses = [post_request(srv) for _ in range(6)]
         codes = [r.status_code for r in statuses]
         assert codes[:2] == [200, 200] and 429 in codes
         limited = next(r for r in statuses if r.status_code == 429)
@@ -99,9 +87,9 @@ def test_rate_limit_is_per_api_key(tmp_path) -> None:
     key_file = tmp_path / "keys"
     key_file.write_text("a\nb\n")
     with start_background(key=keypair("server"), api_key_file=str(key_file), rate_limit=1) as srv:
-        assert _post(srv, Authorization="Bearer a").status_code == 200
-        assert _post(srv, Authorization="Bearer a").status_code == 429
-        assert _post(srv, Authorization="Bearer b").status_code == 200
+        assert post_request(srv, Authorization="Bearer a").status_code == 200
+        assert post_request(srv, Authorization="Bearer a").status_code == 429
+        assert post_request(srv, Authorization="Bearer b").status_code == 200
 
 
 def test_rate_limiter_refills() -> None:
@@ -117,11 +105,10 @@ def test_rate_limiter_refills() -> None:
 def test_rate_limit_table_is_bounded_least_recently_seen_first():
     from nomyo.server.policy import RateLimiter
 
-    limiter = RateLimiter(1)
-    limiter._MAX_CLIENTS = 3
+    limiter = RateLimiter(1, max_clients=3)
     for who in ("a", "b", "c", "a", "d"):  # "a" seen again, so "b" is the oldest
         limiter.acquire(who)
-    assert list(limiter._buckets) == ["c", "a", "d"]
+    assert limiter.clients() == ["c", "a", "d"]
 
 
 @pytest.mark.parametrize("rate", [0, -1, float("inf"), float("nan")])
