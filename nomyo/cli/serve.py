@@ -6,13 +6,11 @@ import argparse
 import logging
 import math
 import os
-import ssl
 import sys
 from typing import Any
 
-from nomyo.cli.parser import OneLineParser
+from nomyo.cli.parser import EXIT_USAGE, OneLineParser
 from nomyo.errors import NomyoError
-from nomyo.memory import harden_process
 from nomyo.protocol.constants import (
     DEFAULT_BACKEND_TIMEOUT,
     DEFAULT_KEY_BITS,
@@ -172,6 +170,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    import ssl  # imported here, as the server is: `nomyo doctor` stays light
+
+    from nomyo.memory import harden_process
     from nomyo.server.factory import create_app
     from nomyo.server.http import EmbeddedServer, serve_until_signalled, tls_context
 
@@ -252,7 +253,7 @@ def _fail(err: object) -> int:
     if isinstance(err, OSError) and err.filename and err.strerror:
         message = f"{err.filename}: {err.strerror}"
     print(f"nomyo serve: error: {message}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 _DESCRIPTION = (

@@ -11,7 +11,7 @@ from typing import Any
 
 from nomyo.memory import binding, secure_json
 from nomyo.memory.buffer import SecureBuffer
-from nomyo.memory.failclosed import require_protection
+from nomyo.memory.failclosed import require_native, require_protection
 from nomyo.memory.hardening import harden_process
 from nomyo.memory.report import MemoryProtectionLevel, get_memory_protection_info
 from nomyo.memory.settings import disable_secure_memory, enable_secure_memory
@@ -80,6 +80,7 @@ __all__ = [
     "enable_secure_memory",
     "get_memory_protection_info",
     "harden_process",
+    "require_native",
     "require_protection",
     "secure_bytearray",
     "secure_bytes",

@@ -12,7 +12,6 @@ from nomyo.memory.secret_policy import _checked_capacity, _checked_size, _Secret
 log = logging.getLogger("nomyo.memory")
 
 
-
 class _NativeSecret(_SecretPolicy, pyobjects.Region):
     """What native secrets share: close() wipes at once and releases the memory (`_free`)
     now, or once the last live view is gone."""
@@ -27,6 +26,13 @@ class _NativeSecret(_SecretPolicy, pyobjects.Region):
             raise ValueError("secure buffer is already closed")
         if exports == 0:
             self._free()  # each subclass says what releasing means
+
+    def fill_random(self) -> None:
+        """Overwrite the whole secret with bytes from the kernel CSPRNG, in place (through a
+        view, so that a concurrent close() cannot unmap the pages under getrandom)."""
+        with memoryview(self) as view:  # refused once closed or in a forked child
+            fill_random(view)
+
 
 class SecureBuffer(_NativeSecret):
     """Fixed-size secret memory: guarded, locked, excluded from dumps, wiped on release.
@@ -73,12 +79,6 @@ class SecureBuffer(_NativeSecret):
     def capacity(self) -> int:
         """The largest size `refit` accepts: the mapping's pages less the canary."""
         return self._region.capacity
-
-    def fill_random(self) -> None:
-        """Overwrite the whole buffer with bytes from the kernel CSPRNG, in place (through a
-        view, so that a concurrent close() cannot unmap the pages under getrandom)."""
-        with memoryview(self) as view:  # refused once closed or in a forked child
-            fill_random(view)
 
     def cell_below(self, size: int) -> SecureCell | None:
         """A `size`-byte secret in this buffer's own mapping, just below its data and
@@ -159,11 +159,6 @@ class SecureCell(_NativeSecret):
         # first: its pages are then gone and must not be touched.
         if self._owner._mapped:
             self._detach()
-
-    def fill_random(self) -> None:
-        """Overwrite the whole cell with bytes from the kernel CSPRNG, in place."""
-        with memoryview(self) as view:  # refused once closed or in a forked child
-            fill_random(view)
 
     def _free(self) -> None:
         self._hold.release()  # the owner may move or be unmapped again
