@@ -254,9 +254,11 @@ def open_package(package: Any, private_key: Any, *, workspace: Workspace = FRESH
         aes_key = _unwrap_key(fields["encrypted_aes_key"], key, workspace)
         try:
             with memoryview(aes_key) as key_view, memoryview(plaintext) as out:
-                AESGCM(key_view).decrypt_into(fields["nonce"], ciphertext_and_tag, None, out)
-        except (InvalidTag, ValueError):
-            raise SecurityError(AUTH_FAILED) from None
+                cipher = AESGCM(key_view)
+                try:
+                    cipher.decrypt_into(fields["nonce"], ciphertext_and_tag, None, out)
+                except InvalidTag:  # the one verdict on the tag; nothing else is relabelled
+                    raise SecurityError(AUTH_FAILED) from None
         finally:
             workspace.done(aes_key)
     except BaseException:
@@ -294,15 +296,21 @@ def _wrap_key(key_view: memoryview, public_key: rsa.RSAPublicKey) -> bytes:
         wipe_bytes(key_copy)
 
 
+def _rsa_decrypt(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
+    """cryptography's ValueError from decrypt is its verdict on the wrapped key, the one error
+    turned into an integrity failure; errors of ours after it (copying, wiping) are not."""
+    try:
+        return private_key.decrypt(wrapped, _OAEP)
+    except ValueError:
+        raise SecurityError(AUTH_FAILED) from None
+
+
 def _unwrap_key(wrapped: bytes, private_key: rsa.RSAPrivateKey, workspace: Workspace
                 ) -> SecureBuffer:
     """The AES key, in the workspace's key buffer (the caller hands it back with `done`)."""
-    try:
-        # RSA decrypt returns an immutable `bytes`: handed straight to adopt_bytes (no local
-        # keeps it), which moves it into secure memory and zeroes the original.
-        key = adopt_bytes(private_key.decrypt(wrapped, _OAEP), workspace.key)
-    except ValueError:
-        raise SecurityError(AUTH_FAILED) from None
+    # RSA decrypt returns an immutable `bytes`: handed straight to adopt_bytes (no local
+    # keeps it), which moves it into secure memory and zeroes the original.
+    key = adopt_bytes(_rsa_decrypt(wrapped, private_key), workspace.key)
     if len(key) != AES_KEY_BYTES:
         workspace.done(key)
         raise SecurityError(AUTH_FAILED)
