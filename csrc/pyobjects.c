@@ -3,8 +3,8 @@
  * - Region: the base type of SecureBuffer. It exports a fixed memory region through the
  *   buffer protocol (Python 3.11 cannot define that in Python), counts live exports so the
  *   region is never unmapped under a view, and refuses exports once closed or after fork.
- * - wipe_bytes / wipe_str: zero an immutable object that a third-party API forced on us,
- *   only when the caller holds the sole reference.
+ * - wipe_bytes_owned / wipe_str_owned: zero an immutable object that a third-party API
+ *   forced on us, handed over in a one-element list, only when that was its one reference.
  * - json_quote_len / json_quote_into: JSON-escape a str straight into a secure buffer.
  * - decode_utf8: build a str from UTF-8 in a secure buffer in one exact allocation, so no
  *   partial copy is left behind in freed memory by a growing decoder.
@@ -195,81 +195,124 @@ static PyTypeObject RegionType = {
 
 /* ---- wiping immutable objects ---- */
 
-static Py_ssize_t sole_reference_count = -1;
+/* nomyo.errors.WipeRefusedError, looked up at import. */
+static PyObject *WipeRefused;
 
-/* How many references an object held only by the caller's local variable has when it
- * arrives here; measured once, since interpreters differ (borrowed loads, etc.). */
+/* The caller hands the object over in a one-element list and has deleted its own names
+ * for it first (`box = [data]; del data; wipe_bytes_owned(box)`). The list is emptied
+ * here, so from then on the reference this function holds must be the only one: no count
+ * of the caller's references has to be guessed, and any other holder (a global, a cache,
+ * a container, a frame's f_locals) shows as a count above 1. Returns a new reference, or
+ * NULL with TypeError (the list untouched) when it is not a list of one `type` object. */
 static PyObject *
-calibrate(PyObject *module, PyObject *obj)
+take_handed_over(PyObject *box, PyTypeObject *type, const char *fname)
 {
-    (void)module;
-    sole_reference_count = Py_REFCNT(obj);
-    return PyLong_FromSsize_t(sole_reference_count);
+    if (!PyList_CheckExact(box) || PyList_GET_SIZE(box) != 1) {
+        PyErr_Format(PyExc_TypeError, "%s needs a list holding exactly one %s object",
+                     fname, type->tp_name);
+        return NULL;
+    }
+    PyObject *obj = PyList_GET_ITEM(box, 0);
+    if (Py_TYPE(obj) != type) {
+        PyErr_Format(PyExc_TypeError, "%s needs a list holding one %s object, not '%.100s'",
+                     fname, type->tp_name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    Py_INCREF(obj);
+    if (PyList_SetSlice(box, 0, 1, NULL) < 0) {
+        Py_DECREF(obj);
+        return NULL;
+    }
+    return obj;
 }
 
+/* Whether obj holds at most one byte or one Latin-1 character. The interpreter keeps shared
+ * objects for every such value (one table of each; 3.11 has static copies besides, 3.12+
+ * makes them immortal), so one more copy of such a value reveals nothing, and the shared
+ * ones must never be written: when not ours alone, it is left as it is, without refusing. */
 static int
-check_sole_reference(PyObject *obj)
+is_one_char_value(PyObject *obj)
 {
-    if (sole_reference_count < 0) {
-        PyErr_SetString(PyExc_RuntimeError, "nomyo._pyobjects is not calibrated");
-        return 0;
-    }
-    if (Py_REFCNT(obj) > sole_reference_count) {
-        PyErr_SetString(PyExc_ValueError,
-                        "refusing to wipe an object that is still referenced elsewhere");
-        return 0;
-    }
-    return 1;
+    if (PyBytes_CheckExact(obj))
+        return PyBytes_GET_SIZE(obj) <= 1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(obj);
+    return n == 0 || (n == 1 && PyUnicode_READ_CHAR(obj, 0) <= 0xFF);
+}
+
+/* The outcome for an object we hold but may not write: False for a one-character value,
+ * WipeRefusedError otherwise. Drops our reference either way; nothing is put back. */
+static PyObject *
+not_wiped(PyObject *obj, const char *why)
+{
+    int short_value = is_one_char_value(obj);
+    Py_DECREF(obj);
+    if (short_value)
+        Py_RETURN_FALSE;
+    PyErr_Format(WipeRefused, "refusing to wipe: %s; it was not zeroed", why);
+    return NULL;
 }
 
 static PyObject *
-wipe_bytes(PyObject *module, PyObject *obj)
+wipe_bytes_owned(PyObject *module, PyObject *box)
 {
     (void)module;
-    if (!PyBytes_CheckExact(obj)) {
-        PyErr_SetString(PyExc_TypeError, "wipe_bytes needs a bytes object");
+    PyObject *obj = take_handed_over(box, &PyBytes_Type, "wipe_bytes_owned");
+    if (obj == NULL)
         return NULL;
-    }
-    if (PyBytes_GET_SIZE(obj) == 0)
-        Py_RETURN_TRUE;
-    if (!check_sole_reference(obj))
-        return NULL;
+    if (Py_REFCNT(obj) != 1)
+        return not_wiped(obj, "the bytes object is still referenced elsewhere");
     explicit_bzero(PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj));
-#if PY_VERSION_HEX < 0x030D0000
     /* A cached hash is a function of the secret: forget it too. The field is deprecated
-     * since 3.11, but it is exactly what must be cleared here. */
+     * since 3.11 but still there and still filled by hash() on every version we build for. */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
     ((PyBytesObject *)obj)->ob_shash = -1;
 #pragma GCC diagnostic pop
-#endif
+    Py_DECREF(obj); /* the last reference: freed, already zeroed */
     Py_RETURN_TRUE;
 }
 
 static PyObject *
-wipe_str(PyObject *module, PyObject *obj)
+wipe_str_owned(PyObject *module, PyObject *box)
 {
     (void)module;
-    if (!PyUnicode_CheckExact(obj)) {
-        PyErr_SetString(PyExc_TypeError, "wipe_str needs a str object");
+    PyObject *obj = take_handed_over(box, &PyUnicode_Type, "wipe_str_owned");
+    if (obj == NULL)
+        return NULL;
+    if (!PyUnicode_IS_COMPACT(obj)) { /* only the deprecated Py_UNICODE APIs make these */
+        Py_DECREF(obj);
+        PyErr_SetString(WipeRefused, "refusing to wipe a legacy (non-compact) str; "
+                                     "it was not zeroed");
         return NULL;
     }
-    if (PyUnicode_GET_LENGTH(obj) == 0)
-        Py_RETURN_TRUE;
-    if (!PyUnicode_IS_COMPACT(obj) || PyUnicode_CHECK_INTERNED(obj)) {
-        PyErr_SetString(PyExc_ValueError, "refusing to wipe an interned or legacy str");
-        return NULL;
-    }
-    if (!check_sole_reference(obj))
-        return NULL;
+    /* Before 3.12 the intern table's references are not counted: an interned str can
+     * show a count of 1, so interning is checked on its own. */
+    if (Py_REFCNT(obj) != 1 || PyUnicode_CHECK_INTERNED(obj))
+        return not_wiped(obj, PyUnicode_CHECK_INTERNED(obj)
+                                  ? "the str is interned (shared by identity)"
+                                  : "the str is still referenced elsewhere");
     explicit_bzero(PyUnicode_DATA(obj),
                    (size_t)PyUnicode_GET_LENGTH(obj) * PyUnicode_KIND(obj));
-    if (!PyUnicode_IS_COMPACT_ASCII(obj)) {
+    if (!PyUnicode_IS_COMPACT_ASCII(obj)) { /* the cached UTF-8 form, if any */
         PyCompactUnicodeObject *c = (PyCompactUnicodeObject *)obj;
         if (c->utf8 != NULL && c->utf8_length > 0)
             explicit_bzero(c->utf8, (size_t)c->utf8_length);
     }
+#if PY_VERSION_HEX < 0x030C0000
+    /* The cached wchar_t form (PyUnicode_AsUnicode & co.), when it is not the data itself. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    wchar_t *wstr = ((PyASCIIObject *)obj)->wstr;
+    if (wstr != NULL && (void *)wstr != PyUnicode_DATA(obj)) {
+        Py_ssize_t wlen = PyUnicode_IS_COMPACT_ASCII(obj)
+                              ? PyUnicode_GET_LENGTH(obj)
+                              : ((PyCompactUnicodeObject *)obj)->wstr_length;
+        explicit_bzero(wstr, (size_t)wlen * sizeof(wchar_t));
+    }
+#pragma GCC diagnostic pop
+#endif
     ((PyASCIIObject *)obj)->hash = -1;
+    Py_DECREF(obj); /* the last reference: freed, already zeroed */
     Py_RETURN_TRUE;
 }
 
@@ -528,9 +571,10 @@ decode_utf8(PyObject *module, PyObject *arg)
 }
 
 static PyMethodDef module_methods[] = {
-    {"_calibrate", calibrate, METH_O, "Record the reference count of a sole local reference."},
-    {"wipe_bytes", wipe_bytes, METH_O, "Zero a bytes object the caller alone references."},
-    {"wipe_str", wipe_str, METH_O, "Zero a str object the caller alone references."},
+    {"wipe_bytes_owned", wipe_bytes_owned, METH_O,
+     "Take the bytes out of a one-element list and zero it if that was its only reference."},
+    {"wipe_str_owned", wipe_str_owned, METH_O,
+     "Take the str out of a one-element list and zero it if that was its only reference."},
     {"json_quote_len", json_quote_len, METH_O, "Length of the JSON string form, UTF-8."},
     {"json_quote_into", json_quote_into, METH_VARARGS, "Write the JSON string form into a buffer."},
     {"decode_utf8", decode_utf8, METH_O, "Strict UTF-8 to str in one exact allocation."},
@@ -547,12 +591,21 @@ PyMODINIT_FUNC
 PyInit__pyobjects(void)
 {
     init_tables();
+    if (WipeRefused == NULL) {
+        PyObject *errors = PyImport_ImportModule("nomyo.errors");
+        if (errors == NULL)
+            return NULL;
+        WipeRefused = PyObject_GetAttrString(errors, "WipeRefusedError");
+        Py_DECREF(errors);
+        if (WipeRefused == NULL)
+            return NULL;
+    }
     if (PyType_Ready(&RegionType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "ABI_VERSION", 2) < 0) {
+    if (PyModule_AddIntConstant(m, "ABI_VERSION", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -5,7 +5,7 @@ Where each secret lives (every buffer comes from a `Workspace`):
 - plaintext is encrypted straight from the caller's buffer and decrypted straight into a
   secure buffer (`encrypt_into` / `decrypt_into`), which the caller closes;
 - the unwrapped AES key, which RSA-OAEP can only return as `bytes`, is copied into secure
-  memory and the `bytes` object is zeroed in place at once with `wipe_bytes`.
+  memory and the `bytes` object is zeroed in place at once with `wipe_bytes_owned`.
 By default every secret gets a new buffer. A `Workspace` lets one exchange reuse its
 buffers instead (a request's plaintext slot holds its answer next, wiped in between):
 creating and tearing down guarded mappings is most of what secure memory costs.
@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nomyo import b64, keys
 from nomyo.errors import PackageError, SecurityError
-from nomyo.memory import SecureBuffer, adopt_bytes, secure_json, wipe_bytes
+from nomyo.memory import SecureBuffer, adopt_bytes, secure_json, wipe_bytes_owned
 
 VERSION = "1.0"
 ALGORITHM = "hybrid-aes256-rsa4096"
@@ -288,12 +288,12 @@ def open_json(package: Any, private_key: Any, *, workspace: Workspace = FRESH
 
 def _wrap_key(key_view: memoryview, public_key: rsa.RSAPublicKey) -> bytes:
     # cryptography's RSA encrypt only takes `bytes`: make the one copy it forces on us,
-    # and zero it in place right after use.
-    key_copy = bytes(key_view)
+    # and zero it in place right after use (the list holds its one reference).
+    key_copy = [bytes(key_view)]
     try:
-        return public_key.encrypt(key_copy, _OAEP)
+        return public_key.encrypt(key_copy[0], _OAEP)
     finally:
-        wipe_bytes(key_copy)
+        wipe_bytes_owned(key_copy)
 
 
 def _rsa_decrypt(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
@@ -308,9 +308,9 @@ def _rsa_decrypt(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
 def _unwrap_key(wrapped: bytes, private_key: rsa.RSAPrivateKey, workspace: Workspace
                 ) -> SecureBuffer:
     """The AES key, in the workspace's key buffer (the caller hands it back with `done`)."""
-    # RSA decrypt returns an immutable `bytes`: handed straight to adopt_bytes (no local
-    # keeps it), which moves it into secure memory and zeroes the original.
-    key = adopt_bytes(_rsa_decrypt(wrapped, private_key), workspace.key)
+    # RSA decrypt returns an immutable `bytes`: handed over in a list (no local keeps it) to
+    # adopt_bytes, which moves it into secure memory and zeroes the original.
+    key = adopt_bytes([_rsa_decrypt(wrapped, private_key)], workspace.key)
     if len(key) != AES_KEY_BYTES:
         workspace.done(key)
         raise SecurityError(AUTH_FAILED)

@@ -18,7 +18,8 @@ ffi: Any = None
 lib: Any = None
 pyobjects: Any = None
 FALLBACK_REASON: str | None = None
-ABI_VERSION = 2  # must equal NM_ABI_VERSION (csrc/secmem.h) and _pyobjects.ABI_VERSION
+ABI_VERSION = 2  # must equal NM_ABI_VERSION (csrc/secmem.h)
+PYOBJECTS_ABI_VERSION = 3  # must equal ABI_VERSION in csrc/pyobjects.c
 
 try:
     if settings.fallback_forced():
@@ -26,7 +27,7 @@ try:
     from nomyo import _pyobjects as pyobjects
     from nomyo._secmem import ffi, lib
 
-    if lib.NM_ABI_VERSION != ABI_VERSION or pyobjects.ABI_VERSION != ABI_VERSION:
+    if lib.NM_ABI_VERSION != ABI_VERSION or pyobjects.ABI_VERSION != PYOBJECTS_ABI_VERSION:
         raise ImportError("compiled helpers are from another nomyo build; reinstall nomyo")
 except ImportError as exc:  # exotic platform or a source checkout that was never built
     ffi = lib = pyobjects = None
@@ -59,13 +60,3 @@ def check_errno(rc: int, what: str) -> None:
     if err == 12:  # ENOMEM
         raise MemoryError(f"{what}: {os.strerror(err)}")
     raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _calibrate() -> None:
-    """Teach the CPython glue what 'only the caller references it' looks like here."""
-    probe = "".join(("nomyo-", "calibration"))
-    pyobjects._calibrate(probe)
-
-
-if pyobjects is not None:
-    _calibrate()

@@ -120,11 +120,11 @@ def loads(data: Any) -> Any:
             raise PackageError(error)
         return value
     try:
-        text = glue.decode_utf8(data)
+        text = [glue.decode_utf8(data)]  # held by this list alone, for wipe_str_owned
     except ValueError as exc:
         raise PackageError(f"plaintext is not valid UTF-8: {exc}") from None
-    value, error = _parse(text)
-    glue.wipe_str(text)  # the traceback that referenced it is gone; ours is the sole reference
+    value, error = _parse(text[0])
+    glue.wipe_str_owned(text)  # the traceback that referenced it is gone: the list's is the one
     if error is not None:
         raise PackageError(error)
     return value
