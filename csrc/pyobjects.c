@@ -509,17 +509,28 @@ ascii_prefix(const unsigned char *p, Py_ssize_t n)
     return i;
 }
 
+/* The second pass: write the `count` characters the first pass found into the new str. The
+ * buffer may be written meanwhile by code that does not hold the GIL (a base64 decode_into
+ * of another thread), so every step is bounded by `end` and checked against what the first
+ * pass saw (valid UTF-8, no character above maxchar, the same largest character, exactly
+ * `end` reached); a difference sets *changed instead of reading past the buffer. */
 #define DECODE_INTO(TYPE)                                                         \
     do {                                                                          \
         TYPE *dst = (TYPE *)PyUnicode_DATA(s);                                    \
+        Py_UCS4 seen = 0;                                                         \
         for (Py_ssize_t i = 0; i < count; i++) {                                  \
-            if (*p < 0x80) {                                                      \
-                dst[i] = *p++;                                                    \
-            } else {                                                              \
-                p += utf8_next(p, end, &c);                                       \
-                dst[i] = (TYPE)c;                                                 \
+            int k = p < end ? utf8_next(p, end, &c) : 0;                          \
+            if (k == 0 || c > maxchar) {                                          \
+                changed = 1;                                                      \
+                break;                                                            \
             }                                                                     \
+            if (c < 0x80 ? seen < 0x7F : c > seen)                                \
+                seen = c < 0x80 ? 0x7F : c;                                       \
+            dst[i] = (TYPE)c;                                                     \
+            p += k;                                                               \
         }                                                                         \
+        if (p != end || seen != maxchar)                                          \
+            changed = 1;                                                          \
     } while (0)
 
 static PyObject *
@@ -557,16 +568,27 @@ decode_utf8(PyObject *module, PyObject *arg)
         PyBuffer_Release(&in);
         return NULL;
     }
+    int changed = 0;
     p = start;
-    if (maxchar < 0x80)
+    if (maxchar < 0x80) {
+        /* count == in.len here; the copy, not the buffer, is checked (it may change again) */
         memcpy(PyUnicode_DATA(s), start, (size_t)count);
-    else if (maxchar < 0x100)
+        changed = ascii_prefix(PyUnicode_DATA(s), count) != count;
+    } else if (maxchar < 0x100) {
         DECODE_INTO(Py_UCS1);
-    else if (maxchar < 0x10000)
+    } else if (maxchar < 0x10000) {
         DECODE_INTO(Py_UCS2);
-    else
+    } else {
         DECODE_INTO(Py_UCS4);
+    }
     PyBuffer_Release(&in);
+    if (changed) {
+        /* what was copied so far is part of the secret: zero it before the str is freed */
+        explicit_bzero(PyUnicode_DATA(s), (size_t)count * PyUnicode_KIND(s));
+        Py_DECREF(s);
+        PyErr_SetString(PyExc_RuntimeError, "buffer changed while it was being decoded");
+        return NULL;
+    }
     return s;
 }
 
