@@ -332,6 +332,13 @@ init_tables(void)
     latin1_json_len['\b'] = latin1_json_len['\f'] = 2;
 }
 
+/* Surrogate code points (lone, or a pair stored as two code points) have no UTF-8 form; the
+ * fallback's str.encode refuses them, so this writer does too, with the same error
+ * (nomyo/memory/secure_json.py words it for both), instead of writing \uXXXX escapes that
+ * a reader would turn into another string (a pair) or that no UTF-8 text can hold. */
+#define SURROGATES_REFUSED \
+    "JSON strings must not contain surrogates (U+D800 to U+DFFF): they have no UTF-8 form"
+
 static Py_ssize_t
 escaped_char_len(Py_UCS4 c)
 {
@@ -340,12 +347,13 @@ escaped_char_len(Py_UCS4 c)
     if (c < 0x800)
         return 2;
     if (c >= 0xD800 && c <= 0xDFFF)
-        return 6; /* a lone surrogate has no UTF-8 form: \uXXXX */
+        return -1;
     if (c < 0x10000)
         return 3;
     return 4;
 }
 
+/* Length of the quoted UTF-8 form, or -1 with ValueError for a surrogate. */
 static Py_ssize_t
 quoted_len(PyObject *s)
 {
@@ -356,16 +364,27 @@ quoted_len(PyObject *s)
         const Py_UCS1 *p = data;
         for (Py_ssize_t i = 0; i < n; i++)
             total += latin1_json_len[p[i]];
-    } else if (kind == PyUnicode_2BYTE_KIND) {
-        const Py_UCS2 *p = data;
-        for (Py_ssize_t i = 0; i < n; i++)
-            total += escaped_char_len(p[i]);
-    } else {
-        const Py_UCS4 *p = data;
-        for (Py_ssize_t i = 0; i < n; i++)
-            total += escaped_char_len(p[i]);
+        return total;
     }
+#define ADD_ESCAPED_LENGTHS(TYPE)                                             \
+    do {                                                                      \
+        const TYPE *p = data;                                                 \
+        for (Py_ssize_t i = 0; i < n; i++) {                                  \
+            Py_ssize_t len = escaped_char_len(p[i]);                          \
+            if (len < 0)                                                      \
+                goto surrogate;                                               \
+            total += len;                                                     \
+        }                                                                     \
+    } while (0)
+    if (kind == PyUnicode_2BYTE_KIND)
+        ADD_ESCAPED_LENGTHS(Py_UCS2);
+    else
+        ADD_ESCAPED_LENGTHS(Py_UCS4);
+#undef ADD_ESCAPED_LENGTHS
     return total;
+surrogate:
+    PyErr_SetString(PyExc_ValueError, SURROGATES_REFUSED);
+    return -1;
 }
 
 static PyObject *
@@ -376,7 +395,8 @@ json_quote_len(PyObject *module, PyObject *s)
         PyErr_SetString(PyExc_TypeError, "json_quote_len needs a str");
         return NULL;
     }
-    return PyLong_FromSsize_t(quoted_len(s));
+    Py_ssize_t n = quoted_len(s);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
 static unsigned char *
@@ -393,7 +413,7 @@ write_escaped(unsigned char *o, Py_UCS4 c)
     case '\f': *o++ = '\\'; *o++ = 'f'; return o;
     default: break;
     }
-    if (c < 0x20 || (c >= 0xD800 && c <= 0xDFFF)) {
+    if (c < 0x20) { /* surrogates never get here: quoted_len refused them */
         *o++ = '\\'; *o++ = 'u';
         *o++ = hex[(c >> 12) & 0xF]; *o++ = hex[(c >> 8) & 0xF];
         *o++ = hex[(c >> 4) & 0xF]; *o++ = hex[c & 0xF];
@@ -444,6 +464,10 @@ json_quote_into(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "Uw*n:json_quote_into", &s, &out, &offset))
         return NULL;
     Py_ssize_t need = quoted_len(s);
+    if (need < 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
     if (offset < 0 || offset > out.len || out.len - offset < need) {
         PyBuffer_Release(&out);
         PyErr_SetString(PyExc_ValueError, "json_quote_into: buffer too small");

@@ -155,3 +155,41 @@ def test_native_utf8_decoder_survives_a_buffer_changing_between_its_passes():
     assert proc.returncode == 0, f"child died ({proc.returncode}): {proc.stderr[-2000:]}"
     seen = json.loads(proc.stdout)
     assert seen["bad"] == 0 and seen["changed"] >= 10 and seen["str"] >= 10, seen
+
+
+_SURROGATE_DOCUMENTS = [
+    {"content": "lone \ud800 high"},
+    {"content": "lone low \udfff"},
+    {"content": "a pair as two code points: \ud83d\ude00"},
+    {"k\udc00": "in a key"},
+    ["x" * 40 + "\ud800"],
+]
+
+
+def test_surrogates_are_refused_by_both_writers_alike():
+    """A surrogate has no UTF-8 form: the fallback's encode refuses it, and the native writer
+    escaped it instead (\\udXXX; a pair became two escapes that a reader joins into another
+    character). Both now raise the same ValueError, which carries no part of the document."""
+    from tests.helpers import run_python
+
+    for doc in _SURROGATE_DOCUMENTS:
+        with pytest.raises(ValueError) as err:
+            secure_json.dumps(doc)
+        assert type(err.value) is ValueError
+        assert str(err.value) == secure_json.SURROGATES_REFUSED
+    proc = run_python("""
+        import json
+        from nomyo.memory import secure_json
+        from tests.test_memory_json import _SURROGATE_DOCUMENTS
+        for doc in _SURROGATE_DOCUMENTS:
+            try:
+                secure_json.dumps(doc)
+            except ValueError as exc:
+                print(json.dumps([type(exc).__name__, str(exc),
+                                  exc.__context__ is None and exc.__cause__ is None]))
+            else:
+                print(json.dumps("accepted"))
+    """, NOMYO_MEMORY_BACKEND="fallback")
+    assert proc.returncode == 0, proc.stderr
+    expected = ["ValueError", secure_json.SURROGATES_REFUSED, True]
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [expected] * 5
