@@ -2,7 +2,8 @@
  *
  * - Region: the base type of SecureBuffer. It exports a fixed memory region through the
  *   buffer protocol (Python 3.11 cannot define that in Python), counts live exports so the
- *   region is never unmapped under a view, and refuses exports once closed or after fork.
+ *   region is never unmapped under a view, refuses exports once closed or after fork, and
+ *   asks its Python class to wipe and release it when the last view of a closed one goes.
  * - wipe_bytes_owned / wipe_str_owned: zero an immutable object that a third-party API
  *   forced on us, handed over in a one-element list, only when that was its one reference.
  * - json_quote_len / json_quote_into: JSON-escape a str straight into a secure buffer.
@@ -72,11 +73,38 @@ Region_getbuffer(RegionObject *self, Py_buffer *view, int flags)
     return 0;
 }
 
+/* close() ran while a view was alive, and the last one is now gone. What was written through
+ * it after the wipe (a base64 decode_into of another thread, without the GIL) is still in the
+ * region: the Python class (_last_view_released) wipes it again and releases the memory, as
+ * only it knows whether that memory is still mapped (a garbage cycle may have unmapped it).
+ * This runs inside PyBuffer_Release, often on an error path: a pending exception is kept
+ * aside, and one raised here is reported as unraisable. */
+static void
+Region_last_export_gone(RegionObject *self)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *pending = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+#endif
+    PyObject *result = PyObject_CallMethod((PyObject *)self, "_last_view_released", NULL);
+    if (result == NULL)
+        PyErr_WriteUnraisable((PyObject *)self);
+    Py_XDECREF(result);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(pending);
+#else
+    PyErr_Restore(type, value, traceback);
+#endif
+}
+
 static void
 Region_releasebuffer(RegionObject *self, Py_buffer *view)
 {
     (void)view;
-    self->exports--;
+    if (--self->exports == 0 && self->closed)
+        Region_last_export_gone(self);
 }
 
 static PyBufferProcs Region_as_buffer = {
@@ -92,6 +120,28 @@ Region_wipe(RegionObject *self, PyObject *unused)
     if (!Region_usable(self))
         return NULL;
     explicit_bzero(self->ptr, (size_t)self->size);
+    Py_RETURN_NONE;
+}
+
+/* Zero a closed region again; only for a subclass that knows its memory is still mapped. */
+static PyObject *
+Region_wipe_closed(RegionObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!self->closed || self->pid != getpid()) {
+        PyErr_SetString(PyExc_ValueError, "_wipe_closed needs a closed region of this process");
+        return NULL;
+    }
+    explicit_bzero(self->ptr, (size_t)self->size);
+    Py_RETURN_NONE;
+}
+
+/* The default when the last view of a closed region goes: nothing (subclasses release). */
+static PyObject *
+Region_last_view_released(RegionObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
     Py_RETURN_NONE;
 }
 
@@ -170,6 +220,10 @@ static PyMethodDef Region_methods[] = {
      "Wipe and close; return live exports, or -1 if already closed."},
     {"_refit", (PyCFunction)Region_refit, METH_VARARGS,
      "Point at data moved by nm_region_refit (no live views allowed)."},
+    {"_wipe_closed", (PyCFunction)Region_wipe_closed, METH_NOARGS,
+     "Zero a closed region again (its memory must still be mapped)."},
+    {"_last_view_released", (PyCFunction)Region_last_view_released, METH_NOARGS,
+     "Called when the last view of a closed region is released; subclasses release it."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -78,6 +78,94 @@ def test_close_with_a_live_view_wipes_now_and_unmaps_later():
         memoryview(buf)
 
 
+def test_what_a_view_writes_after_close_is_wiped_when_the_last_view_goes():
+    """close() with a live view wipes at once, but the view can still write: another thread's
+    GIL-free decode_into does exactly that. Releasing the last view now wipes and unmaps the
+    buffer, instead of leaving the late bytes mapped until finalisation."""
+    buf = SecureBuffer(64)
+    where = buf.address
+    view = memoryview(buf)
+    buf.close()
+    late = os.urandom(64)
+    view[:] = late
+    assert ctypes.string_at(where, 64) == late  # mapped and readable while the view lives
+    view.release()
+    assert buf.closed and not buf._mapped  # nm_region_free wiped it before unmapping
+
+
+def test_what_a_view_writes_into_a_closed_cell_is_wiped_when_the_last_view_goes():
+    owner = SecureBuffer(100, capacity=4096)
+    cell = owner.cell_below(32)
+    view = memoryview(cell)
+    cell.close()
+    view[:] = os.urandom(32)
+    view.release()
+    assert ctypes.string_at(cell.address, 32) == bytes(32)  # the owner's page, still mapped
+    owner.refit(200)  # and the cell let go of its owner: it may move again
+    owner.close()
+
+
+def test_close_during_a_gil_free_decode_into_leaves_nothing_once_it_returns():
+    """The real race: a large base64 decode_into runs without the GIL while another thread
+    closes the target. Once the decode releases the buffer, the mapping is wiped and gone."""
+    proc = run_python("""
+        import base64, json, os, threading
+        from nomyo import b64
+        from nomyo.memory import SecureBuffer
+
+        size = 8 << 20
+        text = base64.b64encode(os.urandom(size))
+        raced = released = 0
+        for attempt in range(40):
+            buf = SecureBuffer(size)
+            thread = threading.Thread(target=b64.decode_into, args=(text, buf, 0))
+            thread.start()
+            while buf._exports == 0 and thread.is_alive():
+                pass
+            buf.close()
+            raced += buf._exports == 1  # the decode was still writing after the wipe
+            thread.join()
+            released += not buf._mapped
+            if raced >= 5:
+                break
+        print(json.dumps({"attempts": attempt + 1, "raced": raced, "released": released}))
+    """, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["raced"] >= 5 and out["released"] == out["attempts"], out
+
+
+def test_garbage_cycles_with_views_of_closed_and_open_secrets_collect_cleanly():
+    """Releasing the last view now calls back into Python; in a garbage cycle the buffer or a
+    cell's owner may be finalised (unmapped) before its views are cleared, in any order. The
+    callback must then touch nothing: no crash, nothing reported as unraisable."""
+    proc = run_python("""
+        import gc, random
+        from nomyo.memory import SecureBuffer
+
+        rng = random.Random(12)
+        for round in range(300):
+            owner = SecureBuffer(100, capacity=4096)
+            cell = owner.cell_below(32)
+            plain = SecureBuffer(64)
+            parts = [owner, cell, plain, memoryview(owner), memoryview(cell), memoryview(plain),
+                     owner.data, plain.data]
+            for secret in (owner, cell, plain):
+                if rng.random() < 0.5:
+                    secret.close()
+            rng.shuffle(parts)
+            parts.append(parts)  # one cycle holding everything
+            del owner, cell, plain, secret
+            parts = None
+            if round % 3 == 0:
+                gc.collect()
+        gc.collect()
+        print("ok")
+    """, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok"], proc.stderr[-2000:]
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_bad_sizes_are_typed_errors():
     for bad in (0, -1, 1 << 40):
         with pytest.raises(ValueError):

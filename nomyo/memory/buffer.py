@@ -133,6 +133,16 @@ if _native.BACKEND == "native":
             if exports == 0:
                 self._free()  # each subclass says what releasing means
 
+        def _last_view_released(self) -> None:
+            """Region calls this when the last view of this closed secret goes: close() ran
+            while the view was alive, so what was written through it since (another thread
+            decoding into it without the GIL, say) is wiped now and the memory released,
+            instead of at finalisation."""
+            try:
+                self._release_closed()
+            except Exception:  # e.g. in a garbage cycle whose slots are already cleared
+                log.debug("secure release after the last view failed", exc_info=True)
+
     class SecureBuffer(_NativeSecret):
         """Fixed-size secret memory: guarded, locked, excluded from dumps, wiped on release.
 
@@ -225,6 +235,9 @@ if _native.BACKEND == "native":
             region = self._region
             return region is not None and region.base != ffi.NULL
 
+        def _release_closed(self) -> None:
+            self._free()  # nm_region_free wipes the whole mapping before unmapping it
+
         def _free(self) -> None:
             region = self._region
             if not self._mapped:
@@ -275,6 +288,11 @@ if _native.BACKEND == "native":
             with memoryview(self) as view:  # refused once closed or in a forked child
                 check_errno(lib.nm_fill_random(ffi.from_buffer(view), len(view)),
                             "getrandom failed")
+
+        def _release_closed(self) -> None:
+            if self._owner._mapped:  # never through an owner a garbage cycle already unmapped
+                self._wipe_closed()
+            self._free()
 
         def _free(self) -> None:
             self._hold.release()  # the owner may move or be unmapped again
