@@ -46,10 +46,6 @@ def _load() -> None:
              or stale_build("nomyo._pyobjects", getattr(_pyobjects, "BUILD_VERSION", None)))
     if stale:
         raise ImportError(stale)
-    # Teach the CPython glue what 'only the caller references it' looks like here: one
-    # local name, passed as an argument (the shape of every wipe call site).
-    probe = "".join(("nomyo-", "calibration"))
-    _pyobjects._calibrate(probe)
     _ffi, _lib, pyobjects = ffi, lib, _pyobjects
 
 

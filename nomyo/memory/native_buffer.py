@@ -27,6 +27,16 @@ class _NativeSecret(_SecretPolicy, pyobjects.Region):
         if exports == 0:
             self._free()  # each subclass says what releasing means
 
+    def _last_view_released(self) -> None:
+        """Region calls this when the last view of this closed secret goes: close() ran
+        while the view was alive, so what was written through it since (another thread
+        decoding into it without the GIL, say) is wiped now and the memory released,
+        instead of at finalisation."""
+        try:
+            self._release_closed()
+        except Exception:  # e.g. in a garbage cycle whose slots are already cleared
+            log.debug("secure release after the last view failed", exc_info=True)
+
     def fill_random(self) -> None:
         """Overwrite the whole secret with bytes from the kernel CSPRNG, in place (through a
         view, so that a concurrent close() cannot unmap the pages under getrandom)."""
@@ -115,6 +125,9 @@ class SecureBuffer(_NativeSecret):
         region = self._region
         return region is not None and region.mapped
 
+    def _release_closed(self) -> None:
+        self._free()  # nm_region_free wipes the whole mapping before unmapping it
+
     def _free(self) -> None:
         region = self._region
         if region is None:
@@ -159,6 +172,11 @@ class SecureCell(_NativeSecret):
         # first: its pages are then gone and must not be touched.
         if self._owner._mapped:
             self._detach()
+
+    def _release_closed(self) -> None:
+        if self._owner._mapped:  # never through an owner a garbage cycle already unmapped
+            self._wipe_closed()
+        self._free()
 
     def _free(self) -> None:
         self._hold.release()  # the owner may move or be unmapped again

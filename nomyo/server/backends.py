@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import requests
 import urllib3.exceptions
 
-from nomyo.memory import SecureBuffer, secure_json, wipe_bytes
+from nomyo.memory import SecureBuffer, secure_json, wipe_bytes_owned
 from nomyo.memory.scrub import wipe_tree
 from nomyo.protocol.constants import DEFAULT_BACKEND_TIMEOUT
 
@@ -253,12 +253,15 @@ def _read_secure(response: requests.Response) -> SecureBuffer:
             if not chunk:
                 break
             total += len(chunk)
+            # urllib3 hands out `bytes`: copy each chunk into secure memory, then zero it
+            # (handed over in a list, our own name for it deleted first).
+            box = [chunk]
+            del chunk
             if total > MAX_BACKEND_RESPONSE_BYTES:
-                wipe_bytes(chunk)
+                wipe_bytes_owned(box)
                 raise BackendError(502, "backend answer is larger than 10 MiB")
-            # urllib3 hands out `bytes`: copy each chunk into secure memory, then zero it.
-            chunks.append(SecureBuffer.copy_of(chunk))
-            wipe_bytes(chunk)
+            chunks.append(SecureBuffer.copy_of(box[0]))
+            wipe_bytes_owned(box)
         joined = SecureBuffer(total)
         with memoryview(joined) as out:
             offset = 0
