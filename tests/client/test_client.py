@@ -27,6 +27,7 @@ from nomyo.errors import (
 )
 from nomyo.protocol import keys
 from nomyo.protocol.workspace import Workspace
+from tests.helpers import wait_until
 from tests.peer_server import PeerServer, open_with, seal_for
 
 MESSAGES = [{"role": "user", "content": "hello peer"}]
@@ -318,9 +319,10 @@ def test_failed_release_after_the_answer_is_logged(client, peer, recorded, monke
     with caplog.at_level("ERROR", logger="nomyo.client.core"):
         answer = asyncio.run(client.send_secure_request(
             {"model": "m", "messages": MESSAGES}, "p"))
-        time.sleep(0.2)
+        # the release runs in the worker after the answer was handed over: wait for its log
+        wait_until(lambda: "releasing an exchange's (wiped) secure buffers failed"
+                   in caplog.text, seconds=10)
     assert answer["choices"][0]["message"]["content"] == "hello peer"
-    assert "releasing an exchange's (wiped) secure buffers failed" in caplog.text
 
 
 def test_low_level_methods_interoperate_with_the_peer(client, peer):
