@@ -29,6 +29,7 @@ def test_runs_under_waitress(tmp_path) -> None:
     pair = KeyPair.generate(2048)
     pair.save(tmp_path, password="pw")
     (tmp_path / "api_keys").write_text("wsgi-key\n")
+    (tmp_path / "api_keys").chmod(0o600)
     env = {
         **os.environ,
         "NOMYO_KEY_FILE": str(tmp_path / "private_key.pem"),
@@ -78,9 +79,8 @@ def test_runs_under_waitress(tmp_path) -> None:
             headers={**headers, "Authorization": "Bearer nope"},
         )
         assert unauthorized.status_code == 401
-        health = requests.get(url + "/health", timeout=10).json()
-        assert health["status"] == "ok"
-        assert health["memory_protection"]["core_dump_prevention"] is True  # hardened at start
+        assert requests.get(url + "/health", timeout=10).json() == {"status": "ok"}
+        assert obj["_metadata"]["memory_protection"]["core_dump_prevention"] is True  # hardened
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
