@@ -106,10 +106,12 @@ def post_request(srv: Any, obj: Any = None, **headers: str) -> Any:
 
 
 def serve_process(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """`python -m nomyo.server --port 0 ARGS` in its own process group (workers included)."""
+    """`python -m nomyo.server --port 0 ARGS` in its own process group (workers included).
+
+    $NOMYO_SERVE_ROOT runs another checkout's server instead (to show a test fails on it)."""
     return subprocess.Popen(
         [sys.executable, "-m", "nomyo.server", "--port", "0", *args],
-        cwd=_REPO,
+        cwd=os.environ.get("NOMYO_SERVE_ROOT") or _REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

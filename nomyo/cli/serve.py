@@ -23,6 +23,7 @@ from nomyo.protocol.constants import (
 
 KEY_PASSWORD_ENV = "NOMYO_KEY_PASSWORD"
 DEFAULT_PORT = 12434
+DEFAULT_MAX_CONNECTIONS = 4096
 
 
 def _positive_float(text: str) -> float:
@@ -101,12 +102,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests decrypted or waiting for the backend at once, per worker (default 16)",
     )
     net.add_argument(
-        "--max-requests",
+        "--max-connections",
         type=_positive_int,
-        default=256,
+        default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
-        help="requests in progress per worker before new ones wait (default 256); idle "
-        "connections are not counted",
+        help=f"open connections per worker (default {DEFAULT_MAX_CONNECTIONS}); an idle one "
+        "costs a few KB, no thread, and is closed after --header-timeout; more wait in the "
+        "listen queue",
     )
 
     inference = parser.add_argument_group("inference")
@@ -198,6 +200,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return _fail("nomyo serve runs on granian, which is not installed: "
                      "pip install 'nomyo[server]'")
     harden_process()  # no core dumps, not dumpable: before any key exists
+    _raise_open_files_limit(args.max_connections * args.workers + 256)
     if (args.tls_cert is None) != (args.tls_key is None):
         return _fail("--tls-cert and --tls-key go together")
     try:
@@ -247,13 +250,30 @@ def run_serve(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             header_timeout_ms=max(1, min(60_000, int(args.header_timeout * 1000))),
-            backpressure=args.max_requests,
+            backpressure=args.max_connections,
             on_ready=ready,
         )
     finally:
         app.backend.close()
     print("nomyo serve: stopped", flush=True)
     return 0
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Lift the soft RLIMIT_NOFILE towards `wanted` (up to the hard limit) for the connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    if min(soft, target) < wanted and resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
+        logging.getLogger("nomyo.server").warning(
+            "open files limit %d is below --max-connections x --workers; raise `ulimit -n`",
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def _bind_check(host: str, port: int) -> int:

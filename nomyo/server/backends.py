@@ -316,7 +316,10 @@ class HttpBackend:
                 reply_headers = {k.lower(): v for k, v in response.getheaders()}
                 limit = (MAX_BACKEND_RESPONSE_BYTES if status == 200
                          else MAX_BACKEND_ERROR_BYTES)
-                raw = _read_secure(response, limit)
+                try:
+                    raw = _read_secure(response, limit)
+                finally:
+                    response.close()  # read to the end: the connection may serve the next call
                 if fired:  # the watchdog cut the answer short: what we have is not it
                     raw.close()
                     raise OSError("backend call cut off")
@@ -428,11 +431,14 @@ def _read_secure(response: http.client.HTTPResponse, limit: int) -> SecureBuffer
                 break
             total += len(chunk)
             if total > limit:
-                wipe_bytes(chunk)
+                if len(chunk) > 1:
+                    wipe_bytes(chunk)
                 raise BackendError(502, f"backend answer is larger than {limit} bytes")
-            # http.client hands out `bytes`: copy each chunk into secure memory, then zero it.
+            # http.client hands out `bytes`: copy each chunk into secure memory, then zero it
+            # (one-byte bytes are CPython's shared singletons: those cannot be wiped).
             chunks.append(SecureBuffer.copy_of(chunk))
-            wipe_bytes(chunk)
+            if len(chunk) > 1:
+                wipe_bytes(chunk)
         joined = SecureBuffer(total)
         with memoryview(joined) as out:
             offset = 0

@@ -26,7 +26,10 @@ _PARENT_PID = 0
 
 HEADER_TIMEOUT_MS = 5_000  # a request head (and keep-alive idling) must arrive within 5 s
 HEAD_BUFFER_BYTES = 64 * 1024  # the whole request head: 431 above this
-DEFAULT_BACKPRESSURE = 256  # requests in progress per worker; idle connections are not counted
+# granian's backpressure counts open connections (idle ones too, until the header timeout
+# closes them): set high, since an idle connection costs no thread; the work itself is
+# bounded by the adapter's thread pool.
+DEFAULT_BACKPRESSURE = 4096
 
 
 class ServerMissing(RuntimeError):
