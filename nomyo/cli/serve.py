@@ -111,6 +111,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "listen queue",
     )
 
+    net.add_argument(
+        "--client-address-header",
+        metavar="NAME",
+        help="behind a reverse proxy on this host: take the client address (access log, "
+        "rate limits, login throttling) from this header, e.g. X-Real-IP; believed only "
+        "from loopback peers",
+    )
+
     inference = parser.add_argument_group("inference")
     inference.add_argument(
         "--backend",
@@ -243,7 +251,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         production.serve(
-            AsgiApp(app, body_timeout=args.body_timeout, threads=args.threads),
+            AsgiApp(app, body_timeout=args.body_timeout, threads=args.threads,
+                    client_address_header=args.client_address_header),
             host=args.host,
             port=port,
             workers=args.workers,

@@ -14,6 +14,7 @@ Only ciphertext passes through here: the body is the sealed package, the answer 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 import time
@@ -37,7 +38,7 @@ DEFAULT_THREADS = 16
 # Headers that must appear at most once: a second copy is a 400, never a silent choice.
 _SINGLE = frozenset({
     b"authorization", b"content-length", b"content-type", b"host", b"transfer-encoding",
-    b"x-payload-id", b"x-public-key", b"x-security-tier",
+    b"x-payload-id", b"x-public-key", b"x-security-tier", b"x-real-ip",
 })
 
 
@@ -50,10 +51,13 @@ class AsgiApp:
         *,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         threads: int = DEFAULT_THREADS,
+        client_address_header: str | None = None,
     ) -> None:
         self.app = app
         self.body_timeout = body_timeout
         self.threads = threads
+        # e.g. "x-real-ip" behind nginx: believed only from a loopback peer (the proxy)
+        self.client_address_header = (client_address_header or "").lower() or None
         self._pool: ThreadPoolExecutor | None = None
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -87,6 +91,7 @@ class AsgiApp:
         client = (scope.get("client") or ("unknown", 0))[0]
         try:
             headers, content_length = _headers(scope["headers"])
+            client = self._client_address(client, headers)
         except HttpError as err:
             response = error_response(err.status, err.detail, err.headers)
             await self._send(send, method, self.app.log_answer(response, method, path, client,
@@ -109,6 +114,17 @@ class AsgiApp:
         response = await self._complete(admitted, body, receive)
         await self._send(send, method, self.app.log_answer(response, method, path, client,
                                                            started))
+
+    def _client_address(self, peer: str, headers: dict[str, str]) -> str:
+        """The caller's address: the proxy's header when the peer is the local proxy."""
+        if self.client_address_header is None or not _is_loopback(peer):
+            return peer
+        value = headers.get(self.client_address_header, "").strip()
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise HttpError(400, f"missing or invalid {self.client_address_header} header"
+                            ) from None
 
     async def _read_body(self, receive: Any, ticket: Ticket) -> bytearray:
         """The body, grown only as bytes arrive, within `body_timeout` in total."""
@@ -166,6 +182,13 @@ class AsgiApp:
                     "headers": headers})
         body = b"" if method == "HEAD" else response.body
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], int | None]:
