@@ -21,7 +21,8 @@ from tests.server_fixtures import Served
 
 trustme = pytest.importorskip("trustme", reason="trustme (test extra) makes the TLS certificate")
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx (Debian package `nginx`) not installed")
+pytestmark = pytest.mark.skipif(NGINX is None,
+                                reason="nginx (Debian package `nginx`) not installed")
 
 
 def docs_config() -> str:
