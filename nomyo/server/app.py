@@ -9,6 +9,7 @@ request object; nothing here logs a header value, a key or a payload.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -429,9 +430,14 @@ class SecureCompletionApp:
 
 def _ask_backend(backend: Backend, request: dict[str, Any], cancel: threading.Event | None) -> Any:
     """`backend.complete(request)`, passing `cancel` to backends that take it."""
-    if cancel is not None and "cancel" in inspect.signature(backend.complete).parameters:
+    if cancel is not None and _takes_cancel(type(backend)):
         return backend.complete(request, cancel=cancel)
     return backend.complete(request)
+
+
+@functools.cache
+def _takes_cancel(kind: type) -> bool:
+    return "cancel" in inspect.signature(kind.complete).parameters
 
 
 def _printable(text: str, limit: int) -> str:
