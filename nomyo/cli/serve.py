@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import socket
 import ssl
 import sys
@@ -211,6 +212,11 @@ def run_serve(args: argparse.Namespace) -> int:
     _raise_open_files_limit(args.max_connections * args.workers + 256)
     if (args.tls_cert is None) != (args.tls_key is None):
         return _fail("--tls-cert and --tls-key go together")
+    if args.tls_key:
+        try:
+            _check_tls_key(args.tls_key)
+        except (ValueError, OSError) as err:
+            return _fail(err)
     try:
         port = _bind_check(args.host, args.port)  # a busy port is found before the key is made
     except OSError as err:
@@ -266,6 +272,21 @@ def run_serve(args: argparse.Namespace) -> int:
         app.backend.close()
     print("nomyo serve: stopped", flush=True)
     return 0
+
+
+def _check_tls_key(path: str) -> None:
+    """granian reads PKCS#8 keys only; say so (and how to convert) instead of its traceback."""
+    from nomyo.server.policy import check_private_file
+
+    check_private_file(path)
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if not any(marker in head for marker in (b"-----BEGIN PRIVATE KEY-----",
+                                             b"-----BEGIN ENCRYPTED PRIVATE KEY-----")):
+        raise ValueError(
+            f"{path}: --tls-key must be a PKCS#8 PEM key (BEGIN PRIVATE KEY); convert it with "
+            f"openssl pkcs8 -topk8 -nocrypt -in {shlex.quote(path)} -out key.pk8.pem"
+        )
 
 
 def _raise_open_files_limit(wanted: int) -> None:

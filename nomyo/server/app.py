@@ -220,14 +220,8 @@ class SecureCompletionApp:
             )
             return error_response(500, "internal server error")
 
-    def _admit(
-        self,
-        method: str,
-        path: str,
-        headers: Mapping[str, str],
-        content_length: int | None,
-        client: str,
-    ) -> Response | Ticket:
+    def _admit(self, method: str, path: str, headers: Mapping[str, str], length: int | None,
+               client: str) -> Response | Ticket:
         routes = {PUBLIC_KEY_PATH: "GET", HEALTH_PATH: "GET", READY_PATH: "GET",
                   COMPLETION_PATH: "POST"}
         if path not in routes:
@@ -242,27 +236,17 @@ class SecureCompletionApp:
             return Response(200, b'{"status": "ok"}')  # liveness only: nothing configured
         if path == READY_PATH:
             return Ticket(method, path, "ready", client)
-        return self._admit_completion(method, path, headers, content_length, client)
-
-    def _admit_completion(
-        self,
-        method: str,
-        path: str,
-        headers: Mapping[str, str],
-        content_length: int | None,
-        client: str,
-    ) -> Ticket:
+        # POST /v1/chat/secure_completion: everything but the body
         identity = self._authenticate(headers, client) or f"addr:{client}"
         self._rate_limit(identity)
         payload_id = _payload_id(headers.get("x-payload-id"))
         client_key = _client_public_key(headers.get("x-public-key"))
         tier = _security_tier(headers.get("x-security-tier"))
-        if content_length is None:
+        if length is None:
             raise HttpError(411, "Content-Length is required")
-        if content_length > self.options.max_request_bytes:
+        if length > self.options.max_request_bytes:
             raise HttpError(413, f"request body larger than {self.options.max_request_bytes} bytes")
-        return Ticket(method, path, "completion", client, payload_id, client_key, tier,
-                      content_length)
+        return Ticket(method, path, "completion", client, payload_id, client_key, tier, length)
 
     def _complete(
         self, ticket: Ticket, body: bytes | bytearray, cancel: threading.Event | None

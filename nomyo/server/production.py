@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from nomyo.server.asgi import AsgiApp
@@ -80,7 +81,8 @@ def serve(
     multiprocessing.set_start_method("fork", force=True)
     tls: dict[str, Any] = {}
     if tls_cert:
-        tls = {"ssl_cert": tls_cert, "ssl_key": tls_key, "ssl_protocol_min": SSLProtocols.tls12}
+        tls = {"ssl_cert": Path(tls_cert), "ssl_key": Path(tls_key or ""),
+               "ssl_protocol_min": SSLProtocols.tls12}
     server = Server(
         "nomyo.server.production:worker_app",
         address=host,

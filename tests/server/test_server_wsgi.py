@@ -80,6 +80,8 @@ def test_runs_under_waitress(tmp_path) -> None:
         )
         assert unauthorized.status_code == 401
         assert requests.get(url + "/health", timeout=10).json() == {"status": "ok"}
+        head = requests.head(url + "/pki/public_key", timeout=10)
+        assert head.status_code == 200 and head.content == b""  # old: HEAD carried the body
         assert obj["_metadata"]["memory_protection"]["core_dump_prevention"] is True  # hardened
     finally:
         proc.terminate()
