@@ -133,6 +133,11 @@ class SecureCompletionApp:
         self._public_pem = keypair.public_pem.encode("ascii")
         self._memory_protection = _memory_protection_summary()
 
+    @property
+    def cancellable(self) -> bool:
+        """Whether backend calls take `cancel` (the caller leaving closes the backend call)."""
+        return _takes_cancel(type(self.backend))
+
     # -- transport-independent entry points ------------------------------------------------
     def handle(
         self,
@@ -414,7 +419,7 @@ class SecureCompletionApp:
 
 def _ask_backend(backend: Backend, request: dict[str, Any], cancel: threading.Event | None) -> Any:
     """`backend.complete(request)`, passing `cancel` to backends that take it."""
-    if cancel is not None and _takes_cancel(type(backend)):
+    if cancel is not None and _takes_cancel(type(backend)):  # cached per class
         return backend.complete(request, cancel=cancel)
     return backend.complete(request)
 

@@ -128,17 +128,17 @@ class AsgiApp:
 
     async def _read_body(self, receive: Any, ticket: Ticket) -> bytearray:
         """The body, grown only as bytes arrive, within `body_timeout` in total."""
-        expected = ticket.content_length
+        try:
+            return await asyncio.wait_for(self._gather_body(receive, ticket.content_length),
+                                          self.body_timeout)
+        except asyncio.TimeoutError:
+            raise HttpError(408, "request body not received in time") from None
+
+    @staticmethod
+    async def _gather_body(receive: Any, expected: int) -> bytearray:
         body = bytearray()
-        deadline = time.monotonic() + self.body_timeout
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise HttpError(408, "request body not received in time")
-            try:
-                message = await asyncio.wait_for(receive(), remaining)
-            except asyncio.TimeoutError:
-                raise HttpError(408, "request body not received in time") from None
+            message = await receive()
             if message["type"] == "http.disconnect":
                 raise HttpError(400, "request body shorter than Content-Length")
             body += message.get("body", b"")
@@ -164,6 +164,8 @@ class AsgiApp:
                     cancel.set()
                     return
 
+        if not self.app.cancellable:  # nothing to cancel (echo): no watcher to pay for
+            return await work
         watcher = asyncio.ensure_future(watch_disconnect())
         try:
             return await work
