@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -80,8 +81,14 @@ def test_runs_under_waitress(tmp_path) -> None:
         )
         assert unauthorized.status_code == 401
         assert requests.get(url + "/health", timeout=10).json() == {"status": "ok"}
-        head = requests.head(url + "/pki/public_key", timeout=10)
-        assert head.status_code == 200 and head.content == b""  # old: HEAD carried the body
+        # raw: an HTTP client never reads a HEAD body, so only the socket shows one was sent
+        host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"HEAD /pki/public_key HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\n")  # old: a body
         assert obj["_metadata"]["memory_protection"]["core_dump_prevention"] is True  # hardened
     finally:
         proc.terminate()
