@@ -432,3 +432,12 @@ def test_internal_error_is_500_json_and_logs_no_message(caplog, client_pem) -> N
         assert response.status_code == 500
         assert response.json() == {"detail": "internal server error"}
     assert "KeyError at" in caplog.text and "SECRET-IN-EXCEPTION" not in caplog.text
+
+
+def test_embedded_server_listens_on_loopback_only() -> None:
+    """start_background runs on the standard library (no extra needed): never beyond loopback."""
+    with pytest.raises(ValueError, match="loopback only"):
+        start_background(key=keypair("server"), host="0.0.0.0")
+    with start_background(key=keypair("server"), host="::1") as srv:
+        assert srv.url.startswith("http://[::1]:")
+        assert requests.get(srv.url + "/health", timeout=10).json() == {"status": "ok"}
