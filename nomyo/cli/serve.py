@@ -8,13 +8,11 @@ import math
 import os
 import shlex
 import socket
-import ssl
 import sys
 from typing import Any
 
-from nomyo.cli.parser import OneLineParser
+from nomyo.cli.parser import EXIT_USAGE, OneLineParser
 from nomyo.errors import NomyoError
-from nomyo.memory import harden_process
 from nomyo.protocol.constants import (
     DEFAULT_BACKEND_TIMEOUT,
     DEFAULT_KEY_BITS,
@@ -200,6 +198,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    import ssl  # imported here, as the server is: `nomyo doctor` stays light
+
+    from nomyo.memory import harden_process
     from nomyo.server import production
     from nomyo.server.asgi import AsgiApp
     from nomyo.server.factory import create_app
@@ -338,7 +339,7 @@ def _fail(err: object) -> int:
     if isinstance(err, OSError) and err.filename and err.strerror:
         message = f"{err.filename}: {err.strerror}"
     print(f"nomyo serve: error: {message}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 _DESCRIPTION = (

@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from typing import Any, Protocol
 
-from nomyo.memory import SecureBuffer, secure_json, wipe_bytes
+from nomyo.memory import SecureBuffer, secure_json, wipe_bytes_owned
 from nomyo.memory.scrub import wipe_tree
 from nomyo.protocol.constants import DEFAULT_BACKEND_TIMEOUT
 
@@ -430,15 +430,15 @@ def _read_secure(response: http.client.HTTPResponse, limit: int) -> SecureBuffer
             if not chunk:
                 break
             total += len(chunk)
-            if total > limit:
-                if len(chunk) > 1:
-                    wipe_bytes(chunk)
-                raise BackendError(502, f"backend answer is larger than {limit} bytes")
             # http.client hands out `bytes`: copy each chunk into secure memory, then zero it
-            # (one-byte bytes are CPython's shared singletons: those cannot be wiped).
-            chunks.append(SecureBuffer.copy_of(chunk))
-            if len(chunk) > 1:
-                wipe_bytes(chunk)
+            # (handed over in a list, our own name for it deleted first).
+            box = [chunk]
+            del chunk
+            if total > limit:
+                wipe_bytes_owned(box)
+                raise BackendError(502, f"backend answer is larger than {limit} bytes")
+            chunks.append(SecureBuffer.copy_of(box[0]))
+            wipe_bytes_owned(box)
         joined = SecureBuffer(total)
         with memoryview(joined) as out:
             offset = 0

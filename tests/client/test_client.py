@@ -475,10 +475,23 @@ def test_the_one_chat_request_check_refuses_before_any_byte(peer, payload, words
     assert peer.received == [] and peer.key_fetches == 0
 
 
-def test_settings_that_cannot_change_are_read_only(peer):
+def test_settings_take_effect_when_changed_or_are_read_only(peer):
     with SecureCompletionClient(peer.url, allow_http=True, max_retries=1, timeout=7.0,
                                 key_size=2048, secure_memory=False) as c:
         assert (c.max_retries, c.timeout, c.key_size, c.secure_memory) == (1, 7.0, 2048, False)
-        for name in ("max_retries", "timeout", "key_size", "secure_memory", "allow_http"):
+        for name in ("key_size", "secure_memory"):
             with pytest.raises(AttributeError):
                 setattr(c, name, getattr(c, name))
+        c.max_retries = 0
+        peer.inject(503, body={"detail": "busy"})
+        with pytest.raises(ServiceUnavailableError):
+            send(c)  # no retry any more: the one scripted 503 is the answer
+        send(c)
+        c.allow_http = False
+        with pytest.raises(SecurityError, match="plain HTTP"):
+            send(c)
+        c.timeout = 0.2
+        c.allow_http = True
+        peer.delay = 1.0
+        with pytest.raises(APIConnectionError, match="timed out"):
+            send(c)
