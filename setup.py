@@ -16,11 +16,11 @@ CFLAGS = ["-O2", "-Wall", "-Wextra", "-fstack-protector-strong"]
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
 from build_secmem import PORTABLE_GLIBC, VERSION_MACROS  # noqa: E402
 
-# csrc/pyobjects.c calls explicit_bzero by name; on the old baseline it is routed to nm_wipe
-# (csrc/wipe.c, linked into that extension).
-PYOBJECTS_MACROS = []
+# csrc/pyobjects.c and csrc/b64codec.c call explicit_bzero by name; on the old baseline it is
+# routed to nm_wipe (csrc/wipe.c, linked into each extension).
+WIPE_MACROS = []
 if PORTABLE_GLIBC == "1":
-    PYOBJECTS_MACROS = [("NM_PORTABLE_GLIBC", "1"), ("explicit_bzero", "nm_wipe")]
+    WIPE_MACROS = [("NM_PORTABLE_GLIBC", "1"), ("explicit_bzero", "nm_wipe")]
 
 NEEDS = (
     "nomyo compiles its native helper (csrc/) when installed from source, and needs a C "
@@ -55,13 +55,14 @@ setup(
             "nomyo._pyobjects",
             sources=["csrc/pyobjects.c", "csrc/wipe.c"],
             include_dirs=["csrc"],
-            define_macros=VERSION_MACROS + PYOBJECTS_MACROS,
+            define_macros=VERSION_MACROS + WIPE_MACROS,
             extra_compile_args=CFLAGS,
         ),
         Extension(
             "nomyo._b64",
-            sources=["csrc/b64codec.c"],
-            define_macros=VERSION_MACROS,
+            sources=["csrc/b64codec.c", "csrc/wipe.c"],
+            include_dirs=["csrc"],
+            define_macros=VERSION_MACROS + WIPE_MACROS,
             extra_compile_args=CFLAGS,
         ),
     ],
