@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csr
 from build_secmem import PORTABLE_GLIBC, VERSION_MACROS  # noqa: E402
 
 # csrc/pyobjects.c calls explicit_bzero by name; on the old baseline it is routed to nm_wipe
-# (csrc/wipe.c, linked into that extension).
+# (csrc/wipe.c, linked into that extension). Its Region owns its mapping, so the allocator
+# (csrc/secmem.c) is linked into it too, and its region calls run under the GIL.
 PYOBJECTS_MACROS = []
 if PORTABLE_GLIBC == "1":
     PYOBJECTS_MACROS = [("NM_PORTABLE_GLIBC", "1"), ("explicit_bzero", "nm_wipe")]
@@ -53,7 +54,7 @@ setup(
     ext_modules=[
         Extension(
             "nomyo._pyobjects",
-            sources=["csrc/pyobjects.c", "csrc/wipe.c"],
+            sources=["csrc/pyobjects.c", "csrc/secmem.c", "csrc/wipe.c"],
             include_dirs=["csrc"],
             define_macros=VERSION_MACROS + PYOBJECTS_MACROS,
             extra_compile_args=CFLAGS,
