@@ -157,11 +157,23 @@ Region_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static void
 Region_dealloc(RegionObject *self)
 {
+    PyObject_GC_UnTrack(self);
     if (!self->closed && self->pid == getpid())
         explicit_bzero(self->ptr, (size_t)self->size);
     self->closed = 1;
     (void)Region_release_memory(self);  /* nowhere to report an munmap error to */
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A cell's hold is a reference to its owner that the collector must see, or a cycle
+ * through it (a subclass instance pointing back at its cell) would never be collected.
+ * There is no tp_clear: the hold keeps the owner mapped under the cell, so it goes only
+ * with the cell; the collector breaks such a cycle at its other, clearable links. */
+static int
+Region_traverse(RegionObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->hold.obj);
+    return 0;
 }
 
 static int
@@ -409,7 +421,9 @@ static PyTypeObject RegionType = {
     .tp_name = "nomyo._pyobjects.Region",
     .tp_basicsize = sizeof(RegionObject),
     .tp_dealloc = (destructor)Region_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Region_traverse,
+    .tp_free = PyObject_GC_Del,
     .tp_doc = "Guarded secret memory exported through the buffer protocol (SecureBuffer's base).",
     .tp_new = Region_new,
     .tp_as_buffer = &Region_as_buffer,

@@ -713,3 +713,28 @@ def test_close_refit_fill_and_views_from_many_threads_only_raise_python_errors()
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout.startswith("unexpected 0 "), proc.stdout
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+def test_a_cycle_through_a_cells_hold_on_its_owner_is_collected():
+    """A cell holds its owner from C; unless the collector sees that reference, an owner
+    pointing back at its cell (a subclass with a __dict__) keeps both, and the locked
+    mapping, alive for good."""
+    proc = run_python("""
+        import gc, weakref
+        from nomyo.memory import SecureBuffer
+
+        class Tagged(SecureBuffer):
+            pass
+
+        refs = []
+        for _ in range(20):
+            owner = Tagged(100, capacity=4096)
+            owner.cell = owner.cell_below(32)
+            owner.cell.fill_random()
+            refs.append(weakref.ref(owner))
+            del owner
+        gc.collect()
+        print("alive", sum(r() is not None for r in refs))
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["alive", "0"], proc.stdout
