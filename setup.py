@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csr
 from build_secmem import PORTABLE_GLIBC, VERSION_MACROS  # noqa: E402
 
 # csrc/pyobjects.c and csrc/b64codec.c call explicit_bzero by name; on the old baseline it is
-# routed to nm_wipe (csrc/wipe.c, linked into each extension).
+# routed to nm_wipe (csrc/wipe.c, linked into each extension). pyobjects' Region owns its
+# mapping, so the allocator (csrc/secmem.c) is linked into it too, its calls under the GIL.
 WIPE_MACROS = []
 if PORTABLE_GLIBC == "1":
     WIPE_MACROS = [("NM_PORTABLE_GLIBC", "1"), ("explicit_bzero", "nm_wipe")]
@@ -53,7 +54,7 @@ setup(
     ext_modules=[
         Extension(
             "nomyo._pyobjects",
-            sources=["csrc/pyobjects.c", "csrc/wipe.c"],
+            sources=["csrc/pyobjects.c", "csrc/secmem.c", "csrc/wipe.c"],
             include_dirs=["csrc"],
             define_macros=VERSION_MACROS + WIPE_MACROS,
             extra_compile_args=CFLAGS,

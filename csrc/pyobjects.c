@@ -1,24 +1,30 @@
 /* nomyo._pyobjects: the few things that need CPython's own object structures.
  *
- * - Region: the base type of SecureBuffer. It exports a fixed memory region through the
- *   buffer protocol (Python 3.11 cannot define that in Python), counts live exports so the
- *   region is never unmapped under a view, refuses exports once closed or after fork, and
- *   asks its Python class to wipe and release it when the last view of a closed one goes.
+ * - Region: the base type of SecureBuffer and SecureCell. It owns its memory (an nm_region
+ *   from secmem.c, linked into this module), or, for a cell, an export of the buffer it
+ *   lives in. It exports that memory through the buffer protocol (Python 3.11 cannot define
+ *   that in Python), counts live exports, refuses exports once closed or after fork, and
+ *   refits and releases the memory under the GIL. The memory goes in exactly two places:
+ *   close() or releasebuffer when the last export of a closed region goes, and tp_dealloc
+ *   (which only runs once no export is left: a view holds its exporter). No Python
+ *   finaliser frees anything, so no collector order can unmap pages a view still sees.
  * - wipe_bytes_owned / wipe_str_owned: zero an immutable object that a third-party API
  *   forced on us, handed over in a one-element list, only when that was its one reference.
  * - json_quote_len / json_quote_into: JSON-escape a str straight into a secure buffer.
  * - decode_utf8: build a str from UTF-8 in a secure buffer in one exact allocation, so no
  *   partial copy is left behind in freed memory by a growing decoder.
- * Memory management itself is in secmem.c (cffi); nothing here allocates secret memory.
  */
 #define PY_SSIZE_T_CLEAN
 #ifndef NOMYO_BUILD_VERSION
 #error "NOMYO_BUILD_VERSION is set by the build from nomyo/_version.py (csrc/build_secmem.py)"
 #endif
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
+
+#include "secmem.h"
 
 typedef struct {
     PyObject_HEAD
@@ -26,28 +32,148 @@ typedef struct {
     Py_ssize_t size;
     Py_ssize_t exports;
     int closed;
+    int owns;          /* 1: `region` is this object's mapping; 0: a cell, see `hold` */
     pid_t pid;
+    nm_region region;  /* owns: base is NULL once released */
+    Py_buffer hold;    /* a cell: an export of the owning Region (obj NULL once released) */
 } RegionObject;
 
+static PyTypeObject RegionType;
+
+/* A secmem result (0 or -errno) as a Python exception; 0 when there is none. */
+static int
+raise_errno(int rc, const char *what)
+{
+    if (rc == 0)
+        return 0;
+    int err = -rc;
+    if (err == ENOMEM)
+        PyErr_Format(PyExc_MemoryError, "%s: %s", what, strerror(err));
+    else if (err == ENOSPC || err == EINVAL)
+        PyErr_Format(PyExc_ValueError, "%s: %s", what, strerror(err));
+    else {
+        PyObject *args = Py_BuildValue("(is)", err, what);
+        if (args != NULL) {
+            PyErr_SetObject(PyExc_OSError, args);
+            Py_DECREF(args);
+        }
+    }
+    return -1;
+}
+
+/* Let go of the memory: a region of this process is checked, wiped and unmapped (secmem),
+ * an inherited one in a forked child only unmapped as far as it is the child's; a cell is
+ * wiped (its owner is still mapped: we hold it) and lets its owner go. Never while an
+ * export is alive. Runs under the GIL, so no other thread is between its steps. */
+static int
+Region_release_memory(RegionObject *self)
+{
+    int rc = 0;
+    if (self->exports > 0)
+        return 0;
+    if (self->owns) {
+        if (self->region.base != NULL)
+            rc = self->pid == getpid() ? nm_region_free(&self->region)
+                                       : nm_region_unmap(&self->region);
+    } else if (self->hold.obj != NULL) {
+        if (self->pid == getpid())
+            explicit_bzero(self->ptr, (size_t)self->size);
+        PyBuffer_Release(&self->hold);
+    }
+    return rc;
+}
+
+/* Region(size, capacity, flags): a new guarded mapping (nm_region_alloc's NM_FLAG_*).
+ * Region(size, owner=region): a cell of `size` bytes in `owner`'s mapping, just below its
+ * data and canary, holding an export of the owner; None when there is no room. */
 static PyObject *
 Region_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    unsigned long long address;
-    Py_ssize_t size;
-    (void)kwds;
-    if (!PyArg_ParseTuple(args, "Kn:Region", &address, &size))
+    static char *kwlist[] = {"size", "capacity", "flags", "owner", NULL};
+    Py_ssize_t size, capacity = 0;
+    int flags = 0;
+    PyObject *owner = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|ni$O:Region", kwlist, &size, &capacity,
+                                     &flags, &owner))
         return NULL;
-    if (address == 0 || size <= 0) {
-        PyErr_SetString(PyExc_ValueError, "Region needs a non-null address and a positive size");
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "Region needs a positive size");
         return NULL;
     }
-    RegionObject *self = (RegionObject *)type->tp_alloc(type, 0);
-    if (self == NULL)
+    if (owner != NULL && owner != Py_None) {
+        if (!PyObject_TypeCheck(owner, &RegionType) || !((RegionObject *)owner)->owns) {
+            PyErr_SetString(PyExc_TypeError, "a cell's owner must be a Region with a mapping");
+            return NULL;
+        }
+        Py_buffer hold;
+        if (PyObject_GetBuffer(owner, &hold, PyBUF_WRITABLE) != 0)
+            return NULL;  /* closed, or in a forked child */
+        nm_region *o = &((RegionObject *)owner)->region;
+        uintptr_t data = (uintptr_t)o->data, inner = (uintptr_t)o->inner;
+        uintptr_t start = data - inner >= (uintptr_t)size + NM_CANARY_BYTES
+                              ? (data - NM_CANARY_BYTES - (uintptr_t)size) & ~(uintptr_t)15
+                              : 0;
+        if (start < inner) {
+            PyBuffer_Release(&hold);
+            Py_RETURN_NONE;
+        }
+        RegionObject *self = (RegionObject *)type->tp_alloc(type, 0);
+        if (self == NULL) {
+            PyBuffer_Release(&hold);
+            return NULL;
+        }
+        self->ptr = (unsigned char *)start;
+        self->size = size;
+        self->pid = getpid();
+        self->hold = hold;
+        return (PyObject *)self;
+    }
+    if (capacity < size) {
+        PyErr_SetString(PyExc_ValueError, "Region capacity must be at least its size");
         return NULL;
-    self->ptr = (unsigned char *)(uintptr_t)address;
+    }
+    nm_region region;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS  /* nothing shares the mapping yet */
+    rc = nm_region_alloc(&region, (size_t)size, (size_t)capacity, flags);
+    Py_END_ALLOW_THREADS
+    if (raise_errno(rc, "secure allocation failed"))
+        return NULL;
+    RegionObject *self = (RegionObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        nm_region_free(&region);
+        return NULL;
+    }
+    self->region = region;
+    self->owns = 1;
+    self->ptr = region.data;
     self->size = size;
     self->pid = getpid();
     return (PyObject *)self;
+}
+
+/* Only reached with no export left (each holds a reference). A secret dropped unclosed is
+ * wiped here too: a cell's bytes are not part of its owner's data, which a refit wipes. */
+static void
+Region_dealloc(RegionObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (!self->closed && self->pid == getpid())
+        explicit_bzero(self->ptr, (size_t)self->size);
+    self->closed = 1;
+    (void)Region_release_memory(self);  /* nowhere to report an munmap error to */
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A cell's hold is a reference to its owner that the collector must see, or a cycle
+ * through it (a subclass instance pointing back at its cell) would never be collected.
+ * There is no tp_clear: the hold keeps the owner mapped under the cell, so it goes only
+ * with the cell; the collector breaks such a cycle at its other, clearable links. */
+static int
+Region_traverse(RegionObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->hold.obj);
+    return 0;
 }
 
 static int
@@ -76,38 +202,15 @@ Region_getbuffer(RegionObject *self, Py_buffer *view, int flags)
     return 0;
 }
 
-/* close() ran while a view was alive, and the last one is now gone. What was written through
- * it after the wipe (a base64 decode_into of another thread, without the GIL) is still in the
- * region: the Python class (_last_view_released) wipes it again and releases the memory, as
- * only it knows whether that memory is still mapped (a garbage cycle may have unmapped it).
- * This runs inside PyBuffer_Release, often on an error path: a pending exception is kept
- * aside, and one raised here is reported as unraisable. */
-static void
-Region_last_export_gone(RegionObject *self)
-{
-#if PY_VERSION_HEX >= 0x030C0000
-    PyObject *pending = PyErr_GetRaisedException();
-#else
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-#endif
-    PyObject *result = PyObject_CallMethod((PyObject *)self, "_last_view_released", NULL);
-    if (result == NULL)
-        PyErr_WriteUnraisable((PyObject *)self);
-    Py_XDECREF(result);
-#if PY_VERSION_HEX >= 0x030C0000
-    PyErr_SetRaisedException(pending);
-#else
-    PyErr_Restore(type, value, traceback);
-#endif
-}
-
+/* When the last view of a closed region goes: close() ran while it was alive, and what was
+ * written through it after the wipe (a base64 decode_into of another thread, without the
+ * GIL) is wiped now with the rest, and the memory released, instead of at finalisation. */
 static void
 Region_releasebuffer(RegionObject *self, Py_buffer *view)
 {
     (void)view;
     if (--self->exports == 0 && self->closed)
-        Region_last_export_gone(self);
+        (void)Region_release_memory(self);  /* no exception may be raised from here */
 }
 
 static PyBufferProcs Region_as_buffer = {
@@ -126,64 +229,132 @@ Region_wipe(RegionObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* Zero a closed region again; only for a subclass that knows its memory is still mapped. */
+/* Wipe and mark closed, and release the memory now unless a view is alive (then the last
+ * one releases it). One step under the GIL: no refit, export or second close in between. */
 static PyObject *
-Region_wipe_closed(RegionObject *self, PyObject *unused)
+Region_close(RegionObject *self, PyObject *unused)
 {
     (void)unused;
-    if (!self->closed || self->pid != getpid()) {
-        PyErr_SetString(PyExc_ValueError, "_wipe_closed needs a closed region of this process");
+    if (self->closed) {
+        PyErr_SetString(PyExc_ValueError, "secure buffer is already closed");
         return NULL;
     }
-    explicit_bzero(self->ptr, (size_t)self->size);
-    Py_RETURN_NONE;
-}
-
-/* The default when the last view of a closed region goes: nothing (subclasses release). */
-static PyObject *
-Region_last_view_released(RegionObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
-    Py_RETURN_NONE;
-}
-
-/* Wipe and mark closed in one step under the GIL. Returns the number of live exports
- * (the caller unmaps only when it is 0), or -1 when it was already closed. */
-static PyObject *
-Region_detach(RegionObject *self, PyObject *unused)
-{
-    (void)unused;
-    if (self->closed)
-        return PyLong_FromLong(-1);
     if (self->pid == getpid())
         explicit_bzero(self->ptr, (size_t)self->size);
     self->closed = 1;
-    return PyLong_FromSsize_t(self->exports);
+    if (raise_errno(Region_release_memory(self), "secure free failed"))
+        return NULL;
+    Py_RETURN_NONE;
 }
 
-/* Point the region at new data after secmem moved it (nm_region_refit); refused while any
- * view of the old placement is alive, so no view ever outlives what it looked at. */
+/* Reuse the mapping for a new secret of `size` bytes: secmem checks the canary, wipes the
+ * old data and places the new against the trailing guard. Under the GIL, with the export
+ * check, so no view and no close() can come between the check and the move. */
 static PyObject *
-Region_refit(RegionObject *self, PyObject *args)
+Region_refit(RegionObject *self, PyObject *arg)
 {
-    unsigned long long address;
-    Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "Kn:_refit", &address, &size))
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred())
         return NULL;
     if (!Region_usable(self))
         return NULL;
-    if (address == 0 || size <= 0) {
-        PyErr_SetString(PyExc_ValueError, "Region needs a non-null address and a positive size");
+    if (!self->owns) {
+        PyErr_SetString(PyExc_TypeError, "only a Region with its own mapping can be refit");
         return NULL;
     }
     if (self->exports > 0) {
         PyErr_SetString(PyExc_BufferError, "cannot refit a secure buffer while views of it exist");
         return NULL;
     }
-    self->ptr = (unsigned char *)(uintptr_t)address;
+    if (size <= 0 || (size_t)size > self->region.inner_len - NM_CANARY_BYTES) {
+        PyErr_Format(PyExc_ValueError, "refit to %zd bytes exceeds the capacity of %zu", size,
+                     self->region.inner_len - NM_CANARY_BYTES);
+        return NULL;
+    }
+    if (raise_errno(nm_region_refit(&self->region, (size_t)size), "secure refit failed"))
+        return NULL;
+    self->ptr = self->region.data;
     self->size = size;
     Py_RETURN_NONE;
+}
+
+/* The owning region: this one, or the one a cell lives in (NULL once a cell let it go). */
+static RegionObject *
+Region_mapping(RegionObject *self)
+{
+    return self->owns ? self : (RegionObject *)self->hold.obj;
+}
+
+static PyObject *
+Region_get_locked(RegionObject *self, void *closure)
+{
+    (void)closure;
+    RegionObject *m = Region_mapping(self);
+    return PyBool_FromLong(!self->closed && m != NULL && m->region.base != NULL &&
+                           m->region.locked);
+}
+
+static PyObject *
+Region_get_dump_excluded(RegionObject *self, void *closure)
+{
+    (void)closure;
+    RegionObject *m = Region_mapping(self);
+    return PyBool_FromLong(m != NULL && m->region.dump_excluded);
+}
+
+static PyObject *
+Region_get_lock_errno(RegionObject *self, void *closure)
+{
+    (void)closure;
+    RegionObject *m = Region_mapping(self);
+    return PyLong_FromLong(m != NULL ? m->region.lock_errno : 0);
+}
+
+static PyObject *
+Region_get_allocator(RegionObject *self, void *closure)
+{
+    (void)closure;
+    RegionObject *m = Region_mapping(self);
+    if (m == NULL)
+        Py_RETURN_NONE;
+    return PyUnicode_FromString(m->region.allocator == NM_ALLOC_MEMFD_SECRET ? "memfd_secret"
+                                                                            : "mmap");
+}
+
+static PyObject *
+Region_get_fork_protection(RegionObject *self, void *closure)
+{
+    (void)closure;
+    RegionObject *m = Region_mapping(self);
+    int p = m != NULL ? m->region.fork_protection : NM_FORK_NONE;
+    if (p == NM_FORK_WIPE)
+        return PyUnicode_FromString("wipeonfork");
+    if (p == NM_FORK_DONTFORK)
+        return PyUnicode_FromString("dontfork");
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Region_get_address(RegionObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromVoidPtr(self->ptr);
+}
+
+static PyObject *
+Region_get_capacity(RegionObject *self, void *closure)
+{
+    (void)closure;
+    if (!self->owns)
+        return PyLong_FromSsize_t(self->size);
+    return PyLong_FromSize_t(self->region.inner_len - NM_CANARY_BYTES);
+}
+
+static PyObject *
+Region_get_mapped(RegionObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->owns ? self->region.base != NULL : self->hold.obj != NULL);
 }
 
 static PyObject *
@@ -219,19 +390,27 @@ static PySequenceMethods Region_as_sequence = {
 
 static PyMethodDef Region_methods[] = {
     {"wipe", (PyCFunction)Region_wipe, METH_NOARGS, "Zero the whole buffer."},
-    {"_detach", (PyCFunction)Region_detach, METH_NOARGS,
-     "Wipe and close; return live exports, or -1 if already closed."},
-    {"_refit", (PyCFunction)Region_refit, METH_VARARGS,
-     "Point at data moved by nm_region_refit (no live views allowed)."},
-    {"_wipe_closed", (PyCFunction)Region_wipe_closed, METH_NOARGS,
-     "Zero a closed region again (its memory must still be mapped)."},
-    {"_last_view_released", (PyCFunction)Region_last_view_released, METH_NOARGS,
-     "Called when the last view of a closed region is released; subclasses release it."},
+    {"_close", (PyCFunction)Region_close, METH_NOARGS,
+     "Wipe and close; release now, or when the last view goes."},
+    {"_refit", (PyCFunction)Region_refit, METH_O,
+     "Wipe and place `size` bytes against the trailing guard (no live views allowed)."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef Region_getset[] = {
     {"closed", (getter)Region_get_closed, NULL, "True once closed.", NULL},
+    {"locked", (getter)Region_get_locked, NULL, "Pages locked in RAM (False once closed).",
+     NULL},
+    {"dump_excluded", (getter)Region_get_dump_excluded, NULL, "Excluded from core dumps.",
+     NULL},
+    {"lock_errno", (getter)Region_get_lock_errno, NULL, "errno of a failed lock, or 0.", NULL},
+    {"allocator", (getter)Region_get_allocator, NULL, "'memfd_secret' or 'mmap'.", NULL},
+    {"fork_protection", (getter)Region_get_fork_protection, NULL,
+     "'wipeonfork', 'dontfork' or None.", NULL},
+    {"address", (getter)Region_get_address, NULL, "Address of the first data byte.", NULL},
+    {"capacity", (getter)Region_get_capacity, NULL,
+     "The largest size a refit accepts (the pages less the canary).", NULL},
+    {"_mapped", (getter)Region_get_mapped, NULL, "True until the memory is released.", NULL},
     {"_exports", (getter)Region_get_exports, NULL, "Live buffer exports.", NULL},
     {"_foreign", (getter)Region_get_foreign, NULL, "True in a forked child.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -241,8 +420,11 @@ static PyTypeObject RegionType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "nomyo._pyobjects.Region",
     .tp_basicsize = sizeof(RegionObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "A memory region exported through the buffer protocol (SecureBuffer's base).",
+    .tp_dealloc = (destructor)Region_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Region_traverse,
+    .tp_free = PyObject_GC_Del,
+    .tp_doc = "Guarded secret memory exported through the buffer protocol (SecureBuffer's base).",
     .tp_new = Region_new,
     .tp_as_buffer = &Region_as_buffer,
     .tp_as_sequence = &Region_as_sequence,

@@ -253,13 +253,23 @@ int nm_region_free(nm_region *r)
     return -err;
 }
 
-/* In a forked child: drop the mapping without touching it (it may be absent, or wiped so
- * that the canary no longer matches). */
+/* In a forked child: drop what the child inherited of the mapping, without touching it.
+ * A MADV_DONTFORK middle is absent here: only the two guard pages came across, and the hole
+ * between them belongs to the child, which may have mapped its own memory there since (a
+ * malloc arena, say), so only the guards are unmapped. Otherwise the whole mapping came
+ * across (wiped to zeros under MADV_WIPEONFORK, so the canary no longer matches). */
 int nm_region_unmap(nm_region *r)
 {
     if (r->base == NULL)
         return -EINVAL;
-    int rc = munmap(r->base, r->total) == 0 ? 0 : -errno;
+    int rc = 0;
+    if (r->fork_protection == NM_FORK_DONTFORK) {
+        size_t page = page_size();
+        if (munmap(r->base, page) != 0 || munmap(r->inner + r->inner_len, page) != 0)
+            rc = -errno;
+    } else if (munmap(r->base, r->total) != 0) {
+        rc = -errno;
+    }
     r->base = NULL;
     r->data = NULL;
     r->inner = NULL;

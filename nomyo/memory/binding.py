@@ -19,7 +19,9 @@ log = logging.getLogger("nomyo.memory")
 
 _ffi: Any = None
 _lib: Any = None
-pyobjects: Any = None  # nomyo._pyobjects: Region, the wipers, the JSON and UTF-8 helpers
+# nomyo._pyobjects: Region (which owns its nm_region: secmem.c is linked into it too, so
+# its allocation, refit and release run under the GIL), the wipers, the JSON and UTF-8 helpers
+pyobjects: Any = None
 FALLBACK_REASON: str | None = None
 
 
@@ -57,7 +59,6 @@ except ImportError as exc:
 
 BACKEND = "native" if _lib is not None else "fallback"
 CANARY_BYTES = _lib.NM_CANARY_BYTES if _lib is not None else 0
-_FORK = {0: None, 1: "wipeonfork", 2: "dontfork"}
 
 
 def check_errno(rc: int, what: str) -> None:
@@ -85,71 +86,9 @@ def _allocator_flags() -> int:
 _ALLOCATOR_FLAGS = _allocator_flags()
 
 
-class Allocation:
-    """One guarded mapping from the C allocator and what its setup achieved (each protection
-    step's result is recorded, never assumed)."""
-
-    __slots__ = ("_region",)
-
-    def __init__(self, size: int, capacity: int, *, lock: bool) -> None:
-        region = _ffi.new("nm_region *")
-        flags = _ALLOCATOR_FLAGS | (0 if lock else _lib.NM_FLAG_NO_LOCK)
-        check_errno(_lib.nm_region_alloc(region, size, capacity, flags),
-                    "secure allocation failed")
-        self._region = region
-
-    @property
-    def data(self) -> int:
-        """Address of the caller's bytes (against the trailing guard page)."""
-        return int(_ffi.cast("uintptr_t", self._region.data))
-
-    @property
-    def inner(self) -> int:
-        """Address of the first accessible page."""
-        return int(_ffi.cast("uintptr_t", self._region.inner))
-
-    @property
-    def capacity(self) -> int:
-        """The largest size `refit` accepts: the accessible pages less the canary."""
-        return int(self._region.inner_len) - CANARY_BYTES
-
-    @property
-    def mapped(self) -> bool:
-        return self._region.base != _ffi.NULL
-
-    @property
-    def locked(self) -> bool:
-        return bool(self._region.locked)
-
-    @property
-    def lock_errno(self) -> int:
-        return int(self._region.lock_errno)
-
-    @property
-    def dump_excluded(self) -> bool:
-        return bool(self._region.dump_excluded)
-
-    @property
-    def allocator(self) -> str:
-        return "memfd_secret" if self._region.allocator == _lib.NM_ALLOC_MEMFD_SECRET else "mmap"
-
-    @property
-    def fork_protection(self) -> str | None:
-        return _FORK.get(self._region.fork_protection)
-
-    def refit(self, size: int) -> None:
-        """Wipe, then place `size` bytes against the trailing guard with a fresh canary."""
-        check_errno(_lib.nm_region_refit(self._region, size), "secure refit failed")
-
-    def free(self) -> None:
-        """Check the canary, wipe, unlock and unmap (idempotent)."""
-        if self.mapped:
-            check_errno(_lib.nm_region_free(self._region), "secure free failed")
-
-    def unmap(self) -> None:
-        """Unmap without touching the pages (a forked child, where they are absent or wiped)."""
-        if self.mapped:
-            check_errno(_lib.nm_region_unmap(self._region), "secure unmap failed")
+def region_flags(*, lock: bool) -> int:
+    """nm_region_alloc's flags for a new Region: the allocator switch, and whether to lock."""
+    return _ALLOCATOR_FLAGS | (0 if lock else _lib.NM_FLAG_NO_LOCK)
 
 
 def fill_random(view: memoryview) -> None:

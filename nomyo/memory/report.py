@@ -23,13 +23,13 @@ class MemoryProtectionLevel(Enum):
 def _trial_region(lock: bool) -> dict[str, Any]:
     """Allocate and free one buffer the way new buffers are made, and record what held."""
     try:
-        region = binding.Allocation(1, 1, lock=lock)
+        region = binding.pyobjects.Region(1, 1, binding.region_flags(lock=lock))
     except (OSError, MemoryError):
         return {"locked": False, "dump_excluded": False, "allocator": None, "fork": None}
     result = {"locked": region.locked, "dump_excluded": region.dump_excluded,
               "allocator": region.allocator, "fork": region.fork_protection}
     try:
-        region.free()
+        region._close()
     except OSError:  # the trial is over either way; the report must not fail a health check
         log.warning("freeing the protection report's trial buffer failed", exc_info=True)
     return result

@@ -619,3 +619,122 @@ def test_cell_and_owner_collected_together_never_touch_unmapped_pages(first):
         print("collected")
     """)
     assert proc.returncode == 0 and proc.stdout.strip() == "collected", proc.stderr
+
+
+@pytest.mark.parametrize("hold", ["memoryview", "data"])
+def test_a_view_in_a_garbage_cycle_outlives_its_buffer_finaliser(hold):
+    """A suspended generator holding a view, in one garbage cycle with the buffer: the
+    collector may finalise the buffer before it closes the generator, whose `finally` then
+    still writes and reads through the view. The pages must stay mapped until the last view
+    goes (before the fix __del__ unmapped them: the write was a SIGSEGV, or the read saw the
+    next secret mapped at the same address)."""
+    proc = run_python(f"""
+        import gc, os, sys
+        from nomyo.memory import SecureBuffer
+
+        seen = []
+
+        def holder(box):
+            view = memoryview(box[0]) if {hold!r} == "memoryview" else box[0].data
+            try:
+                yield
+            finally:
+                nxt = SecureBuffer.copy_of(b"N" * len(view))  # may reuse a freed address
+                seen.append(view.tobytes() == b"N" * len(view))
+                view[:] = os.urandom(len(view))
+                nxt.close()
+
+        for round in range(200):
+            buf = SecureBuffer.copy_of(b"S" * 4000)
+            box = [buf] if round % 2 else []
+            gen = holder(box if box else [buf])
+            next(gen)
+            (box if box else gen.gi_frame.f_locals["box"]).append(gen)
+            del buf, gen, box
+            gc.collect()
+        print("rounds", len(seen), "saw-next", sum(seen))
+    """, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.split() == ["rounds", "200", "saw-next", "0"], proc.stdout
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+def test_close_refit_fill_and_views_from_many_threads_only_raise_python_errors():
+    """cffi releases the GIL around every nm_* call: refit checked for views in Python and
+    then raced another thread's close into nm_region_free on the same region (a canary
+    abort, or a write into unmapped pages). Lifecycle calls are serialised per buffer now:
+    whatever the interleaving, a caller sees a result or ValueError/BufferError."""
+    proc = run_python("""
+        import random, sys, threading
+        from nomyo.memory import SecureBuffer
+
+        sys.setswitchinterval(1e-6)
+        bufs = [SecureBuffer(64, capacity=1 << 16) for _ in range(4)]
+        other = []
+        lock = threading.Lock()
+
+        def work(seed):
+            rng = random.Random(seed)
+            for _ in range(3000):
+                i = rng.randrange(len(bufs))
+                buf = bufs[i]
+                op = rng.randrange(6)
+                try:
+                    if op == 0:
+                        buf.refit(rng.randrange(1, 1 << 16))
+                    elif op == 1:
+                        buf.fill_random()
+                    elif op == 2:
+                        buf.close()
+                        bufs[i] = SecureBuffer(64, capacity=1 << 16)
+                    elif op == 3:
+                        with memoryview(buf) as v:
+                            v[0] = 1
+                    elif op == 4:
+                        buf.wipe()
+                    else:
+                        cell = buf.cell_below(16)
+                        if cell is not None:
+                            cell.fill_random()
+                            cell.close()
+                except (ValueError, BufferError):
+                    pass
+                except BaseException as exc:
+                    with lock:
+                        other.append(repr(exc))
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print("unexpected", len(other), other[:3])
+    """, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.startswith("unexpected 0 "), proc.stdout
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+def test_a_cycle_through_a_cells_hold_on_its_owner_is_collected():
+    """A cell holds its owner from C; unless the collector sees that reference, an owner
+    pointing back at its cell (a subclass with a __dict__) keeps both, and the locked
+    mapping, alive for good."""
+    proc = run_python("""
+        import gc, weakref
+        from nomyo.memory import SecureBuffer
+
+        class Tagged(SecureBuffer):
+            pass
+
+        refs = []
+        for _ in range(20):
+            owner = Tagged(100, capacity=4096)
+            owner.cell = owner.cell_below(32)
+            owner.cell.fill_random()
+            refs.append(weakref.ref(owner))
+            del owner
+        gc.collect()
+        print("alive", sum(r() is not None for r in refs))
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["alive", "0"], proc.stdout

@@ -275,3 +275,70 @@ def test_missing_compiled_modules_fall_back_and_say_why(tmp_path):
     backend, reason, where = json.loads(proc.stdout)
     assert backend == "fallback" and "_pyobjects" in reason and where.startswith(str(tmp_path))
     assert "fallback" in proc.stderr  # logged as a warning, never silent
+
+
+@pytest.mark.parametrize("via", ["fork", "multiprocessing"])
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_forked_child_unmaps_only_its_own_inherited_pages(allocator, via):
+    """memfd_secret pages are MADV_DONTFORK: in a child only the two guard pages remain, with
+    a hole between them that the child's own allocations may fill. Dropping an inherited
+    buffer there must leave whatever the child mapped into the hole in place (before the fix
+    its finaliser unmapped the whole range and the child died on its next use)."""
+    proc = run_python(f"""
+        import ctypes, gc, mmap, multiprocessing, os, sys
+        from nomyo.memory import SecureBuffer
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        MAP_FIXED_NOREPLACE = 0x100000
+        PAGE = mmap.PAGESIZE
+        bufs = [SecureBuffer(1700, capacity=1 << 20) for _ in range(8)]
+        for b in bufs:
+            b.data[:] = b"inherited secret" * 100 + bytes(100)
+        sizes = [b.capacity + 8 for b in bufs]  # the accessible pages (canary included)
+        holes = [b.address + len(b) - size for b, size in zip(bufs, sizes)]
+
+        def child():
+            mine = []  # what the child maps: into a hole where one is free, anywhere else
+            for hole, size in zip(holes, sizes):
+                got = libc.mmap(hole, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                                mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                                -1, 0)
+                if got == hole:
+                    ctypes.memset(hole, 0x5A, size)
+                    mine.append((hole, size))
+            junk = [bytearray(b"x" * 300_000) for _ in range(20)] + [str(i) * 50 for i in
+                                                                       range(20_000)]
+            bufs.clear()
+            gc.collect()
+            for hole, size in mine:  # SIGSEGV here when the hole was unmapped
+                assert ctypes.string_at(hole, 16) == b"Z" * 16
+                assert ctypes.string_at(hole + size - 16, 16) == b"Z" * 16
+            assert all(len(j) for j in junk)
+            print("holes", len(mine), flush=True)
+
+        if {via!r} == "fork":
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    child()
+                    code = 0
+                except BaseException:
+                    import traceback
+                    traceback.print_exc()
+                    code = 1
+                os._exit(code)
+            status = os.waitpid(pid, 0)[1]
+            code = os.waitstatus_to_exitcode(status)
+        else:
+            p = multiprocessing.get_context("fork").Process(target=child)
+            p.start()
+            p.join()
+            code = p.exitcode
+        assert all(b.data.tobytes().startswith(b"inherited secret") for b in bufs)
+        print("child", code)
+    """, NOMYO_SECURE_ALLOCATOR=allocator)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["child", "0"], (proc.stdout, proc.stderr[-2000:])
