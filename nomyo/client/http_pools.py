@@ -1,13 +1,24 @@
-"""Connection pools whose connections send a small request in a single write.
+"""Connection pools whose connections send a small request in a single write and read
+their answers in quick-ACK mode.
 
 urllib3 writes the header block and the body with two separate sends. With TCP_NODELAY
 that makes two segments (two TLS records over HTTPS): the server wakes for the headers,
 finds no body yet and waits again, which costs about 50 us per request on loopback. Here
 the header block of a request with a small body is held back and leaves together with the
 body. Only ciphertext and headers pass through; larger bodies go out as urllib3 sends them.
+
+Reading: a server that writes an answer's head and body in two sends without TCP_NODELAY
+(Python's `http.server`, many others) holds the second segment until the first is ACKed
+(Nagle), and on a kept-alive connection Linux delays that ACK by about 40 ms. Every read of
+an answer here first puts the socket in quick-ACK mode (TCP_QUICKACK, which the kernel clears
+again by itself, hence once per read), so the first segment is ACKed at once. TLS sockets
+read through the same path (TCP_QUICKACK acts on the TCP socket under the TLS layer).
 """
 from __future__ import annotations
 
+import http.client
+import io
+import socket
 from typing import Any
 
 from requests.adapters import HTTPAdapter
@@ -15,11 +26,63 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 ONE_WRITE_MAX = 64 * 1024  # larger bodies are not copied behind their headers
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only; elsewhere reads are plain
+
+
+class _QuickAckReader(io.RawIOBase):
+    """The raw reader under an answer's buffered file: quick-ACK mode before every receive.
+    It reads through the socket's own raw file, which holds a reference on the socket, so an
+    answer that closes the connection can still be read to its end."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]
+        except OSError:  # not a TCP socket (a test double): read plainly
+            pass
+        return self._raw.readinto(buffer)
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _QuickAckSocket:
+    """What `http.client.HTTPResponse` asks of a socket: only `makefile("rb")`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        if mode != "rb":  # pragma: no cover - http.client only reads
+            raise ValueError(mode)
+        return io.BufferedReader(_QuickAckReader(self._sock))
+
+
+class QuickAckResponse(http.client.HTTPResponse):
+    """An answer whose every socket read is preceded by TCP_QUICKACK."""
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(_QuickAckSocket(sock), *args, **kwargs)
 
 
 class _OneWrite:
     """Mixin for urllib3 connections: the first write of a request with a small body (the
-    header block) is held and prepended to the next one (the body)."""
+    header block) is held and prepended to the next one (the body); answers are read in
+    quick-ACK mode."""
+
+    if _QUICKACK is not None:
+        response_class = QuickAckResponse
 
     _hold = False
     _held: bytes | None = None
