@@ -27,7 +27,10 @@ _EXPORTS = {
     "RateLimitError": "nomyo.errors",
     "ServerError": "nomyo.errors",
     "ServiceUnavailableError": "nomyo.errors",
+    "BadGatewayError": "nomyo.errors",
+    "GatewayTimeoutError": "nomyo.errors",
     "APIConnectionError": "nomyo.errors",
+    "APITimeoutError": "nomyo.errors",
     # secure memory
     "SecureBuffer": "nomyo.memory",
     "secure_bytearray": "nomyo.memory",

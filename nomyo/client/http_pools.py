@@ -16,9 +16,11 @@ read through the same path (TCP_QUICKACK acts on the TCP socket under the TLS la
 """
 from __future__ import annotations
 
+import errno
 import http.client
 import io
 import socket
+import ssl
 from typing import Any
 
 from requests.adapters import HTTPAdapter
@@ -76,6 +78,16 @@ class QuickAckResponse(http.client.HTTPResponse):
         super().__init__(_QuickAckSocket(sock), *args, **kwargs)
 
 
+class RequestNotSent(ConnectionError):
+    """A request failed while it was being written, so the server cannot have acted on it
+    (it never had the whole request); safe to send again. Raised by the connection in
+    place of the read or write error that followed the failed write."""
+
+
+# The write errors urllib3 swallows so that an early answer can still be read.
+_SWALLOWED = (errno.EPIPE, errno.ECONNRESET, errno.EPROTOTYPE)
+
+
 class _OneWrite:
     """Mixin for urllib3 connections: the first write of a request with a small body (the
     header block) is held and prepended to the next one (the body); answers are read in
@@ -86,9 +98,11 @@ class _OneWrite:
 
     _hold = False
     _held: bytes | None = None
+    _write_failed = False
 
     def request(self, method: str, url: str, body: Any = None, headers: Any = None,
                 **kwargs: Any) -> None:
+        self._write_failed = False
         self._hold = isinstance(body, (bytes, bytearray)) and 0 < len(body) <= ONE_WRITE_MAX
         try:
             super().request(method, url, body=body, headers=headers, **kwargs)  # type: ignore[misc]
@@ -104,7 +118,24 @@ class _OneWrite:
                 return
             data = self._held + data
             self._hold, self._held = False, None
-        super().send(data)  # type: ignore[misc]
+        try:
+            super().send(data)  # type: ignore[misc]
+        except OSError as err:
+            self._write_failed = True
+            if err.errno in _SWALLOWED:  # urllib3 goes on to read an early answer, if any
+                raise
+            raise RequestNotSent(f"request not sent ({type(err).__name__})") from err
+
+    def getresponse(self) -> Any:
+        try:
+            return super().getresponse()  # type: ignore[misc]
+        except (OSError, http.client.HTTPException) as err:
+            if self._write_failed:  # no answer to a request the server never had whole
+                raise RequestNotSent(f"request not sent ({type(err).__name__})") from err
+            if isinstance(err, ssl.SSLError):  # after the request went out: not a handshake
+                raise ConnectionAbortedError(f"TLS failure reading the answer ({err.reason})"
+                                             ) from err
+            raise
 
 
 class OneWriteHTTPConnection(_OneWrite, HTTPConnection):
