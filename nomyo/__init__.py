@@ -6,6 +6,7 @@ loads only the secure-memory layer, never the HTTP stack.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import types
 from typing import Any
@@ -49,6 +50,10 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
+
+# A library logs, an application decides where to: without this, Python's last-resort handler
+# would print the client's retry warnings to stderr of an application that never set logging up.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:

@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -252,10 +252,10 @@ class PeerServer:
             def _post(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                peer.received.append({"headers": headers, "size": len(body)})
+                peer.received.append({"headers": headers, "size": len(body), "path": self.path})
                 if peer.delay:
                     time.sleep(peer.delay)
-                if self.path != "/v1/chat/secure_completion":
+                if urlsplit(self.path).path != "/v1/chat/secure_completion":
                     return self._reply(404, {}, b'{"detail": "Secure inference not enabled"}')
                 if peer.faults:
                     fault = peer.faults.popleft()
