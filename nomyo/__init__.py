@@ -16,6 +16,7 @@ from nomyo._version import __version__ as __version__
 _EXPORTS = {
     # errors
     "NomyoError": "nomyo.errors",
+    "ConfigurationError": "nomyo.errors",
     "SecurityError": "nomyo.errors",
     "SecureMemoryUnavailable": "nomyo.errors",
     "PackageError": "nomyo.errors",

@@ -14,6 +14,11 @@ class NomyoError(Exception):
     """Base of every error this library raises on purpose."""
 
 
+class ConfigurationError(NomyoError, ValueError):
+    """A client setting that cannot work (an unusable key directory, a key that needs a
+    password), refused at construction instead of failing at the first request."""
+
+
 class SecurityError(NomyoError):
     """A protection could not be guaranteed: crypto or integrity failure, HTTPS not used,
     header injection, a pinned key that changed, or secure memory that is required but missing."""
