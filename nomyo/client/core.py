@@ -49,6 +49,9 @@ T = TypeVar("T")
 ATTESTATION_MODES = (None, "verify", "require")
 MAX_WORKERS = 32
 MAX_CACHED_SERVER_KEYS = 64  # endpoints (per-call base_url) whose key is remembered
+# An exchange's workspace is kept for the next one (mapping and unmapping guarded, locked
+# pages is the largest CPU cost of secure memory) unless it carried more than this.
+POOLED_WORKSPACE_MAX = 64 * 1024
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -110,6 +113,48 @@ class CallOptions:
 
 
 DEFAULT_OPTIONS = CallOptions()
+
+
+class _PooledWorkspace(Workspace):
+    """A workspace the client may keep for its next exchange; `large` once it carried more
+    than POOLED_WORKSPACE_MAX (then it is released instead of kept)."""
+
+    large = False
+
+
+class _WorkspacePool:
+    """The client's idle workspaces (their slots are wiped when an exchange ends): taking
+    one saves mapping, locking and unmapping fresh guarded pages on every request."""
+
+    def __init__(self, require: bool | None, limit: int = MAX_WORKERS) -> None:
+        self._require = require
+        self._limit = limit
+        self._idle: list[_PooledWorkspace] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self) -> _PooledWorkspace:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return _PooledWorkspace(require=self._require)
+
+    def give(self, work: _PooledWorkspace, ended_cleanly: bool) -> None:
+        """Keep `work` for the next exchange, or release it: after a failure (a slot may not
+        have been wiped), a large exchange, or once the client is closed."""
+        if ended_cleanly and not work.large:
+            with self._lock:
+                if not self._closed and len(self._idle) < self._limit:
+                    self._idle.append(work)
+                    return
+        work.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for work in idle:
+            work.close()
 
 
 @dataclass(frozen=True)
@@ -177,6 +222,7 @@ class SecureCompletionClient:
         self._server_key_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self._workspaces = _WorkspacePool(require=require_secure_memory or None)
         self._closed = False
         _warn_if_plain_http(self.router_url, allow_http)
 
@@ -332,15 +378,20 @@ class SecureCompletionClient:
     ) -> dict[str, Any]:
         """Blocking `send_secure_request`; `base_url` overrides the endpoint for this call."""
         self._check_open()
-        with self._workspace() as work:
-            return self._exchange(work, payload, payload_id, api_key, security_tier, base_url,
-                                  options)
+        work, clean = self._workspaces.take(), False
+        try:
+            response = self._exchange(work, payload, payload_id, api_key, security_tier,
+                                      base_url, options)
+            clean = True
+            return response
+        finally:
+            self._workspaces.give(work, clean)
 
     def _exchange_for(self, loop: asyncio.AbstractEventLoop, answer: asyncio.Future[Any],
                       *request: Any) -> None:
-        """`_exchange` in a worker thread: post its outcome to `answer` on `loop`, then release
-        the workspace, whose slots are wiped by then, off the answer's path."""
-        work = self._workspace()
+        """`_exchange` in a worker thread: post its outcome to `answer` on `loop`, then hand
+        the workspace, whose slots are wiped by then, back to the pool off the answer's path."""
+        work = self._workspaces.take()
         try:
             outcome = (self._exchange(work, *request), None)
         except BaseException as exc:  # handed to the awaiting task, as run_in_executor does
@@ -350,7 +401,7 @@ class SecureCompletionClient:
         except RuntimeError:  # the caller's loop closed while the request ran
             logger.debug("event loop closed before the answer arrived")
         try:
-            work.close()
+            self._workspaces.give(work, outcome[1] is None)
         except Exception:  # nobody awaits this any more: say it instead of dropping it
             logger.exception("releasing an exchange's (wiped) secure buffers failed")
 
@@ -400,6 +451,7 @@ class SecureCompletionClient:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False)
+        self._workspaces.close()
 
     dispose = close
 
@@ -438,10 +490,6 @@ class SecureCompletionClient:
                     max_workers=MAX_WORKERS, thread_name_prefix="nomyo-client"
                 )
             return self._executor
-
-    def _workspace(self) -> Workspace:
-        """An exchange's buffers; fail-closed when this client requires secure memory."""
-        return Workspace(require=self._require_secure_memory or None)
 
     def _fresh(self) -> Workspace:
         """No reuse (one-off calls), with this client's fail-closed setting."""
@@ -483,8 +531,13 @@ class SecureCompletionClient:
         generated = {PUBLIC_KEY_HEADER: _quoted(pair.public_pem)}
         body = envelope.seal_json(payload, server_key.public_key, workspace=work)
         limits = {"timeout": options.timeout, "max_retries": options.max_retries}
+        if isinstance(work, _PooledWorkspace) and len(body) > POOLED_WORKSPACE_MAX:
+            work.large = True  # its plaintext slot grew with the request: not kept
         try:
-            return self._transport.send(post, body, generated, **limits)
+            content = self._transport.send(post, body, generated, **limits)
+            if len(content) > POOLED_WORKSPACE_MAX and isinstance(work, _PooledWorkspace):
+                work.large = True  # the answer will grow it
+            return content
         except InvalidRequestError as err:
             if not _server_could_not_open(err):
                 raise
