@@ -63,8 +63,9 @@ handle.stop()
 """
 
 WAITRESS_SERVER = r"""
-import sys, threading
+import logging, sys, threading
 from waitress.server import create_server
+logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # a 16-wide burst queues: expected
 from nomyo.server.wsgi import create_app
 server = create_server(create_app(), host="127.0.0.1", port=0, threads=8)
 print(f"http://127.0.0.1:{server.effective_port}", flush=True)
@@ -316,19 +317,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="nomyo-matrix-") as tmp:
         folder = Path(tmp)
         os.chmod(folder, 0o755)  # nginx workers (nobody) reach their temp paths
+        failed: dict[str, str] = {}
         for name in rows:
             print(f"row {name}", file=sys.stderr)
-            row = start_row(name, folder)
             try:
-                results[name] = measure(row, old_python, args)
-            finally:
-                row.stop()
+                row = start_row(name, folder)
+                try:
+                    results[name] = measure(row, old_python, args)
+                finally:
+                    row.stop()
+            except Exception as err:  # one row's failure is reported; the others still run
+                failed[name] = f"{type(err).__name__}: {err}"
+                print(f"row {name} failed: {failed[name]}", file=sys.stderr)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"{args.rounds} interleaved rounds per row; medians\n")
     print(table(results))
+    for name, reason in failed.items():
+        print(f"\nrow {name} did not run: {reason}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
