@@ -19,13 +19,6 @@ from tests.helpers import run_python
 MESSAGES = [{"role": "user", "content": "options test"}]
 
 
-@pytest.fixture
-def chat(peer):
-    c = SecureChatCompletion(base_url=peer.url, allow_http=True, key_size=2048)
-    yield c
-    c.close()
-
-
 def test_extra_body_is_encrypted_headers_and_query_are_not(chat, peer):
     chat.create_sync("m", MESSAGES, temperature=0.5, extra_body={"top_k": 4, "mirostat": 1},
                      extra_headers={"X-Trace": "t-1"}, extra_query={"api-version": "2"})

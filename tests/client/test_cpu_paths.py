@@ -7,17 +7,10 @@ import io
 
 import pytest
 
-from nomyo import SecureChatCompletion, ServerError
+from nomyo import ServerError
 from nomyo.client.http_pools import MAX_HEADERS, read_header_block
 
 MESSAGES = [{"role": "user", "content": "workspace marker 5f3a"}]
-
-
-@pytest.fixture
-def chat(peer):
-    c = SecureChatCompletion(base_url=peer.url, allow_http=True, key_size=2048)
-    yield c
-    c.close()
 
 
 def _idle(chat):
