@@ -12,16 +12,19 @@ _FLAGS = {
     "key_dir": "--key-dir",
     "key_password": "--key-password-env",
     "ca_bundle": "--ca-bundle",
-    "max_retries": "--max-retries",
-    "timeout": "--timeout",
 }
 _WORDS = re.compile("|".join(rf"\b{re.escape(name)}(?![\w=])" if not name.endswith("True")
                              else re.escape(name) for name in _FLAGS))
 
 
 def error_line(command: str, err: BaseException) -> str:
-    """`nomyo <command>: error: <Kind>: <message>`, with argument names turned into flags."""
-    text = _WORDS.sub(lambda m: _FLAGS[m.group(0)], str(err))
+    """`nomyo <command>: error: <Kind>: <message>`, with argument names turned into flags
+    in the library's own messages (an endpoint's answer, an APIError, is left as it is)."""
+    from nomyo.errors import APIError
+
+    text = str(err)
+    if not isinstance(err, APIError):
+        text = _WORDS.sub(lambda m: _FLAGS[m.group(0)], text)
     return f"nomyo {command}: error: {type(err).__name__}: {text}"
 
 

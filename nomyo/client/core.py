@@ -26,7 +26,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nomyo.client.keyring import KeyRing
 from nomyo.client.transport import USE_DEFAULT, Prepared, RetryPolicy, Transport
-from nomyo.errors import DisposedError, InvalidRequestError, PackageError, SecurityError
+from nomyo.errors import (
+    APIConnectionError,
+    APIError,
+    DisposedError,
+    InvalidRequestError,
+    PackageError,
+    SecurityError,
+)
 from nomyo.memory import get_memory_protection_info, require_protection
 from nomyo.protocol import envelope, keys
 from nomyo.protocol.chat_request import check_chat_request, check_security_tier
@@ -424,7 +431,12 @@ class SecureCompletionClient:
         # the one boundary: URL scheme and headers, before any key is made or byte is sent
         post = self._transport.prepare("POST", target, headers, api_key=api_key)
         self._keyring.start()  # no-op once a pair exists; else it is made while we fetch
-        server_key = self._server_key(url)
+        try:
+            server_key = self._server_key(url)
+        except (APIError, APIConnectionError) as err:  # the key's GET has no payload id
+            if err.payload_id is None:
+                err.payload_id = str(payload_id)
+            raise
         with self._keyring.lease() as pair:
             content = self._post_sealed(post, url, server_key, payload, pair, work, options)
             response = _open_response(content, pair, str(payload_id), work)

@@ -121,3 +121,15 @@ def test_retry_warnings_stay_off_stderr_without_logging_config(peer):
     assert len(peer.received) == 2  # the 503 was retried, so a warning was logged
     assert proc.stdout.strip() == "done"
     assert proc.stderr == ""
+
+
+def test_a_failed_server_key_fetch_names_the_request_payload_id(peer):
+    from nomyo import APIConnectionError
+
+    port = peer.httpd.server_address[1]
+    peer.close()  # nothing listens any more: the key fetch itself fails
+    with SecureChatCompletion(base_url=f"http://127.0.0.1:{port}", allow_http=True,
+                              key_size=2048, max_retries=0) as chat:
+        with pytest.raises(APIConnectionError) as info:
+            chat.create_sync("m", MESSAGES)
+    assert info.value.payload_id  # the completion's id, though the GET carried none
