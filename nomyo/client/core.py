@@ -57,8 +57,11 @@ ATTESTATION_MODES = (None, "verify", "require")
 MAX_WORKERS = 32
 MAX_CACHED_SERVER_KEYS = 64  # endpoints (per-call base_url) whose key is remembered
 # An exchange's workspace is kept for the next one (mapping and unmapping guarded, locked
-# pages is the largest CPU cost of secure memory) unless it carried more than this.
-POOLED_WORKSPACE_MAX = 64 * 1024
+# pages is the largest CPU cost of secure memory) unless its request or answer package was
+# larger than this; at most MAX_IDLE_WORKSPACES are kept, so the locked memory a client
+# holds between requests stays within a few pages of a small RLIMIT_MEMLOCK budget.
+POOLED_WORKSPACE_MAX = 8 * 1024
+MAX_IDLE_WORKSPACES = 2
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -133,7 +136,7 @@ class _WorkspacePool:
     """The client's idle workspaces (their slots are wiped when an exchange ends): taking
     one saves mapping, locking and unmapping fresh guarded pages on every request."""
 
-    def __init__(self, require: bool | None, limit: int = MAX_WORKERS) -> None:
+    def __init__(self, require: bool | None, limit: int = MAX_IDLE_WORKSPACES) -> None:
         self._require = require
         self._limit = limit
         self._idle: list[_PooledWorkspace] = []
