@@ -336,7 +336,7 @@ overlaps(const void *a, Py_ssize_t alen, const void *b, Py_ssize_t blen)
 /* Decode the text's data characters into target (room for `decoded` bytes), without the GIL
  * when the text is large. If a character is outside the alphabet, raises ValueError and zeroes
  * target, so no partly decoded data is left. A target that aliases the text is decoded aside
- * first, as decoding would read what it wrote. */
+ * first, as decoding would read what it wrote; that temporary is wiped before it is freed. */
 static int
 decode_to(const Text *t, Py_ssize_t data, Py_ssize_t decoded, unsigned char *target)
 {
@@ -350,6 +350,7 @@ decode_to(const Text *t, Py_ssize_t data, Py_ssize_t decoded, unsigned char *tar
         rc = decode_block(t->s, data, tmp);
         if (rc == 0)
             memcpy(target, tmp, (size_t)decoded);
+        explicit_bzero(tmp, (size_t)decoded);  /* decoded data: never freed as it is */
         PyMem_Free(tmp);
     } else {
         WITHOUT_GIL_IF_LARGE(data, rc = decode_block(t->s, data, target));

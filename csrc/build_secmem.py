@@ -9,6 +9,11 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# NOMYO_PORTABLE_GLIBC=1: link no glibc symbol newer than 2.17 (manylinux2014); see compat.h.
+# setup.py reads the same variable for the other extensions.
+PORTABLE_GLIBC = os.environ.get("NOMYO_PORTABLE_GLIBC", "0")
+if PORTABLE_GLIBC not in ("0", "1"):
+    raise RuntimeError(f"NOMYO_PORTABLE_GLIBC must be 0 or 1, not {PORTABLE_GLIBC!r}")
 
 
 def _cdef_from_header(path: str) -> str:
@@ -37,9 +42,9 @@ ffi.cdef(_cdef_from_header(os.path.join(HERE, "secmem.h")))
 ffi.set_source(
     "nomyo._secmem",
     '#include "secmem.h"',
-    sources=[os.path.relpath(os.path.join(HERE, "secmem.c"))],
+    sources=[os.path.relpath(os.path.join(HERE, name)) for name in ("secmem.c", "wipe.c")],
     include_dirs=[os.path.relpath(HERE)],
-    define_macros=VERSION_MACROS,
+    define_macros=VERSION_MACROS + ([("NM_PORTABLE_GLIBC", "1")] if PORTABLE_GLIBC == "1" else []),
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-fstack-protector-strong"],
 )
 

@@ -2,9 +2,10 @@
  *
  * - Region: the base type of SecureBuffer. It exports a fixed memory region through the
  *   buffer protocol (Python 3.11 cannot define that in Python), counts live exports so the
- *   region is never unmapped under a view, and refuses exports once closed or after fork.
- * - wipe_bytes / wipe_str: zero an immutable object that a third-party API forced on us,
- *   only when the caller holds the sole reference.
+ *   region is never unmapped under a view, refuses exports once closed or after fork, and
+ *   asks its Python class to wipe and release it when the last view of a closed one goes.
+ * - wipe_bytes_owned / wipe_str_owned: zero an immutable object that a third-party API
+ *   forced on us, handed over in a one-element list, only when that was its one reference.
  * - json_quote_len / json_quote_into: JSON-escape a str straight into a secure buffer.
  * - decode_utf8: build a str from UTF-8 in a secure buffer in one exact allocation, so no
  *   partial copy is left behind in freed memory by a growing decoder.
@@ -75,11 +76,38 @@ Region_getbuffer(RegionObject *self, Py_buffer *view, int flags)
     return 0;
 }
 
+/* close() ran while a view was alive, and the last one is now gone. What was written through
+ * it after the wipe (a base64 decode_into of another thread, without the GIL) is still in the
+ * region: the Python class (_last_view_released) wipes it again and releases the memory, as
+ * only it knows whether that memory is still mapped (a garbage cycle may have unmapped it).
+ * This runs inside PyBuffer_Release, often on an error path: a pending exception is kept
+ * aside, and one raised here is reported as unraisable. */
+static void
+Region_last_export_gone(RegionObject *self)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *pending = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+#endif
+    PyObject *result = PyObject_CallMethod((PyObject *)self, "_last_view_released", NULL);
+    if (result == NULL)
+        PyErr_WriteUnraisable((PyObject *)self);
+    Py_XDECREF(result);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(pending);
+#else
+    PyErr_Restore(type, value, traceback);
+#endif
+}
+
 static void
 Region_releasebuffer(RegionObject *self, Py_buffer *view)
 {
     (void)view;
-    self->exports--;
+    if (--self->exports == 0 && self->closed)
+        Region_last_export_gone(self);
 }
 
 static PyBufferProcs Region_as_buffer = {
@@ -95,6 +123,28 @@ Region_wipe(RegionObject *self, PyObject *unused)
     if (!Region_usable(self))
         return NULL;
     explicit_bzero(self->ptr, (size_t)self->size);
+    Py_RETURN_NONE;
+}
+
+/* Zero a closed region again; only for a subclass that knows its memory is still mapped. */
+static PyObject *
+Region_wipe_closed(RegionObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!self->closed || self->pid != getpid()) {
+        PyErr_SetString(PyExc_ValueError, "_wipe_closed needs a closed region of this process");
+        return NULL;
+    }
+    explicit_bzero(self->ptr, (size_t)self->size);
+    Py_RETURN_NONE;
+}
+
+/* The default when the last view of a closed region goes: nothing (subclasses release). */
+static PyObject *
+Region_last_view_released(RegionObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
     Py_RETURN_NONE;
 }
 
@@ -173,6 +223,10 @@ static PyMethodDef Region_methods[] = {
      "Wipe and close; return live exports, or -1 if already closed."},
     {"_refit", (PyCFunction)Region_refit, METH_VARARGS,
      "Point at data moved by nm_region_refit (no live views allowed)."},
+    {"_wipe_closed", (PyCFunction)Region_wipe_closed, METH_NOARGS,
+     "Zero a closed region again (its memory must still be mapped)."},
+    {"_last_view_released", (PyCFunction)Region_last_view_released, METH_NOARGS,
+     "Called when the last view of a closed region is released; subclasses release it."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -198,81 +252,124 @@ static PyTypeObject RegionType = {
 
 /* ---- wiping immutable objects ---- */
 
-static Py_ssize_t sole_reference_count = -1;
+/* nomyo.errors.WipeRefusedError, looked up at import. */
+static PyObject *WipeRefused;
 
-/* How many references an object held only by the caller's local variable has when it
- * arrives here; measured once, since interpreters differ (borrowed loads, etc.). */
+/* The caller hands the object over in a one-element list and has deleted its own names
+ * for it first (`box = [data]; del data; wipe_bytes_owned(box)`). The list is emptied
+ * here, so from then on the reference this function holds must be the only one: no count
+ * of the caller's references has to be guessed, and any other holder (a global, a cache,
+ * a container, a frame's f_locals) shows as a count above 1. Returns a new reference, or
+ * NULL with TypeError (the list untouched) when it is not a list of one `type` object. */
 static PyObject *
-calibrate(PyObject *module, PyObject *obj)
+take_handed_over(PyObject *box, PyTypeObject *type, const char *fname)
 {
-    (void)module;
-    sole_reference_count = Py_REFCNT(obj);
-    return PyLong_FromSsize_t(sole_reference_count);
+    if (!PyList_CheckExact(box) || PyList_GET_SIZE(box) != 1) {
+        PyErr_Format(PyExc_TypeError, "%s needs a list holding exactly one %s object",
+                     fname, type->tp_name);
+        return NULL;
+    }
+    PyObject *obj = PyList_GET_ITEM(box, 0);
+    if (Py_TYPE(obj) != type) {
+        PyErr_Format(PyExc_TypeError, "%s needs a list holding one %s object, not '%.100s'",
+                     fname, type->tp_name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    Py_INCREF(obj);
+    if (PyList_SetSlice(box, 0, 1, NULL) < 0) {
+        Py_DECREF(obj);
+        return NULL;
+    }
+    return obj;
 }
 
+/* Whether obj holds at most one byte or one Latin-1 character. The interpreter keeps shared
+ * objects for every such value (one table of each; 3.11 has static copies besides, 3.12+
+ * makes them immortal), so one more copy of such a value reveals nothing, and the shared
+ * ones must never be written: when not ours alone, it is left as it is, without refusing. */
 static int
-check_sole_reference(PyObject *obj)
+is_one_char_value(PyObject *obj)
 {
-    if (sole_reference_count < 0) {
-        PyErr_SetString(PyExc_RuntimeError, "nomyo._pyobjects is not calibrated");
-        return 0;
-    }
-    if (Py_REFCNT(obj) > sole_reference_count) {
-        PyErr_SetString(PyExc_ValueError,
-                        "refusing to wipe an object that is still referenced elsewhere");
-        return 0;
-    }
-    return 1;
+    if (PyBytes_CheckExact(obj))
+        return PyBytes_GET_SIZE(obj) <= 1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(obj);
+    return n == 0 || (n == 1 && PyUnicode_READ_CHAR(obj, 0) <= 0xFF);
+}
+
+/* The outcome for an object we hold but may not write: False for a one-character value,
+ * WipeRefusedError otherwise. Drops our reference either way; nothing is put back. */
+static PyObject *
+not_wiped(PyObject *obj, const char *why)
+{
+    int short_value = is_one_char_value(obj);
+    Py_DECREF(obj);
+    if (short_value)
+        Py_RETURN_FALSE;
+    PyErr_Format(WipeRefused, "refusing to wipe: %s; it was not zeroed", why);
+    return NULL;
 }
 
 static PyObject *
-wipe_bytes(PyObject *module, PyObject *obj)
+wipe_bytes_owned(PyObject *module, PyObject *box)
 {
     (void)module;
-    if (!PyBytes_CheckExact(obj)) {
-        PyErr_SetString(PyExc_TypeError, "wipe_bytes needs a bytes object");
+    PyObject *obj = take_handed_over(box, &PyBytes_Type, "wipe_bytes_owned");
+    if (obj == NULL)
         return NULL;
-    }
-    if (PyBytes_GET_SIZE(obj) == 0)
-        Py_RETURN_TRUE;
-    if (!check_sole_reference(obj))
-        return NULL;
+    if (Py_REFCNT(obj) != 1)
+        return not_wiped(obj, "the bytes object is still referenced elsewhere");
     explicit_bzero(PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj));
-#if PY_VERSION_HEX < 0x030D0000
     /* A cached hash is a function of the secret: forget it too. The field is deprecated
-     * since 3.11, but it is exactly what must be cleared here. */
+     * since 3.11 but still there and still filled by hash() on every version we build for. */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
     ((PyBytesObject *)obj)->ob_shash = -1;
 #pragma GCC diagnostic pop
-#endif
+    Py_DECREF(obj); /* the last reference: freed, already zeroed */
     Py_RETURN_TRUE;
 }
 
 static PyObject *
-wipe_str(PyObject *module, PyObject *obj)
+wipe_str_owned(PyObject *module, PyObject *box)
 {
     (void)module;
-    if (!PyUnicode_CheckExact(obj)) {
-        PyErr_SetString(PyExc_TypeError, "wipe_str needs a str object");
+    PyObject *obj = take_handed_over(box, &PyUnicode_Type, "wipe_str_owned");
+    if (obj == NULL)
+        return NULL;
+    if (!PyUnicode_IS_COMPACT(obj)) { /* only the deprecated Py_UNICODE APIs make these */
+        Py_DECREF(obj);
+        PyErr_SetString(WipeRefused, "refusing to wipe a legacy (non-compact) str; "
+                                     "it was not zeroed");
         return NULL;
     }
-    if (PyUnicode_GET_LENGTH(obj) == 0)
-        Py_RETURN_TRUE;
-    if (!PyUnicode_IS_COMPACT(obj) || PyUnicode_CHECK_INTERNED(obj)) {
-        PyErr_SetString(PyExc_ValueError, "refusing to wipe an interned or legacy str");
-        return NULL;
-    }
-    if (!check_sole_reference(obj))
-        return NULL;
+    /* Before 3.12 the intern table's references are not counted: an interned str can
+     * show a count of 1, so interning is checked on its own. */
+    if (Py_REFCNT(obj) != 1 || PyUnicode_CHECK_INTERNED(obj))
+        return not_wiped(obj, PyUnicode_CHECK_INTERNED(obj)
+                                  ? "the str is interned (shared by identity)"
+                                  : "the str is still referenced elsewhere");
     explicit_bzero(PyUnicode_DATA(obj),
                    (size_t)PyUnicode_GET_LENGTH(obj) * PyUnicode_KIND(obj));
-    if (!PyUnicode_IS_COMPACT_ASCII(obj)) {
+    if (!PyUnicode_IS_COMPACT_ASCII(obj)) { /* the cached UTF-8 form, if any */
         PyCompactUnicodeObject *c = (PyCompactUnicodeObject *)obj;
         if (c->utf8 != NULL && c->utf8_length > 0)
             explicit_bzero(c->utf8, (size_t)c->utf8_length);
     }
+#if PY_VERSION_HEX < 0x030C0000
+    /* The cached wchar_t form (PyUnicode_AsUnicode & co.), when it is not the data itself. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    wchar_t *wstr = ((PyASCIIObject *)obj)->wstr;
+    if (wstr != NULL && (void *)wstr != PyUnicode_DATA(obj)) {
+        Py_ssize_t wlen = PyUnicode_IS_COMPACT_ASCII(obj)
+                              ? PyUnicode_GET_LENGTH(obj)
+                              : ((PyCompactUnicodeObject *)obj)->wstr_length;
+        explicit_bzero(wstr, (size_t)wlen * sizeof(wchar_t));
+    }
+#pragma GCC diagnostic pop
+#endif
     ((PyASCIIObject *)obj)->hash = -1;
+    Py_DECREF(obj); /* the last reference: freed, already zeroed */
     Py_RETURN_TRUE;
 }
 
@@ -292,6 +389,13 @@ init_tables(void)
     latin1_json_len['\b'] = latin1_json_len['\f'] = 2;
 }
 
+/* Surrogate code points (lone, or a pair stored as two code points) have no UTF-8 form; the
+ * fallback's str.encode refuses them, so this writer does too, with the same error
+ * (nomyo/memory/secure_json.py words it for both), instead of writing \uXXXX escapes that
+ * a reader would turn into another string (a pair) or that no UTF-8 text can hold. */
+#define SURROGATES_REFUSED \
+    "JSON strings must not contain surrogates (U+D800 to U+DFFF): they have no UTF-8 form"
+
 static Py_ssize_t
 escaped_char_len(Py_UCS4 c)
 {
@@ -300,12 +404,13 @@ escaped_char_len(Py_UCS4 c)
     if (c < 0x800)
         return 2;
     if (c >= 0xD800 && c <= 0xDFFF)
-        return 6; /* a lone surrogate has no UTF-8 form: \uXXXX */
+        return -1;
     if (c < 0x10000)
         return 3;
     return 4;
 }
 
+/* Length of the quoted UTF-8 form, or -1 with ValueError for a surrogate. */
 static Py_ssize_t
 quoted_len(PyObject *s)
 {
@@ -316,16 +421,27 @@ quoted_len(PyObject *s)
         const Py_UCS1 *p = data;
         for (Py_ssize_t i = 0; i < n; i++)
             total += latin1_json_len[p[i]];
-    } else if (kind == PyUnicode_2BYTE_KIND) {
-        const Py_UCS2 *p = data;
-        for (Py_ssize_t i = 0; i < n; i++)
-            total += escaped_char_len(p[i]);
-    } else {
-        const Py_UCS4 *p = data;
-        for (Py_ssize_t i = 0; i < n; i++)
-            total += escaped_char_len(p[i]);
+        return total;
     }
+#define ADD_ESCAPED_LENGTHS(TYPE)                                             \
+    do {                                                                      \
+        const TYPE *p = data;                                                 \
+        for (Py_ssize_t i = 0; i < n; i++) {                                  \
+            Py_ssize_t len = escaped_char_len(p[i]);                          \
+            if (len < 0)                                                      \
+                goto surrogate;                                               \
+            total += len;                                                     \
+        }                                                                     \
+    } while (0)
+    if (kind == PyUnicode_2BYTE_KIND)
+        ADD_ESCAPED_LENGTHS(Py_UCS2);
+    else
+        ADD_ESCAPED_LENGTHS(Py_UCS4);
+#undef ADD_ESCAPED_LENGTHS
     return total;
+surrogate:
+    PyErr_SetString(PyExc_ValueError, SURROGATES_REFUSED);
+    return -1;
 }
 
 static PyObject *
@@ -336,7 +452,8 @@ json_quote_len(PyObject *module, PyObject *s)
         PyErr_SetString(PyExc_TypeError, "json_quote_len needs a str");
         return NULL;
     }
-    return PyLong_FromSsize_t(quoted_len(s));
+    Py_ssize_t n = quoted_len(s);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
 static unsigned char *
@@ -353,7 +470,7 @@ write_escaped(unsigned char *o, Py_UCS4 c)
     case '\f': *o++ = '\\'; *o++ = 'f'; return o;
     default: break;
     }
-    if (c < 0x20 || (c >= 0xD800 && c <= 0xDFFF)) {
+    if (c < 0x20) { /* surrogates never get here: quoted_len refused them */
         *o++ = '\\'; *o++ = 'u';
         *o++ = hex[(c >> 12) & 0xF]; *o++ = hex[(c >> 8) & 0xF];
         *o++ = hex[(c >> 4) & 0xF]; *o++ = hex[c & 0xF];
@@ -404,6 +521,10 @@ json_quote_into(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "Uw*n:json_quote_into", &s, &out, &offset))
         return NULL;
     Py_ssize_t need = quoted_len(s);
+    if (need < 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
     if (offset < 0 || offset > out.len || out.len - offset < need) {
         PyBuffer_Release(&out);
         PyErr_SetString(PyExc_ValueError, "json_quote_into: buffer too small");
@@ -469,17 +590,28 @@ ascii_prefix(const unsigned char *p, Py_ssize_t n)
     return i;
 }
 
+/* The second pass: write the `count` characters the first pass found into the new str. The
+ * buffer may be written meanwhile by code that does not hold the GIL (a base64 decode_into
+ * of another thread), so every step is bounded by `end` and checked against what the first
+ * pass saw (valid UTF-8, no character above maxchar, the same largest character, exactly
+ * `end` reached); a difference sets *changed instead of reading past the buffer. */
 #define DECODE_INTO(TYPE)                                                         \
     do {                                                                          \
         TYPE *dst = (TYPE *)PyUnicode_DATA(s);                                    \
+        Py_UCS4 seen = 0;                                                         \
         for (Py_ssize_t i = 0; i < count; i++) {                                  \
-            if (*p < 0x80) {                                                      \
-                dst[i] = *p++;                                                    \
-            } else {                                                              \
-                p += utf8_next(p, end, &c);                                       \
-                dst[i] = (TYPE)c;                                                 \
+            int k = p < end ? utf8_next(p, end, &c) : 0;                          \
+            if (k == 0 || c > maxchar) {                                          \
+                changed = 1;                                                      \
+                break;                                                            \
             }                                                                     \
+            if (c < 0x80 ? seen < 0x7F : c > seen)                                \
+                seen = c < 0x80 ? 0x7F : c;                                       \
+            dst[i] = (TYPE)c;                                                     \
+            p += k;                                                               \
         }                                                                         \
+        if (p != end || seen != maxchar)                                          \
+            changed = 1;                                                          \
     } while (0)
 
 static PyObject *
@@ -517,23 +649,35 @@ decode_utf8(PyObject *module, PyObject *arg)
         PyBuffer_Release(&in);
         return NULL;
     }
+    int changed = 0;
     p = start;
-    if (maxchar < 0x80)
+    if (maxchar < 0x80) {
+        /* count == in.len here; the copy, not the buffer, is checked (it may change again) */
         memcpy(PyUnicode_DATA(s), start, (size_t)count);
-    else if (maxchar < 0x100)
+        changed = ascii_prefix(PyUnicode_DATA(s), count) != count;
+    } else if (maxchar < 0x100) {
         DECODE_INTO(Py_UCS1);
-    else if (maxchar < 0x10000)
+    } else if (maxchar < 0x10000) {
         DECODE_INTO(Py_UCS2);
-    else
+    } else {
         DECODE_INTO(Py_UCS4);
+    }
     PyBuffer_Release(&in);
+    if (changed) {
+        /* what was copied so far is part of the secret: zero it before the str is freed */
+        explicit_bzero(PyUnicode_DATA(s), (size_t)count * PyUnicode_KIND(s));
+        Py_DECREF(s);
+        PyErr_SetString(PyExc_RuntimeError, "buffer changed while it was being decoded");
+        return NULL;
+    }
     return s;
 }
 
 static PyMethodDef module_methods[] = {
-    {"_calibrate", calibrate, METH_O, "Record the reference count of a sole local reference."},
-    {"wipe_bytes", wipe_bytes, METH_O, "Zero a bytes object the caller alone references."},
-    {"wipe_str", wipe_str, METH_O, "Zero a str object the caller alone references."},
+    {"wipe_bytes_owned", wipe_bytes_owned, METH_O,
+     "Take the bytes out of a one-element list and zero it if that was its only reference."},
+    {"wipe_str_owned", wipe_str_owned, METH_O,
+     "Take the str out of a one-element list and zero it if that was its only reference."},
     {"json_quote_len", json_quote_len, METH_O, "Length of the JSON string form, UTF-8."},
     {"json_quote_into", json_quote_into, METH_VARARGS, "Write the JSON string form into a buffer."},
     {"decode_utf8", decode_utf8, METH_O, "Strict UTF-8 to str in one exact allocation."},
@@ -550,6 +694,15 @@ PyMODINIT_FUNC
 PyInit__pyobjects(void)
 {
     init_tables();
+    if (WipeRefused == NULL) {
+        PyObject *errors = PyImport_ImportModule("nomyo.errors");
+        if (errors == NULL)
+            return NULL;
+        WipeRefused = PyObject_GetAttrString(errors, "WipeRefusedError");
+        Py_DECREF(errors);
+        if (WipeRefused == NULL)
+            return NULL;
+    }
     if (PyType_Ready(&RegionType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);

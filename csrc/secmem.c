@@ -2,6 +2,7 @@
  * recorded, never hidden, and the allocation still succeeds when the memory itself exists. */
 #define _GNU_SOURCE
 #include "secmem.h"
+#include "compat.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -9,7 +10,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#if NM_LIBC_HAS_GETRANDOM
 #include <sys/random.h>
+#endif
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -21,6 +24,15 @@
 #endif
 #ifndef MADV_DONTDUMP
 #define MADV_DONTDUMP 16
+#endif
+#if !NM_LIBC_HAS_GETRANDOM && !defined(SYS_getrandom)
+#if defined(__x86_64__)
+#define SYS_getrandom 318
+#elif defined(__aarch64__)
+#define SYS_getrandom 278
+#else
+#error "SYS_getrandom unknown here: build against glibc >= 2.25 without NOMYO_PORTABLE_GLIBC"
+#endif
 #endif
 
 #ifndef NOMYO_BUILD_VERSION
@@ -46,7 +58,11 @@ int nm_fill_random(void *p, size_t n)
 {
     unsigned char *out = p;
     while (n > 0) {
+#if NM_LIBC_HAS_GETRANDOM
         ssize_t got = getrandom(out, n, 0);
+#else
+        ssize_t got = (ssize_t)syscall(SYS_getrandom, out, n, 0);
+#endif
         if (got < 0) {
             if (errno == EINTR)
                 continue;
@@ -128,7 +144,7 @@ static void check_canary(nm_region *r)
 {
     if (memcmp(r->data - NM_CANARY_BYTES, &r->canary, NM_CANARY_BYTES) == 0)
         return;
-    explicit_bzero(r->inner, r->inner_len);
+    nm_wipe(r->inner, r->inner_len);
     static const char msg[] = "nomyo: secure buffer canary overwritten; aborting\n";
     ssize_t ignored = write(2, msg, sizeof(msg) - 1);
     (void)ignored;
@@ -213,7 +229,7 @@ int nm_region_refit(nm_region *r, size_t size)
     if (size == 0 || size > r->inner_len - NM_CANARY_BYTES)
         return -ENOSPC;
     check_canary(r);
-    explicit_bzero(r->data - NM_CANARY_BYTES, r->size + NM_CANARY_BYTES);
+    nm_wipe(r->data - NM_CANARY_BYTES, r->size + NM_CANARY_BYTES);
     return place_data(r, size);
 }
 
@@ -223,13 +239,13 @@ int nm_region_free(nm_region *r)
     if (r->base == NULL)
         return -EINVAL;
     check_canary(r);
-    explicit_bzero(r->inner, r->inner_len);
+    nm_wipe(r->inner, r->inner_len);
     int err = 0;
     if (r->locked && r->allocator == NM_ALLOC_MMAP && munlock(r->inner, r->inner_len) != 0)
         err = errno;
     if (munmap(r->base, r->total) != 0 && err == 0)
         err = errno;
-    explicit_bzero(&r->canary, sizeof(r->canary));
+    nm_wipe(&r->canary, sizeof(r->canary));
     r->base = NULL;
     r->data = NULL;
     r->inner = NULL;

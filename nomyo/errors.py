@@ -33,6 +33,12 @@ class PackageError(NomyoError, ValueError):
     unsupported version or algorithm, oversized plaintext)."""
 
 
+class WipeRefusedError(NomyoError, ValueError):
+    """An immutable object handed over for wiping (`wipe_bytes_owned`, `wipe_str_owned`) was
+    still referenced elsewhere, or is interned, so it was left as it was, not zeroed. An
+    internal error, never an integrity verdict."""
+
+
 class DisposedError(NomyoError, RuntimeError):
     """A client was used after `close()` / `dispose()`."""
 

@@ -106,10 +106,12 @@ def post_request(srv: Any, obj: Any = None, **headers: str) -> Any:
 
 
 def serve_process(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """`python -m nomyo.server --port 0 ARGS` in its own process group (workers included)."""
+    """`python -m nomyo.server --port 0 ARGS` in its own process group (workers included).
+
+    $NOMYO_SERVE_ROOT runs another checkout's server instead (to show a test fails on it)."""
     return subprocess.Popen(
         [sys.executable, "-m", "nomyo.server", "--port", "0", *args],
-        cwd=_REPO,
+        cwd=os.environ.get("NOMYO_SERVE_ROOT") or _REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -133,3 +135,43 @@ def kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
+
+
+class Served:
+    """`nomyo serve` (granian) in a child process with the vector server key: `.url`,
+    `.public_key_pem`, `.proc`, `.stop()`. Skipped, naming it, when granian is missing."""
+
+    def __init__(self, *args: str, key_dir: Path, env: dict | None = None) -> None:
+        pytest.importorskip("granian", reason="granian (the `server` extra) runs nomyo serve")
+        key_file = key_dir / "server_key.pem"
+        if not key_file.exists():
+            key_file.write_text(vector_keys()["server_private_pem"])
+            key_file.chmod(0o600)
+        self.proc = serve_process("--key-file", str(key_file), *args, env=env)
+        try:
+            self.url = listening_url(self.proc)
+        except BaseException:
+            kill_group(self.proc)
+            raise
+        self.public_key_pem = vector_keys()["server_public_pem"]
+        host, port = self.url.rsplit("/", 1)[1].rsplit(":", 1)
+        self.address = (host.strip("[]"), int(port))
+
+    def stop(self) -> tuple[str, str]:
+        """SIGTERM, wait (graceful), and return (stdout, stderr); SIGKILL if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill_group(self.proc)
+            raise
+
+    def __enter__(self) -> Served:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            kill_group(self.proc)

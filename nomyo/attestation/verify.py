@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_B64_CHARS = 4 * ((MAX_FIELD_BYTES + 2) // 3)
-MAX_PAYLOAD_ID_CHARS = 64 * 1024
+MAX_QUOTED_PAYLOAD_ID_CHARS = 64 * 1024  # a verifier's bound on input, not the wire limit
 MAX_PCR_BANKS_CHARS = 1024
 MIN_RSA_BITS = 2048
 
@@ -315,7 +315,7 @@ def _verify(attestation: Mapping[str, Any], payload_id: Any, expected_pcrs: Any,
         c.fail(Reason.NOT_AVAILABLE)
         return
     if (not isinstance(payload_id, str) or not payload_id
-            or len(payload_id) > MAX_PAYLOAD_ID_CHARS):
+            or len(payload_id) > MAX_QUOTED_PAYLOAD_ID_CHARS):
         c.fail(Reason.PAYLOAD_ID_INVALID)
     raw = {}
     for key in ("quote_b64", "signature_b64", "aik_pubkey_b64"):

@@ -48,7 +48,6 @@ def register(sub: Any) -> None:
     chat.set_defaults(run=run)
 
 
-
 def run(args: argparse.Namespace) -> int:
     from nomyo.client import SecureChatCompletion
     from nomyo.errors import NomyoError

@@ -48,7 +48,6 @@ REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
 }
 
 
-
 def register(sub: Any) -> None:
     """Add `doctor` to the command's subparsers."""
     doctor = sub.add_parser("doctor", help="report the memory protections in force here")
@@ -68,7 +67,6 @@ def _requirement_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"unknown protection {', '.join(unknown)}; known: {', '.join(REQUIREMENTS)}")
     return names
-
 
 
 def run(args: argparse.Namespace) -> int:

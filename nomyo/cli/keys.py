@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any
 
 from nomyo.cli.messages import error_line, password_from_env
@@ -70,8 +71,13 @@ def run_fingerprint(args: argparse.Namespace) -> int:
             from nomyo.client import SecureCompletionClient
 
             # the client's own server-key fetch: same URL checks, TLS settings and parsing
-            with SecureCompletionClient(args.url, allow_http=args.allow_http,
-                                        ca_bundle=args.ca_bundle) as client:
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                client = SecureCompletionClient(args.url, allow_http=args.allow_http,
+                                                ca_bundle=args.ca_bundle)
+            for warning in said:  # e.g. plain HTTP to another host: one line, no source
+                print(f"nomyo keys: warning: {warning.message}", file=sys.stderr)
+            with client:
                 pem = client.fetch_server_public_key_sync()
             print(keys.fingerprint(pem))
             return EXIT_OK

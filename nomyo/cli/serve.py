@@ -6,13 +6,13 @@ import argparse
 import logging
 import math
 import os
-import ssl
+import shlex
+import socket
 import sys
 from typing import Any
 
-from nomyo.cli.parser import OneLineParser
+from nomyo.cli.parser import EXIT_USAGE, OneLineParser
 from nomyo.errors import NomyoError
-from nomyo.memory import harden_process
 from nomyo.protocol.constants import (
     DEFAULT_BACKEND_TIMEOUT,
     DEFAULT_KEY_BITS,
@@ -22,6 +22,7 @@ from nomyo.protocol.constants import (
 
 KEY_PASSWORD_ENV = "NOMYO_KEY_PASSWORD"
 DEFAULT_PORT = 12434
+DEFAULT_MAX_CONNECTIONS = 4096
 
 
 def _positive_float(text: str) -> float:
@@ -71,26 +72,50 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
     net.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     net.add_argument(
-        "--timeout",
+        "--header-timeout",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="a request head, and keep-alive idling, must arrive within this (default 5)",
+    )
+    net.add_argument(
+        "--body-timeout",
         type=_positive_float,
         default=30.0,
         metavar="SECONDS",
-        help="socket timeout per read/write and keep-alive idle time (default 30)",
+        help="a request body must arrive within this in total (default 30)",
     )
     net.add_argument(
         "--workers",
         type=_positive_int,
         default=1,
         metavar="N",
-        help="server processes sharing the port and key (default 1); threads already "
-        "decrypt in parallel, workers also parallelise the Python parts of each request",
+        help="server processes sharing the port and key (default 1); a worker that dies is "
+        "respawned",
+    )
+    net.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="requests decrypted or waiting for the backend at once, per worker (default 16)",
     )
     net.add_argument(
         "--max-connections",
         type=_positive_int,
-        default=64,
+        default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
-        help="concurrent connections (one thread each; default 64)",
+        help=f"open connections per worker (default {DEFAULT_MAX_CONNECTIONS}); an idle one "
+        "costs a few KB, no thread, and is closed after --header-timeout; more wait in the "
+        "listen queue",
+    )
+
+    net.add_argument(
+        "--client-address-header",
+        metavar="NAME",
+        help="behind a reverse proxy on this host: take the client address (access log, "
+        "rate limits, login throttling) from this header, e.g. X-Real-IP; believed only "
+        "from loopback peers",
     )
 
     inference = parser.add_argument_group("inference")
@@ -99,14 +124,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="echo",
         metavar="echo|URL",
         help="'echo' (built in) or the base URL of an OpenAI-compatible "
-        "server, e.g. http://127.0.0.1:8000 (default echo)",
+        "server, with or without /v1, e.g. http://127.0.0.1:8000 (default echo)",
     )
     inference.add_argument(
         "--backend-timeout",
         type=_positive_float,
         default=DEFAULT_BACKEND_TIMEOUT,
         metavar="SECONDS",
-        help=f"read timeout for the backend (default {DEFAULT_BACKEND_TIMEOUT:g})",
+        help="total deadline of one backend call; when it passes the backend connection is "
+        f"closed (default {DEFAULT_BACKEND_TIMEOUT:g})",
     )
 
     key = parser.add_argument_group("server key")
@@ -172,15 +198,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    import ssl  # imported here, as the server is: `nomyo doctor` stays light
+
+    from nomyo.memory import harden_process
+    from nomyo.server import production
+    from nomyo.server.asgi import AsgiApp
     from nomyo.server.factory import create_app
-    from nomyo.server.http import EmbeddedServer, serve_until_signalled, tls_context
 
     _configure_logging(args.log_level)
+    if not production.available():
+        return _fail("nomyo serve runs on granian, which is not installed: "
+                     "pip install 'nomyo[server]'")
     harden_process()  # no core dumps, not dumpable: before any key exists
+    _raise_open_files_limit(args.max_connections * args.workers + 256)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return _fail("--tls-cert and --tls-key go together")
+    if args.tls_key:
+        try:
+            _check_tls_key(args.tls_key)
+        except (ValueError, OSError) as err:
+            return _fail(err)
     try:
-        if (args.tls_cert is None) != (args.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
-        context = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        port = _bind_check(args.host, args.port)  # a busy port is found before the key is made
+    except OSError as err:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+    try:
         options: dict[str, Any] = {}
         if args.max_request_bytes is not None:
             options["max_request_bytes"] = args.max_request_bytes
@@ -199,33 +241,78 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     except (NomyoError, ValueError, TypeError, OSError, ssl.SSLError) as err:
         return _fail(err)
-    try:
-        server = EmbeddedServer(
-            (args.host, args.port),
-            app,
-            timeout=args.timeout,
-            max_connections=args.max_connections,
-            ssl_context=context,
-        )
-    except OSError as err:
-        return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+    problem = getattr(app.backend, "ready", lambda: None)()
+    if problem:
+        logging.getLogger("nomyo.server").warning(
+            "the backend does not answer yet (%s); /ready reports 503 until it does", problem)
+    scheme = "https" if args.tls_cert else "http"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"{scheme}://{host}:{port}"
 
-    def ready(url: str) -> None:
+    def ready() -> None:
         print(
             f"nomyo serve: listening on {url} (backend {app.backend.name}; key "
-            f"SHA-256 {app.keypair.fingerprint})",
+            f"SHA-256 {app.keypair.fingerprint}; {args.workers} worker(s))",
             flush=True,
         )
 
-    if args.workers > 1:
-        from nomyo.server.workers import serve_workers
-
-        status = serve_workers(server, args.workers, on_ready=ready)
-    else:
-        serve_until_signalled(server, on_ready=ready)
-        status = 0
+    try:
+        production.serve(
+            AsgiApp(app, body_timeout=args.body_timeout, threads=args.threads,
+                    client_address_header=args.client_address_header),
+            host=args.host,
+            port=port,
+            workers=args.workers,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            header_timeout_ms=max(1, min(60_000, int(args.header_timeout * 1000))),
+            backpressure=args.max_connections,
+            on_ready=ready,
+        )
+    finally:
+        app.backend.close()
     print("nomyo serve: stopped", flush=True)
-    return status
+    return 0
+
+
+def _check_tls_key(path: str) -> None:
+    """granian reads PKCS#8 keys only; say so (and how to convert) instead of its traceback."""
+    from nomyo.server.policy import check_private_file
+
+    check_private_file(path)
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if not any(marker in head for marker in (b"-----BEGIN PRIVATE KEY-----",
+                                             b"-----BEGIN ENCRYPTED PRIVATE KEY-----")):
+        raise ValueError(
+            f"{path}: --tls-key must be a PKCS#8 PEM key (BEGIN PRIVATE KEY); convert it with "
+            f"openssl pkcs8 -topk8 -nocrypt -in {shlex.quote(path)} -out key.pk8.pem"
+        )
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Lift the soft RLIMIT_NOFILE towards `wanted` (up to the hard limit) for the connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    if min(soft, target) < wanted and resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
+        logging.getLogger("nomyo.server").warning(
+            "open files limit %d is below --max-connections x --workers; raise `ulimit -n`",
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def _bind_check(host: str, port: int) -> int:
+    """Bind `host:port` once (port 0: pick a free port) and return the port; OSError if busy."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, port))
+        return probe.getsockname()[1]
 
 
 def _attestor(tcti: str | None, pcrs: str) -> Any:
@@ -252,7 +339,7 @@ def _fail(err: object) -> int:
     if isinstance(err, OSError) and err.filename and err.strerror:
         message = f"{err.filename}: {err.strerror}"
     print(f"nomyo serve: error: {message}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 _DESCRIPTION = (

@@ -32,9 +32,10 @@ from nomyo.errors import (
     DisposedError,
     InvalidRequestError,
     PackageError,
+    SecureMemoryUnavailable,
     SecurityError,
 )
-from nomyo.memory import get_memory_protection_info, require_protection
+from nomyo.memory import get_memory_protection_info, require_native, require_protection
 from nomyo.protocol import envelope, keys
 from nomyo.protocol.chat_request import check_chat_request, check_security_tier
 from nomyo.protocol.constants import (
@@ -47,7 +48,7 @@ from nomyo.protocol.constants import (
     PUBLIC_KEY_PATH,
     SECURITY_TIER_HEADER,
 )
-from nomyo.protocol.workspace import FRESH, Fresh, Workspace
+from nomyo.protocol.workspace import Fresh, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +137,19 @@ class _WorkspacePool:
     """The client's idle workspaces (their slots are wiped when an exchange ends): taking
     one saves mapping, locking and unmapping fresh guarded pages on every request."""
 
-    def __init__(self, require: bool | None, limit: int = MAX_IDLE_WORKSPACES) -> None:
-        self._require = require
+    def __init__(self, limit: int = MAX_IDLE_WORKSPACES) -> None:
         self._limit = limit
         self._idle: list[_PooledWorkspace] = []
         self._lock = threading.Lock()
         self._closed = False
 
-    def take(self) -> _PooledWorkspace:
+    def take(self, require: bool | None) -> _PooledWorkspace:
+        """An idle workspace made with the same fail-closed setting, else a new one."""
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return _PooledWorkspace(require=self._require)
+            for i in range(len(self._idle) - 1, -1, -1):
+                if self._idle[i].require == require:
+                    return self._idle.pop(i)
+        return _PooledWorkspace(require=require)
 
     def give(self, work: _PooledWorkspace, ended_cleanly: bool) -> None:
         """Keep `work` for the next exchange, or release it: after a failure (a slot may not
@@ -200,22 +202,14 @@ class SecureCompletionClient:
             raise ValueError("max_retries must be >= 0")
         if attestation not in ATTESTATION_MODES:
             raise ValueError("attestation must be None, 'verify' or 'require'")
-        if expected_pcrs is not None:
-            if attestation is None:
-                raise ValueError("expected_pcrs needs attestation='verify' or 'require'")
-            from nomyo.attestation import validate_expected_pcrs
-
-            validate_expected_pcrs(expected_pcrs)
+        _check_expected_pcrs(expected_pcrs, attestation)
         if debug:
             logging.getLogger("nomyo").setLevel(logging.DEBUG)
         self.router_url = router_url.rstrip("/")
-        # Accepted for the published signature: locking is process-wide here
-        # (nomyo.disable_secure_memory()), and buffers are always guarded and wiped.
         self._secure_memory = secure_memory
         self._require_secure_memory = require_secure_memory
         if require_secure_memory:
-            report = get_memory_protection_info()
-            require_protection(report["has_memory_locking"], report["dump_excluded"])
+            _require_secure_memory_now()
         self._attestation = attestation
         self._expected_pcrs = expected_pcrs
         self._pin = (normalise_fingerprint(server_key_fingerprint)
@@ -232,39 +226,79 @@ class SecureCompletionClient:
         self._server_key_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-        self._workspaces = _WorkspacePool(require=require_secure_memory or None)
+        self._workspaces = _WorkspacePool()
         self._closed = False
         _warn_if_plain_http(self.router_url, allow_http)
 
-    # -- settings, fixed at construction (read-only: changing them would not take effect) ---
+    # -- settings: each takes effect from the next request when changed, or is read-only ---
 
     @property
     def allow_http(self) -> bool:
         return self._transport.allow_http
 
+    @allow_http.setter
+    def allow_http(self, value: bool) -> None:
+        self._transport.allow_http = bool(value)
+
     @property
     def secure_memory(self) -> bool:
+        """Accepted for the published signature; read-only: locking is process-wide here
+        (nomyo.disable_secure_memory()), and buffers are always guarded and wiped."""
         return self._secure_memory
 
     @property
     def require_secure_memory(self) -> bool:
         return self._require_secure_memory
 
+    @require_secure_memory.setter
+    def require_secure_memory(self, value: bool) -> None:
+        if value:
+            _require_secure_memory_now()
+        self._require_secure_memory = bool(value)
+
     @property
     def max_retries(self) -> int:
         return self._transport.retry.max_retries
+
+    @max_retries.setter
+    def max_retries(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("max_retries must be >= 0")
+        self._transport.retry.max_retries = value
 
     @property
     def timeout(self) -> float | None:
         return self._transport.timeout
 
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._transport.timeout = value
+
     @property
     def key_size(self) -> int:
+        """Read-only: the size of every pair this client makes (set at construction)."""
         return self._keyring.key_size
 
     @property
     def attestation(self) -> str | None:
         return self._attestation
+
+    @attestation.setter
+    def attestation(self, mode: str | None) -> None:
+        if mode not in ATTESTATION_MODES:
+            raise ValueError("attestation must be None, 'verify' or 'require'")
+        if mode is None and self._expected_pcrs is not None:
+            raise ValueError("expected_pcrs needs attestation='verify' or 'require'")
+        self._attestation = mode
+
+    @property
+    def expected_pcrs(self) -> Mapping[str, Mapping[Any, str]] | None:
+        return self._expected_pcrs
+
+    @expected_pcrs.setter
+    def expected_pcrs(self, pcrs: Mapping[str, Mapping[Any, str]] | None) -> None:
+        _check_expected_pcrs(pcrs, self._attestation)
+        self._expected_pcrs = pcrs
 
     @property
     def keyring(self) -> KeyRing:
@@ -374,7 +408,7 @@ class SecureCompletionClient:
         if not encrypted_response:
             raise PackageError("Empty encrypted response")
         with self._keyring.lease() as pair:
-            return _open_response(encrypted_response, pair, payload_id, FRESH)
+            return _open_response(encrypted_response, pair, payload_id, self._fresh())
 
     def send_secure_request_sync(
         self,
@@ -388,7 +422,7 @@ class SecureCompletionClient:
     ) -> dict[str, Any]:
         """Blocking `send_secure_request`; `base_url` overrides the endpoint for this call."""
         self._check_open()
-        work, clean = self._workspaces.take(), False
+        work, clean = self._workspaces.take(self._require_secure_memory or None), False
         try:
             response = self._exchange(work, payload, payload_id, api_key, security_tier,
                                       base_url, options)
@@ -401,7 +435,7 @@ class SecureCompletionClient:
                       *request: Any) -> None:
         """`_exchange` in a worker thread: post its outcome to `answer` on `loop`, then hand
         the workspace, whose slots are wiped by then, back to the pool off the answer's path."""
-        work = self._workspaces.take()
+        work = self._workspaces.take(self._require_secure_memory or None)
         try:
             outcome = (self._exchange(work, *request), None)
         except BaseException as exc:  # handed to the awaiting task, as run_in_executor does
@@ -620,6 +654,30 @@ def _open_response(content: bytes, pair: keys.KeyPair, payload_id: str,
         encryption_algorithm=info.algorithm,
     )
     return response
+
+
+def _check_expected_pcrs(pcrs: Mapping[str, Mapping[Any, str]] | None,
+                        attestation: str | None) -> None:
+    if pcrs is None:
+        return
+    if attestation is None:
+        raise ValueError("expected_pcrs needs attestation='verify' or 'require'")
+    from nomyo.attestation import validate_expected_pcrs
+
+    validate_expected_pcrs(pcrs)
+
+
+def _require_secure_memory_now() -> None:
+    """require_secure_memory=True: refuse at once, naming the real cause, unless this process
+    can lock memory and exclude it from dumps now."""
+    report = get_memory_protection_info()
+    if report["backend"] != "native":
+        require_native(report.get("fallback_reason"))
+    if not report["enabled"]:
+        raise SecureMemoryUnavailable(
+            "require_secure_memory=True, but locking was switched off in this process "
+            "(nomyo.disable_secure_memory()); call nomyo.enable_secure_memory() first")
+    require_protection(report["has_memory_locking"], report["dump_excluded"])
 
 
 def _warn_if_plain_http(url: str, allow_http: bool) -> None:

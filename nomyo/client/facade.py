@@ -112,8 +112,20 @@ class SecureChatCompletion:
 
     @property
     def attestation(self) -> str | None:
-        """None, "verify" or "require", as given at construction."""
+        """None, "verify" or "require"; changing it takes effect from the next request."""
         return self.client.attestation
+
+    @attestation.setter
+    def attestation(self, mode: str | None) -> None:
+        self.client.attestation = mode
+
+    @property
+    def expected_pcrs(self) -> Mapping[str, Mapping[Any, str]] | None:
+        return self.client.expected_pcrs
+
+    @expected_pcrs.setter
+    def expected_pcrs(self, pcrs: Mapping[str, Mapping[Any, str]] | None) -> None:
+        self.client.expected_pcrs = pcrs
 
     def __repr__(self) -> str:
         return f"SecureChatCompletion({self.client.router_url!r})"
@@ -121,13 +133,11 @@ class SecureChatCompletion:
     def _prepare(self, model: str, messages: Any, kwargs: dict[str, Any]
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Split per-call options from the payload. The client checks tier, stream and
-        closed state itself, before any work; only the facade's own arguments are checked here."""
+        closed state itself (the protocol's one chat-request check), before any work."""
         options: dict[str, Any] = {name: kwargs.pop(name, None) for name in _CALL_OPTIONS}
         transport = {name: kwargs.pop(name) for name in _TRANSPORT_OPTIONS if name in kwargs}
         extra_body = kwargs.pop("extra_body", None)
-        if not isinstance(model, str) or not model:
-            raise ValueError("model must be a non-empty string")
-        if not isinstance(messages, list):
+        if not isinstance(messages, list):  # a TypeError, as the published signature implies
             raise TypeError("messages must be a list of message dicts")
         for name in _NOT_CHAT_PARAMETERS:
             if name in kwargs:

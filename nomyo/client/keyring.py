@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nomyo.errors import ConfigurationError, DisposedError
+from nomyo.protocol.constants import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
 from nomyo.protocol.keys import PRIVATE_KEY_FILE, KeyPair, Password
 
 logger = logging.getLogger(__name__)
@@ -48,14 +49,14 @@ class KeyRing:
     def __init__(
         self,
         *,
-        key_size: int = 4096,
+        key_size: int = DEFAULT_KEY_BITS,
         key_dir: str | os.PathLike | None = None,
         key_password: Password = None,
         rotation_interval: float | None = 24 * 3600,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if key_size not in (2048, 4096):
-            raise ValueError(f"key_size must be 2048 or 4096, not {key_size!r}")
+        if key_size not in GENERATE_KEY_BITS:
+            raise ValueError(f"key_size must be one of {GENERATE_KEY_BITS}, not {key_size!r}")
         if rotation_interval is not None and rotation_interval < 0:
             raise ValueError("key_rotation_interval must be >= 0 seconds (0 or None disables)")
         self.key_size = key_size

@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
@@ -189,8 +189,8 @@ class Prepared:
 
     method: str
     url: str
-    headers: Mapping[str, str]
-    redact: tuple[str, ...] = ()
+    headers: Mapping[str, str] = field(repr=False)  # Authorization among them
+    redact: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass
@@ -225,7 +225,6 @@ class Transport:
     ) -> None:
         self.retry = retry or RetryPolicy()
         self.allow_http = allow_http
-        self.timeout = timeout
         self._sleep = sleep
         self._lock = threading.Lock()
         # The environment is read once (the CA bundle here, proxies once per route) instead of
@@ -241,13 +240,22 @@ class Transport:
             raise ValueError(f"CA bundle not found: {verify}")
         self._verify = verify
         self._routes: dict[tuple[str, str], tuple[urllib3.HTTPConnectionPool, str]] = {}
-        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        self.timeout = timeout
         session = requests.Session()
         session.trust_env = False
         adapter = OneWriteAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         self._session: requests.Session | None = session
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds to connect and between bytes read, per attempt (None: no limit)."""
+        return self._timeout.connect_timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float | None) -> None:
+        self._timeout = urllib3.Timeout(connect=seconds, read=seconds)
 
     @property
     def ca_bundle(self) -> bool | str:
@@ -274,6 +282,9 @@ class Transport:
         add `Authorization: Bearer <api_key>` when a key is given."""
         require_secure_url(url, self.allow_http)
         checked = dict(headers or {})
+        if any(name.strip().lower() == AUTHORIZATION_HEADER.lower() for name in checked):
+            raise ValueError("pass the API key as api_key=, not as an Authorization header: "
+                             "the transport builds that header and redacts its value")
         if api_key:
             checked[AUTHORIZATION_HEADER] = f"Bearer {api_key}"
         check_header_values(checked)

@@ -23,12 +23,14 @@ pyobjects: Any = None  # nomyo._pyobjects: Region, the wipers, the JSON and UTF-
 FALLBACK_REASON: str | None = None
 
 
-def stale_build(name: str, built_for: str) -> str | None:
-    """Why a compiled module cannot be used with this package, or None when it can."""
+def stale_build(name: str, built_for: str | None) -> str | None:
+    """Why a compiled module cannot be used with this package, or None when it can
+    (`built_for` is the version stamped into it; None when it carries no stamp)."""
     if built_for == __version__:
         return None
-    return (f"{name} was built for nomyo {built_for}, this is nomyo {__version__}: "
-            "a stale build; reinstall nomyo (pip install --force-reinstall) to rebuild it")
+    made = f"built for nomyo {built_for}" if built_for else "built with no version stamp"
+    return (f"{name} was {made}, this is nomyo {__version__}: a stale build; reinstall "
+            "nomyo (pip install --force-reinstall) to rebuild it")
 
 
 def _load() -> None:
@@ -38,21 +40,18 @@ def _load() -> None:
     from nomyo import _pyobjects
     from nomyo._secmem import ffi, lib
 
-    built_for = ffi.string(lib.nm_build_version()).decode("ascii")
-    stale = (stale_build("nomyo._secmem", built_for)
-             or stale_build("nomyo._pyobjects", _pyobjects.BUILD_VERSION))
+    stamp = ffi.string(lib.nm_build_version()).decode("ascii") if hasattr(
+        lib, "nm_build_version") else None
+    stale = (stale_build("nomyo._secmem", stamp)
+             or stale_build("nomyo._pyobjects", getattr(_pyobjects, "BUILD_VERSION", None)))
     if stale:
         raise ImportError(stale)
     _ffi, _lib, pyobjects = ffi, lib, _pyobjects
-    # Teach the CPython glue what 'only the caller references it' looks like here: one
-    # local name, passed as an argument (the shape of every wipe call site).
-    probe = "".join(("nomyo-", "calibration"))
-    pyobjects._calibrate(probe)
 
 
 try:
     _load()
-except (ImportError, AttributeError) as exc:  # AttributeError: a build older than the stamp
+except ImportError as exc:
     FALLBACK_REASON = str(exc)
     log.warning("nomyo native secure memory unavailable, using the fallback backend: %s", exc)
 
@@ -150,7 +149,7 @@ class Allocation:
     def unmap(self) -> None:
         """Unmap without touching the pages (a forked child, where they are absent or wiped)."""
         if self.mapped:
-            _lib.nm_region_unmap(self._region)
+            check_errno(_lib.nm_region_unmap(self._region), "secure unmap failed")
 
 
 def fill_random(view: memoryview) -> None:
@@ -180,7 +179,7 @@ def native_module(name: str) -> tuple[ModuleType | None, str | None]:
         return None, "forced by NOMYO_MEMORY_BACKEND=fallback"
     try:
         module = __import__(f"nomyo.{name}", fromlist=["BUILD_VERSION"])
-        stale = stale_build(f"nomyo.{name}", module.BUILD_VERSION)
-    except (ImportError, AttributeError) as exc:
+    except ImportError as exc:
         return None, str(exc)
+    stale = stale_build(f"nomyo.{name}", getattr(module, "BUILD_VERSION", None))
     return (None, stale) if stale else (module, None)

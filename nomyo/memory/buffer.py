@@ -6,10 +6,8 @@ from __future__ import annotations
 from nomyo.memory.binding import BACKEND
 
 if BACKEND == "native":
-    from nomyo.memory.native_buffer import SecureBuffer, SecureCell
+    from nomyo.memory.native_buffer import SecureBuffer
 else:
     from nomyo.memory.fallback_buffer import SecureBuffer
 
-    SecureCell = None  # fallback buffers hand out no cells
-
-__all__ = ["SecureBuffer", "SecureCell"]
+__all__ = ["SecureBuffer"]

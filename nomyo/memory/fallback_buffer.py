@@ -12,7 +12,6 @@ from nomyo.memory.secret_policy import _checked_capacity, _checked_size, _Secret
 log = logging.getLogger("nomyo.memory")
 
 
-
 class SecureBuffer(_SecretPolicy, mmap.mmap):  # type: ignore[no-redef]
     """Fallback secure buffer (no native helper): private anonymous memory, wiped on close,
     but not locked, not excluded from dumps and copied into forked children."""

@@ -12,7 +12,6 @@ from nomyo.memory.secret_policy import _checked_capacity, _checked_size, _Secret
 log = logging.getLogger("nomyo.memory")
 
 
-
 class _NativeSecret(_SecretPolicy, pyobjects.Region):
     """What native secrets share: close() wipes at once and releases the memory (`_free`)
     now, or once the last live view is gone."""
@@ -27,6 +26,23 @@ class _NativeSecret(_SecretPolicy, pyobjects.Region):
             raise ValueError("secure buffer is already closed")
         if exports == 0:
             self._free()  # each subclass says what releasing means
+
+    def _last_view_released(self) -> None:
+        """Region calls this when the last view of this closed secret goes: close() ran
+        while the view was alive, so what was written through it since (another thread
+        decoding into it without the GIL, say) is wiped now and the memory released,
+        instead of at finalisation."""
+        try:
+            self._release_closed()
+        except Exception:  # e.g. in a garbage cycle whose slots are already cleared
+            log.debug("secure release after the last view failed", exc_info=True)
+
+    def fill_random(self) -> None:
+        """Overwrite the whole secret with bytes from the kernel CSPRNG, in place (through a
+        view, so that a concurrent close() cannot unmap the pages under getrandom)."""
+        with memoryview(self) as view:  # refused once closed or in a forked child
+            fill_random(view)
+
 
 class SecureBuffer(_NativeSecret):
     """Fixed-size secret memory: guarded, locked, excluded from dumps, wiped on release.
@@ -74,12 +90,6 @@ class SecureBuffer(_NativeSecret):
         """The largest size `refit` accepts: the mapping's pages less the canary."""
         return self._region.capacity
 
-    def fill_random(self) -> None:
-        """Overwrite the whole buffer with bytes from the kernel CSPRNG, in place (through a
-        view, so that a concurrent close() cannot unmap the pages under getrandom)."""
-        with memoryview(self) as view:  # refused once closed or in a forked child
-            fill_random(view)
-
     def cell_below(self, size: int) -> SecureCell | None:
         """A `size`-byte secret in this buffer's own mapping, just below its data and
         canary, or None when there is no room. It needs no mapping of its own (no page
@@ -114,6 +124,9 @@ class SecureBuffer(_NativeSecret):
         """True until the pages are unmapped (by close, or by finalisation)."""
         region = self._region
         return region is not None and region.mapped
+
+    def _release_closed(self) -> None:
+        self._free()  # nm_region_free wipes the whole mapping before unmapping it
 
     def _free(self) -> None:
         region = self._region
@@ -160,10 +173,10 @@ class SecureCell(_NativeSecret):
         if self._owner._mapped:
             self._detach()
 
-    def fill_random(self) -> None:
-        """Overwrite the whole cell with bytes from the kernel CSPRNG, in place."""
-        with memoryview(self) as view:  # refused once closed or in a forked child
-            fill_random(view)
+    def _release_closed(self) -> None:
+        if self._owner._mapped:  # never through an owner a garbage cycle already unmapped
+            self._wipe_closed()
+        self._free()
 
     def _free(self) -> None:
         self._hold.release()  # the owner may move or be unmapped again

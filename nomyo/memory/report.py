@@ -1,12 +1,15 @@
 """The protection report: every value measured in this process, now."""
 from __future__ import annotations
 
+import logging
 import mmap
 import sys
 from enum import Enum
 from typing import Any
 
 from nomyo.memory import binding, limits, settings
+
+log = logging.getLogger("nomyo.memory")
 
 
 class MemoryProtectionLevel(Enum):
@@ -23,11 +26,13 @@ def _trial_region(lock: bool) -> dict[str, Any]:
         region = binding.Allocation(1, 1, lock=lock)
     except (OSError, MemoryError):
         return {"locked": False, "dump_excluded": False, "allocator": None, "fork": None}
+    result = {"locked": region.locked, "dump_excluded": region.dump_excluded,
+              "allocator": region.allocator, "fork": region.fork_protection}
     try:
-        return {"locked": region.locked, "dump_excluded": region.dump_excluded,
-                "allocator": region.allocator, "fork": region.fork_protection}
-    finally:
         region.free()
+    except OSError:  # the trial is over either way; the report must not fail a health check
+        log.warning("freeing the protection report's trial buffer failed", exc_info=True)
+    return result
 
 
 def get_memory_protection_info() -> dict[str, Any]:

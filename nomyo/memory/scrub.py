@@ -2,22 +2,24 @@
 
 `secure_json.loads` leaves the decoded request as ordinary Python objects; after the answer is
 sealed, the request and answer trees are emptied here and every string only they referenced is
-zeroed in place (`wipe_str`), so no prompt or completion text lingers in freed heap memory.
-Strings shared with anything else (interned names, cached one-character strings, values the
-caller still holds) are refused by `wipe_str` and left alone: that refusal is the safety net.
+zeroed in place (`wipe_str_owned`), so no prompt or completion text lingers in freed heap
+memory. Strings shared with anything else (interned names, values the caller still holds) are
+refused by `wipe_str_owned` and left alone: that refusal is the safety net. The interpreter's
+shared one-character strings are never written either.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from nomyo.memory import wipe_str
+from nomyo.errors import WipeRefusedError
+from nomyo.memory import wipe_str_owned
 
 
 def wipe_tree(tree: Any) -> None:
     """Empty `tree` (nested dicts and lists) and zero each string it alone referenced."""
-    # wipe_str accepts exactly one reference besides its argument: the local bound here. So
-    # it is called inline, never through a helper (whose parameter would be a second one).
+    # Each key and value is handed to wipe_str_owned in a list, this function's own name for
+    # it deleted first: the list's reference must then be the object's only one.
     stack = [tree]
     while stack:
         node = stack.pop()
@@ -26,20 +28,23 @@ def wipe_tree(tree: Any) -> None:
         while node:
             if isinstance(node, dict):
                 key, value = node.popitem()
-                if type(key) is str:
-                    try:
-                        wipe_str(key)
-                    except ValueError:
-                        pass  # shared (a memoised key, an interned name): not ours to zero
+                box = [key]
                 del key
+                if type(box[0]) is str:
+                    try:
+                        wipe_str_owned(box)
+                    except WipeRefusedError:
+                        pass  # shared (a memoised key, an interned name): not ours to zero
             else:
                 value = node.pop()
-            if type(value) is str:
-                try:
-                    wipe_str(value)
-                except ValueError:
-                    pass  # shared with someone else: not ours to zero
-            elif isinstance(value, (dict, list)):
-                stack.append(value)
+            box = [value]
             del value
+            if type(box[0]) is str:
+                try:
+                    wipe_str_owned(box)
+                except WipeRefusedError:
+                    pass  # shared with someone else: not ours to zero
+            elif isinstance(box[0], (dict, list)):
+                stack.append(box.pop())
+            del box
         del node

@@ -95,9 +95,20 @@ def dumps(obj: Any, alloc: Callable[[int], SecureBuffer] = SecureBuffer) -> Secu
     return buf
 
 
+# Both writers refuse surrogates (lone, or a pair stored as two code points) with this error:
+# they have no UTF-8 form, and escaping them (as json.dumps would) changes or breaks the text.
+SURROGATES_REFUSED = ("JSON strings must not contain surrogates (U+D800 to U+DFFF): "
+                      "they have no UTF-8 form")  # = SURROGATES_REFUSED in csrc/pyobjects.c
+
+
 def _fallback_dumps(obj: Any, alloc: Callable[[int], SecureBuffer]) -> SecureBuffer:
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    data = text.encode("utf-8")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # its .object is the whole document: raised outside, below
+        data = None
+    if data is None:
+        raise ValueError(SURROGATES_REFUSED)
     buf = alloc(len(data))
     with memoryview(buf) as out:
         out[:] = data
@@ -120,11 +131,11 @@ def loads(data: Any) -> Any:
             raise PackageError(error)
         return value
     try:
-        text = glue.decode_utf8(data)
+        text = [glue.decode_utf8(data)]  # held by this list alone, for wipe_str_owned
     except ValueError as exc:
         raise PackageError(f"plaintext is not valid UTF-8: {exc}") from None
-    value, error = _parse(text)
-    glue.wipe_str(text)  # the traceback that referenced it is gone; ours is the sole reference
+    value, error = _parse(text[0])
+    glue.wipe_str_owned(text)  # the traceback that referenced it is gone: the list's is the one
     if error is not None:
         raise PackageError(error)
     return value

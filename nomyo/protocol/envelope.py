@@ -5,7 +5,7 @@ Where each secret lives (every buffer comes from a `Workspace`):
 - plaintext is encrypted straight from the caller's buffer and decrypted straight into a
   secure buffer (`encrypt_into` / `decrypt_into`), which the caller closes;
 - the unwrapped AES key, which RSA-OAEP can only return as `bytes`, is copied into secure
-  memory and the `bytes` object is zeroed in place at once with `wipe_bytes`.
+  memory and the `bytes` object is zeroed in place at once with `wipe_bytes_owned`.
 By default every secret gets a new buffer; a `Workspace` (nomyo.protocol.workspace) lets one
 exchange reuse its buffers instead.
 Structural problems raise `PackageError` (a `ValueError`); anything that fails authentication
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nomyo.errors import PackageError, SecurityError
-from nomyo.memory import SecureBuffer, adopt_bytes, secure_json, wipe_bytes
+from nomyo.memory import SecureBuffer, adopt_bytes, secure_json, wipe_bytes_owned
 from nomyo.protocol import b64, keys
 from nomyo.protocol.constants import MAX_PACKAGE_BYTES, MAX_PLAINTEXT_BYTES
 from nomyo.protocol.workspace import FRESH, Workspace
@@ -172,9 +172,11 @@ def open_package(package: Any, private_key: Any, *, workspace: Workspace = FRESH
         aes_key = _unwrap_key(fields["encrypted_aes_key"], key, workspace)
         try:
             with memoryview(aes_key) as key_view, memoryview(plaintext) as out:
-                AESGCM(key_view).decrypt_into(fields["nonce"], ciphertext_and_tag, None, out)
-        except (InvalidTag, ValueError):
-            raise SecurityError(AUTH_FAILED) from None
+                cipher = AESGCM(key_view)
+                try:
+                    cipher.decrypt_into(fields["nonce"], ciphertext_and_tag, None, out)
+                except InvalidTag:  # the one verdict on the tag; nothing else is relabelled
+                    raise SecurityError(AUTH_FAILED) from None
         finally:
             workspace.done(aes_key)
     except BaseException:
@@ -204,23 +206,29 @@ def open_json(package: Any, private_key: Any, *, workspace: Workspace = FRESH
 
 def _wrap_key(key_view: memoryview, public_key: rsa.RSAPublicKey) -> bytes:
     # cryptography's RSA encrypt only takes `bytes`: make the one copy it forces on us,
-    # and zero it in place right after use.
-    key_copy = bytes(key_view)
+    # and zero it in place right after use (the list holds its one reference).
+    key_copy = [bytes(key_view)]
     try:
-        return public_key.encrypt(key_copy, _OAEP)
+        return public_key.encrypt(key_copy[0], _OAEP)
     finally:
-        wipe_bytes(key_copy)
+        wipe_bytes_owned(key_copy)
+
+
+def _rsa_decrypt(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
+    """cryptography's ValueError from decrypt is its verdict on the wrapped key, the one error
+    turned into an integrity failure; errors of ours after it (copying, wiping) are not."""
+    try:
+        return private_key.decrypt(wrapped, _OAEP)
+    except ValueError:
+        raise SecurityError(AUTH_FAILED) from None
 
 
 def _unwrap_key(wrapped: bytes, private_key: rsa.RSAPrivateKey, workspace: Workspace
                 ) -> SecureBuffer:
     """The AES key, in the workspace's key buffer (the caller hands it back with `done`)."""
-    try:
-        # RSA decrypt returns an immutable `bytes`: handed straight to adopt_bytes (no local
-        # keeps it), which moves it into secure memory and zeroes the original.
-        key = adopt_bytes(private_key.decrypt(wrapped, _OAEP), workspace.key)
-    except ValueError:
-        raise SecurityError(AUTH_FAILED) from None
+    # RSA decrypt returns an immutable `bytes`: handed over in a list (no local keeps it) to
+    # adopt_bytes, which moves it into secure memory and zeroes the original.
+    key = adopt_bytes([_rsa_decrypt(wrapped, private_key)], workspace.key)
     if len(key) != AES_KEY_BYTES:
         workspace.done(key)
         raise SecurityError(AUTH_FAILED)

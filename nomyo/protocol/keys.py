@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nomyo.errors import DisposedError
-from nomyo.memory import SecureBuffer, adopt_bytes, wipe_bytes
+from nomyo.memory import SecureBuffer, adopt_bytes, wipe_bytes_owned
 from nomyo.protocol.constants import DEFAULT_KEY_BITS, GENERATE_KEY_BITS, MIN_KEY_BITS
 
 logger = logging.getLogger(__name__)
@@ -112,17 +112,17 @@ class KeyPair:
         with _password_buffer(password) as pw:
             if pw is None:
                 return adopt_bytes(
-                    self.private_key.private_bytes(*fmt, serialization.NoEncryption())
+                    [self.private_key.private_bytes(*fmt, serialization.NoEncryption())]
                 )
             # cryptography takes the password only as `bytes`: one copy, zeroed right after use.
             with memoryview(pw) as view:
-                pw_bytes = bytes(view)
-            encryption = serialization.BestAvailableEncryption(pw_bytes)
+                pw_bytes = [bytes(view)]
+            encryption = serialization.BestAvailableEncryption(pw_bytes[0])
             try:
-                return adopt_bytes(self.private_key.private_bytes(*fmt, encryption))
+                return adopt_bytes([self.private_key.private_bytes(*fmt, encryption)])
             finally:
-                encryption = None  # it holds pw_bytes: drop it first, on failure too
-                wipe_bytes(pw_bytes)
+                encryption = None  # it holds the password: drop it first, on failure too
+                wipe_bytes_owned(pw_bytes)
 
     def close(self) -> None:
         """Drop the private key (OpenSSL clears its numbers when the object is freed)."""
@@ -203,8 +203,10 @@ def _password_buffer(password: Password) -> Any:
     if isinstance(password, str):
         if not password:
             raise ValueError("password must not be empty")
-        # str.encode makes a bytes copy: move it into secure memory and zero it at once.
-        return adopt_bytes(password.encode("utf-8"))
+        # str.encode makes a bytes copy: move it into secure memory and zero it at once. A
+        # one-character ASCII password encodes to the interpreter's shared one-byte object:
+        # no copy is made then, and the wipe leaves that object alone (returns False).
+        return adopt_bytes([password.encode("utf-8")])
     if isinstance(password, (SecureBuffer, bytes, bytearray, memoryview)):
         return SecureBuffer.copy_of(password)
     raise TypeError(f"password must be str or bytes-like, not {type(password).__name__}")

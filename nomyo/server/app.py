@@ -1,15 +1,19 @@
 """The secure-completion application: one request in, one response out, transport-agnostic.
 
-`SecureCompletionApp.handle` is used by the embedded HTTP server (nomyo.server.http) and by
-the WSGI entry point (`app(environ, start_response)`), so both speak exactly the same protocol.
+`SecureCompletionApp.admit` then `complete` serve the ASGI adapter (nomyo.server.asgi, what
+`nomyo serve` runs on granian); `handle` does both for the WSGI entry point
+(`app(environ, start_response)`, used by the loopback server), so all speak the same protocol.
 Plaintext only exists inside `envelope.open_package` / `seal_json` buffers and the parsed
 request object; nothing here logs a header value, a key or a payload.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -34,11 +38,12 @@ from nomyo.protocol.constants import (
 )
 from nomyo.protocol.workspace import Workspace
 from nomyo.server.backends import Backend, BackendError
-from nomyo.server.policy import ApiKeys, RateLimiter, TierPolicy
+from nomyo.server.policy import ApiKeys, AuthThrottle, RateLimiter, TierPolicy
 
 logger = logging.getLogger("nomyo.server")
 
-HEALTH_PATH = "/health"
+HEALTH_PATH = "/health"  # liveness: the process answers
+READY_PATH = "/ready"  # readiness: the backend answers and the memory policy holds
 
 
 @dataclass
@@ -47,20 +52,46 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    payload_id: str | None = None  # for the access log only
+
+
+@dataclass
+class Ticket:
+    """A request admitted on its head (see `SecureCompletionApp.admit`)."""
+
+    method: str
+    path: str
+    kind: str  # "completion" or "ready"
+    client: str
+    payload_id: str | None = None
+    client_key: Any = None
+    tier: str | None = None
+    content_length: int = 0
 
 
 class HttpError(Exception):
     """Ends a request with `{"detail": ...}` and a status; `headers` go along (Retry-After)."""
 
-    def __init__(self, status: int, detail: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self, status: int, detail: str, headers: Iterable[tuple[str, str]] = (),
+        fields: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = list(headers)
+        self.fields = dict(fields or {})
 
 
-def error_response(status: int, detail: str, headers: Iterable[tuple[str, str]] = ()) -> Response:
-    return Response(status, json.dumps({"detail": detail}).encode("utf-8"), headers=list(headers))
+def error_response(
+    status: int, detail: str, headers: Iterable[tuple[str, str]] = (),
+    fields: Mapping[str, str] | None = None,
+) -> Response:
+    """`{"detail": ...}`, plus `"error": {type, code, param}` when a backend gave them."""
+    obj: dict[str, Any] = {"detail": detail}
+    if fields:
+        obj["error"] = dict(fields)
+    return Response(status, json.dumps(obj).encode("utf-8"), headers=list(headers))
 
 
 BodyReader = Callable[[int], Any]
@@ -75,6 +106,8 @@ class AppOptions:
     rate_limiter: RateLimiter | None = None
     max_request_bytes: int = MAX_PACKAGE_BYTES
     attestor: Any = None  # object with .quote(payload_id) -> dict, or None
+    auth_throttle: AuthThrottle | None = None
+    memory_policy: Callable[[], str | None] | None = None  # a problem for /ready, or None
 
 
 def parse_content_length(raw: str | None) -> int | None:
@@ -100,7 +133,12 @@ class SecureCompletionApp:
         self._public_pem = keypair.public_pem.encode("ascii")
         self._memory_protection = _memory_protection_summary()
 
-    # -- transport-independent entry point -------------------------------------------------
+    @property
+    def cancellable(self) -> bool:
+        """Whether backend calls take `cancel` (the caller leaving closes the backend call)."""
+        return _takes_cancel(type(self.backend))
+
+    # -- transport-independent entry points ------------------------------------------------
     def handle(
         self,
         method: str,
@@ -110,40 +148,87 @@ class SecureCompletionApp:
         read_body: BodyReader,
         client: str,
     ) -> Response:
-        """Answer one request; `headers` keys are lowercase; `read_body(n)` returns n bytes."""
+        """Answer one request; `headers` keys are lowercase; `read_body(n)` returns n bytes.
+
+        The same as `admit`, then `read_body`, then `complete` (what the ASGI adapter does
+        with the body read asynchronously in between)."""
         started = time.perf_counter()
-        path = path.split("?", 1)[0]
+        admitted = self.admit(method, path, headers, content_length, client)
+        if isinstance(admitted, Response):
+            return self.log_answer(admitted, method, path, client, started)
         try:
-            response = self._route(method, path, headers, content_length, read_body, client)
+            body = read_body(admitted.content_length) if admitted.content_length else b""
         except HttpError as err:
             response = error_response(err.status, err.detail, err.headers)
-        except Exception as err:  # last resort: a 500, and a log line without the message
-            # An exception's message may quote request data: log its type and place only.
-            where = traceback.extract_tb(err.__traceback__)[-1]
-            logger.error(
-                "internal error handling %s %s: %s at %s:%d",
-                method,
-                path,
-                type(err).__name__,
-                where.filename,
-                where.lineno,
-            )
-            response = error_response(500, "internal server error")
-        logger.info(
-            "%s %s %d %.1fms", method, path, response.status, (time.perf_counter() - started) * 1000
-        )
-        return response
+        else:
+            response = self.complete(admitted, body)
+        return self.log_answer(response, method, path, client, started)
 
-    def _route(
+    def admit(
         self,
         method: str,
         path: str,
         headers: Mapping[str, str],
         content_length: int | None,
-        read_body: BodyReader,
         client: str,
+    ) -> Response | Ticket:
+        """Everything that can be decided from the head, before any body byte is read: the
+        route, authentication, the rate limit, the protocol headers and the size limit.
+
+        A `Response` ends the request; a `Ticket` says to read `content_length` bytes and
+        call `complete` (in a worker thread: it decrypts and may wait for the backend)."""
+        path = path.split("?", 1)[0]
+        return self._guard(method, path, self._admit, method, path, headers, content_length,
+                           client)
+
+    def complete(
+        self, ticket: Ticket, body: bytes | bytearray, cancel: threading.Event | None = None
     ) -> Response:
-        routes = {PUBLIC_KEY_PATH: "GET", HEALTH_PATH: "GET", COMPLETION_PATH: "POST"}
+        """Finish an admitted request; `cancel` set means the caller has gone away."""
+        return self._guard(ticket.method, ticket.path, self._complete, ticket, body, cancel)
+
+    def log_answer(
+        self, response: Response, method: str, path: str, client: str, started: float,
+        payload_id: str | None = None,
+    ) -> Response:
+        """The access log line: client address, request line, payload id, status, latency.
+
+        Every field is escaped (control characters as \\xNN) and bounded; no header value
+        other than the payload id, and never a body, a key or an answer."""
+        logger.info(
+            "%s %s %s id=%s %d %.1fms",
+            _printable(client, 64),
+            _printable(method, 16),
+            _printable(path, 200),
+            _printable(payload_id or response.payload_id or "-", MAX_PAYLOAD_ID_CHARS),
+            response.status,
+            (time.perf_counter() - started) * 1000,
+        )
+        return response
+
+    def _guard(self, method: str, path: str, step: Callable[..., Response | Ticket],
+               *args: Any) -> Any:
+        try:
+            return step(*args)
+        except HttpError as err:
+            return error_response(err.status, err.detail, err.headers, err.fields)
+        except Exception as err:  # last resort: a 500, and a log line without the message
+            # An exception's message may quote request data: log its type and place only.
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            logger.error(
+                "internal error handling %s %s: %s at %s:%d",
+                _printable(method, 16),
+                _printable(path, 200),
+                type(err).__name__,
+                where.filename,
+                where.lineno,
+            )
+            return error_response(500, "internal server error")
+
+    def _admit(self, method: str, path: str, headers: Mapping[str, str], length: int | None,
+               client: str) -> Response | Ticket:
+        routes = {PUBLIC_KEY_PATH: "GET", HEALTH_PATH: "GET", READY_PATH: "GET",
+                  COMPLETION_PATH: "POST"}
         if path not in routes:
             raise HttpError(404, "not found")
         if method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
@@ -153,35 +238,51 @@ class SecureCompletionApp:
         if path == PUBLIC_KEY_PATH:
             return Response(200, self._public_pem, "application/x-pem-file")
         if path == HEALTH_PATH:
-            return Response(200, json.dumps(self.health()).encode("utf-8"))
-        return self._secure_completion(headers, content_length, read_body, client)
-
-    def health(self) -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "backend": self.backend.name,
-            "key_fingerprint": self.keypair.fingerprint,
-            "memory_protection": self._memory_protection,
-        }
-
-    # -- POST /v1/chat/secure_completion ---------------------------------------------------
-    def _secure_completion(
-        self,
-        headers: Mapping[str, str],
-        content_length: int | None,
-        read_body: BodyReader,
-        client: str,
-    ) -> Response:
-        identity = self._authenticate(headers) or f"addr:{client}"
+            return Response(200, b'{"status": "ok"}')  # liveness only: nothing configured
+        if path == READY_PATH:
+            return Ticket(method, path, "ready", client)
+        # POST /v1/chat/secure_completion: everything but the body
+        identity = self._authenticate(headers, client) or f"addr:{client}"
         self._rate_limit(identity)
         payload_id = _payload_id(headers.get("x-payload-id"))
         client_key = _client_public_key(headers.get("x-public-key"))
         tier = _security_tier(headers.get("x-security-tier"))
-        if content_length is None:
+        if length is None:
             raise HttpError(411, "Content-Length is required")
-        if content_length > self.options.max_request_bytes:
+        if length > self.options.max_request_bytes:
             raise HttpError(413, f"request body larger than {self.options.max_request_bytes} bytes")
-        body = read_body(content_length)
+        return Ticket(method, path, "completion", client, payload_id, client_key, tier, length)
+
+    def _complete(
+        self, ticket: Ticket, body: bytes | bytearray, cancel: threading.Event | None
+    ) -> Response:
+        if ticket.kind == "ready":
+            return self._ready()
+        response = self._secure_completion(ticket, body, cancel)
+        response.payload_id = ticket.payload_id
+        return response
+
+    def _ready(self) -> Response:
+        """Readiness: the backend answers `GET /v1/models` and the memory policy holds."""
+        problems = []
+        check = getattr(self.backend, "ready", None)
+        if check is not None:
+            problem = check()
+            if problem:
+                problems.append(problem)
+        problem = self.options.memory_policy() if self.options.memory_policy else None
+        if problem:
+            problems.append(problem)
+        if problems:
+            body = json.dumps({"status": "not ready", "problems": problems}).encode("utf-8")
+            return Response(503, body, headers=[("Retry-After", "5")])
+        return Response(200, b'{"status": "ready"}')
+
+    # -- POST /v1/chat/secure_completion ---------------------------------------------------
+    def _secure_completion(
+        self, ticket: Ticket, body: bytes | bytearray, cancel: threading.Event | None
+    ) -> Response:
+        payload_id, client_key, tier = ticket.payload_id, ticket.client_key, ticket.tier
         # One workspace for the exchange: the request's key and plaintext buffers hold the
         # answer's next (wiped in between), and all are released before the reply is sent.
         with Workspace() as work:
@@ -198,9 +299,9 @@ class SecureCompletionApp:
                     raise HttpError(400, str(err)) from None
                 tier = self._resolve_tier(request["model"], tier)
                 try:
-                    result = self.backend.complete(request)
+                    result = _ask_backend(self.backend, request, cancel)
                 except BackendError as err:
-                    raise HttpError(err.status, err.detail) from None
+                    raise HttpError(err.status, err.detail, err.headers, err.fields) from None
                 processed_at = int(time.time())
                 result["_metadata"] = {
                     "payload_id": payload_id,
@@ -219,10 +320,27 @@ class SecureCompletionApp:
                 wipe_tree(request)
         return Response(200, sealed)
 
-    def _authenticate(self, headers: Mapping[str, str]) -> str | None:
+    def _authenticate(self, headers: Mapping[str, str], client: str) -> str | None:
         if self.options.api_keys is None:
             return None
-        scheme, _, token = headers.get("authorization", "").partition(" ")
+        throttle = self.options.auth_throttle
+        if throttle is not None:
+            wait = throttle.blocked(client)
+            if wait > 0:
+                raise HttpError(429, "too many failed authentications from this address",
+                                [("Retry-After", str(max(1, int(wait + 0.999))))])
+        try:
+            return self._check_api_key(headers)
+        except HttpError:
+            if throttle is not None:
+                throttle.failed(client)
+            raise
+
+    def _check_api_key(self, headers: Mapping[str, str]) -> str:
+        value = headers.get("authorization", "")
+        if "," in value:  # the server joined two Authorization headers: refuse, never pick one
+            raise HttpError(400, "more than one Authorization header")
+        scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HttpError(
                 401,
@@ -296,7 +414,25 @@ class SecureCompletionApp:
                 *response.headers,
             ],
         )
-        return [response.body]
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [response.body]
+
+
+def _ask_backend(backend: Backend, request: dict[str, Any], cancel: threading.Event | None) -> Any:
+    """`backend.complete(request)`, passing `cancel` to backends that take it."""
+    if cancel is not None and _takes_cancel(type(backend)):  # cached per class
+        return backend.complete(request, cancel=cancel)
+    return backend.complete(request)
+
+
+@functools.cache
+def _takes_cancel(kind: type) -> bool:
+    return "cancel" in inspect.signature(kind.complete).parameters
+
+
+def _printable(text: str, limit: int) -> str:
+    """`text` for a log line: control and non-ASCII characters escaped, at most `limit` long."""
+    out = "".join(ch if " " <= ch <= "~" and ch != "\\" else ascii(ch)[1:-1] for ch in text[:limit])
+    return out + ("..." if len(text) > limit else "")
 
 
 def _reason(status: int) -> str:

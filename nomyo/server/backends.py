@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import re
+import socket
+import ssl
 import threading
 import time
+import urllib.parse
 from typing import Any, Protocol
 
-import requests
-import urllib3.exceptions
-
-from nomyo.memory import SecureBuffer, secure_json, wipe_bytes
+from nomyo.memory import SecureBuffer, secure_json, wipe_bytes_owned
 from nomyo.memory.scrub import wipe_tree
 from nomyo.protocol.constants import DEFAULT_BACKEND_TIMEOUT
 
@@ -22,12 +23,21 @@ MAX_BACKEND_RESPONSE_BYTES = 10 * 1024 * 1024  # what one response package can c
 
 
 class BackendError(Exception):
-    """The backend failed; `status` is the HTTP status to answer with (502, 503 or 504)."""
+    """The backend failed; `status` is the HTTP status to answer with.
 
-    def __init__(self, status: int, detail: str) -> None:
+    502: failed after the request was forwarded (not to be retried); 503: not reached, or
+    busy with a `Retry-After`; 504: the deadline passed; a mirrored 4xx with the backend
+    error's machine `fields` (`type`, `code`, `param`)."""
+
+    def __init__(
+        self, status: int, detail: str, *, fields: dict[str, str] | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.fields = fields or {}
+        self.headers = [("Retry-After", str(retry_after))] if retry_after is not None else []
 
 
 class Backend(Protocol):
@@ -177,88 +187,258 @@ def _arguments_for(function: dict[str, Any], text: str) -> dict[str, Any]:
     }
 
 
+class _StaleConnection(Exception):
+    """A kept-alive backend connection was closed before any answer came."""
+
+
+_MACHINE_FIELD = re.compile(r"[A-Za-z0-9_.:\-\[\]]{1,64}")
+_MIRRORED_4XX = {400, 404, 409, 413, 415, 422, 429}
+MAX_BACKEND_ERROR_BYTES = 64 * 1024
+
+
 class HttpBackend:
-    """Forwards to `<base>/v1/chat/completions` of an OpenAI-compatible server (requests)."""
+    """Forwards to `<base>/v1/chat/completions` of an OpenAI-compatible server.
+
+    Written on `http.client` so that we hold the socket: redirects are never followed (the
+    prompt is never re-sent to a `Location`), one total deadline covers the whole call, and
+    when it passes or the caller goes away the socket is shut down, which tells the backend
+    to stop generating. One kept-alive connection per worker thread.
+    """
 
     def __init__(
         self, base_url: str, *, timeout: float = DEFAULT_BACKEND_TIMEOUT,
         connect_timeout: float = 5.0,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/v1/chat/completions"
-        self.name = base_url.rstrip("/")
-        self._timeout = (connect_timeout, timeout)
+        base = base_url.rstrip("/")
+        if base.endswith("/v1"):  # how OpenAI tools spell a base URL
+            base = base[: -len("/v1")]
+        parts = urllib.parse.urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"backend must be an http(s):// URL, not {base_url!r}")
+        if parts.query or parts.fragment or parts.username:
+            raise ValueError("backend URL must not carry a query, fragment or credentials")
+        self.name = base
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._prefix = parts.path
+        self.url = base + "/v1/chat/completions"
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._context = ssl.create_default_context() if self._https else None
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        self._connections: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
 
-    def _session(self) -> requests.Session:
-        """One pooled session per worker thread (requests.Session is not thread-safe)."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
-
-    def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        with secure_json.dumps(request) as body, memoryview(body) as view:
-            try:
-                response = self._session().post(
-                    self.url,
-                    data=view,
-                    timeout=self._timeout,
-                    stream=True,
-                    headers={"Content-Type": "application/json", "Accept": "application/json"},
+    # -- connections -----------------------------------------------------------------------
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._https:
+                conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self.connect_timeout, context=self._context
                 )
-            except requests.ConnectTimeout:
-                raise BackendError(503, "backend unavailable: connection timed out") from None
-            except requests.ReadTimeout:
-                raise BackendError(504, "backend timed out") from None
-            except requests.RequestException as err:
-                raise BackendError(503, f"backend unavailable: {type(err).__name__}") from None
-        with response:
-            if response.status_code != 200:
-                status = response.status_code if response.status_code in (503, 504) else 502
-                raise BackendError(status, f"backend answered HTTP {response.status_code}")
-            with _read_secure(response) as raw:
+            else:
+                conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self.connect_timeout
+                )
+            self._local.conn = conn
+            with self._lock:
+                self._connections.add(conn)
+        return conn
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        self._local.conn = None
+        with self._lock:
+            self._connections.discard(conn)
+        conn.close()
+
+    def _call(
+        self, method: str, path: str, body: Any, deadline: float,
+        cancel: threading.Event | None,
+    ) -> tuple[int, dict[str, str], SecureBuffer]:
+        """`_exchange`, once more on a fresh connection when a kept-alive one turns out to
+        have been closed by the backend before it answered (nothing was processed)."""
+        reused = getattr(self._local, "conn", None) is not None
+        try:
+            return self._exchange(method, path, body, deadline, cancel)
+        except _StaleConnection:
+            if not reused:
+                raise BackendError(502, "backend closed the connection") from None
+        try:
+            return self._exchange(method, path, body, deadline, cancel)
+        except _StaleConnection:
+            raise BackendError(502, "backend closed the connection") from None
+
+    def _exchange(
+        self, method: str, path: str, body: Any, deadline: float,
+        cancel: threading.Event | None,
+    ) -> tuple[int, dict[str, str], SecureBuffer]:
+        """One exchange within `deadline` (monotonic): (status, headers, body in secure memory).
+
+        A watchdog shuts the socket down at the deadline or when `cancel` is set."""
+        conn = self._connection()
+        stop = threading.Event()
+        fired: list[str] = []
+
+        def watch() -> None:
+            # Wakes at the end of the call, at the deadline, or (polled) when `cancel` is set.
+            while not stop.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+                if cancel is not None and cancel.is_set():
+                    fired.append("cancelled")
+                elif time.monotonic() >= deadline:
+                    fired.append("deadline")
+                else:
+                    continue
+                sock = conn.sock
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)  # the backend sees EOF and stops
+                    except OSError:
+                        pass
+                return
+
+        watchdog = threading.Thread(target=watch, daemon=True, name="nomyo-backend-deadline")
+        watchdog.start()
+        sent = False
+        status_seen: int | None = None
+        try:
+            headers = {"Content-Type": "application/json", "Accept": "application/json",
+                       "Connection": "keep-alive"}
+            try:
+                if conn.sock is None:
+                    conn.connect()
+                conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                conn.request(method, self._prefix + path, body=body, headers=headers)
+                sent = True
+                response = conn.getresponse()
+                status = status_seen = response.status
+                reply_headers = {k.lower(): v for k, v in response.getheaders()}
+                limit = (MAX_BACKEND_RESPONSE_BYTES if status == 200
+                         else MAX_BACKEND_ERROR_BYTES)
                 try:
-                    result = secure_json.loads(raw)
-                except (ValueError, RecursionError):
-                    raise BackendError(502, "backend answered with invalid JSON") from None
+                    raw = _read_secure(response, limit)
+                finally:
+                    response.close()  # read to the end: the connection may serve the next call
+                if fired:  # the watchdog cut the answer short: what we have is not it
+                    raw.close()
+                    raise OSError("backend call cut off")
+                if response.will_close:
+                    self._drop(conn)
+                return status, reply_headers, raw
+            except BackendError:
+                self._drop(conn)
+                raise
+            except (OSError, http.client.HTTPException) as err:
+                self._drop(conn)
+                if not fired and isinstance(err, (http.client.RemoteDisconnected,
+                                                  BrokenPipeError, ConnectionResetError)):
+                    if status_seen is None:
+                        raise _StaleConnection from None
+                if fired and fired[0] == "cancelled":
+                    raise BackendError(499, "caller went away") from None
+                if fired or isinstance(err, TimeoutError):
+                    raise BackendError(504, "backend did not answer within the deadline"
+                                       ) from None
+                if not sent:
+                    raise BackendError(503, f"backend unavailable: {type(err).__name__}",
+                                       retry_after=1) from None
+                raise BackendError(502, f"backend connection failed: {type(err).__name__}"
+                                   ) from None
+        finally:
+            stop.set()
+
+    def complete(
+        self, request: dict[str, Any], cancel: threading.Event | None = None
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout
+        with secure_json.dumps(request) as body, memoryview(body) as view:
+            status, headers, raw = self._call("POST", "/v1/chat/completions", view, deadline,
+                                              cancel)
+        with raw:
+            if status != 200:
+                raise _status_error(status, headers, raw)
+            try:
+                result = secure_json.loads(raw)
+            except (ValueError, RecursionError):
+                raise BackendError(502, "backend answered with invalid JSON") from None
         if not isinstance(result, dict) or not isinstance(result.get("choices"), list):
             wipe_tree(result)  # may hold completion or echoed prompt text
             raise BackendError(502, "backend answer is not a chat.completion object")
         return result
 
+    def ready(self, timeout: float = 3.0) -> str | None:
+        """None when `GET /v1/models` answers 200, else what is wrong (no URL in it)."""
+        try:
+            status, _, raw = self._call("GET", "/v1/models", None, time.monotonic() + timeout,
+                                        None)
+        except BackendError as err:
+            return f"backend: {err.detail}"
+        raw.close()
+        return None if status == 200 else f"backend: GET /v1/models answered HTTP {status}"
+
     def close(self) -> None:
         with self._lock:
-            for session in self._sessions:
-                session.close()
-            self._sessions.clear()
+            connections = list(self._connections)
+            self._connections.clear()
+        for conn in connections:
+            conn.close()
 
 
-def _read_secure(response: requests.Response) -> SecureBuffer:
+def _status_error(status: int, headers: dict[str, str], raw: SecureBuffer) -> BackendError:
+    """The error our caller gets for a backend's non-200 answer.
+
+    A 4xx that is about the request (400, 404 unknown model, 413, 422, 429, ...) keeps its
+    status and the machine fields of the OpenAI error object (`type`, `code`, `param`); the
+    free-text `message`, which may quote the prompt, is dropped (docs/protocol.md). Other
+    answers after forwarding are 502, except a 503 that says when to retry."""
+    fields: dict[str, str] = {}
+    try:
+        obj = secure_json.loads(raw) if len(raw) else None
+    except (ValueError, RecursionError):
+        obj = None
+    error = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(error, dict):
+        for name in ("type", "code", "param"):
+            value = error.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if isinstance(value, str) and _MACHINE_FIELD.fullmatch(value):
+                fields[name] = value
+    wipe_tree(obj)
+    retry_after = headers.get("retry-after", "")
+    wait = int(retry_after) if retry_after.isdigit() else None
+    if status in _MIRRORED_4XX:
+        named = ", ".join(f"{k}={v}" for k, v in fields.items())
+        detail = f"backend refused the request: HTTP {status}" + (f" ({named})" if named else "")
+        return BackendError(status, detail, fields=fields,
+                            retry_after=wait if status == 429 else None)
+    if status == 503:  # the backend says it did not take the request on
+        return BackendError(503, "backend unavailable: HTTP 503", retry_after=wait)
+    if 300 <= status < 400:
+        return BackendError(502, f"backend answered a redirect (HTTP {status}); not followed")
+    return BackendError(502, f"backend answered HTTP {status}")
+
+
+def _read_secure(response: http.client.HTTPResponse, limit: int) -> SecureBuffer:
     """Read the (plaintext) backend answer into secure memory, wiping each transient chunk."""
     chunks: list[SecureBuffer] = []
     try:
         total = 0
         while True:
-            try:
-                chunk = response.raw.read(65536, decode_content=True)
-            except urllib3.exceptions.ReadTimeoutError:  # urllib3 wraps every socket error
-                raise BackendError(504, "backend timed out mid-answer") from None
-            except (urllib3.exceptions.HTTPError, OSError):
-                raise BackendError(502, "backend connection failed mid-answer") from None
+            chunk = response.read1(65536) if hasattr(response, "read1") else response.read(65536)
             if not chunk:
                 break
             total += len(chunk)
-            if total > MAX_BACKEND_RESPONSE_BYTES:
-                wipe_bytes(chunk)
-                raise BackendError(502, "backend answer is larger than 10 MiB")
-            # urllib3 hands out `bytes`: copy each chunk into secure memory, then zero it.
-            chunks.append(SecureBuffer.copy_of(chunk))
-            wipe_bytes(chunk)
+            # http.client hands out `bytes`: copy each chunk into secure memory, then zero it
+            # (handed over in a list, our own name for it deleted first).
+            box = [chunk]
+            del chunk
+            if total > limit:
+                wipe_bytes_owned(box)
+                raise BackendError(502, f"backend answer is larger than {limit} bytes")
+            chunks.append(SecureBuffer.copy_of(box[0]))
+            wipe_bytes_owned(box)
         joined = SecureBuffer(total)
         with memoryview(joined) as out:
             offset = 0

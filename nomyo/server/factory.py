@@ -7,11 +7,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from nomyo.memory import get_memory_protection_info
 from nomyo.protocol.constants import DEFAULT_BACKEND_TIMEOUT, DEFAULT_KEY_BITS, MAX_PACKAGE_BYTES
 from nomyo.protocol.keys import KeyPair
 from nomyo.server.app import AppOptions, SecureCompletionApp
 from nomyo.server.backends import create_backend
-from nomyo.server.policy import ApiKeys, RateLimiter, TierPolicy
+from nomyo.server.policy import ApiKeys, AuthThrottle, RateLimiter, TierPolicy, check_private_file
 
 logger = logging.getLogger("nomyo.server")
 
@@ -57,16 +58,27 @@ def create_app(
         rate_limiter=RateLimiter(rate_limit) if rate_limit is not None else None,
         max_request_bytes=max_request_bytes,
         attestor=attestor,
+        auth_throttle=AuthThrottle() if keys_ is not None else None,
+        memory_policy=_memory_policy,
     )
     inference = create_backend(backend, timeout=backend_timeout)
     if key is None:
         if key_file is not None:
+            check_private_file(key_file)
             key = KeyPair.load(key_file, key_password)
         else:
             logger.info("generating an ephemeral RSA-%d server key", key_bits)
             key = KeyPair.generate(key_bits)
     logger.info("server key fingerprint (SHA-256 of the public key) %s", key.fingerprint)
     return SecureCompletionApp(key, inference, options)
+
+
+def _memory_policy() -> str | None:
+    """For /ready: a problem when plaintext would be handled with no memory protection."""
+    info = get_memory_protection_info()
+    if info.get("protection_level") == "none":
+        return "memory protection: none (see nomyo doctor)"
+    return None
 
 
 def _api_keys(value: ApiKeys | Iterable[str] | None) -> ApiKeys | None:

@@ -6,12 +6,31 @@ import hashlib
 import hmac
 import json
 import math
+import os
+import shlex
+import stat
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from nomyo.protocol.constants import SECURITY_TIERS as TIERS
+
+
+def check_private_file(path: str | Path) -> None:
+    """Refuse a secret file (server key, API keys) that group or others may read."""
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise ValueError(
+            f"{path}: readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"run: chmod 600 {shlex.quote(str(path))}"
+        )
+
+
+def read_private_text(path: str | Path) -> str:
+    """A secret text file as UTF-8, with or without a byte-order mark (after the mode check)."""
+    check_private_file(path)
+    return Path(path).read_text(encoding="utf-8-sig")
 
 
 class ApiKeys:
@@ -25,7 +44,7 @@ class ApiKeys:
     @classmethod
     def from_file(cls, path: str | Path) -> ApiKeys:
         """One key per line; blank lines and lines starting with '#' are ignored."""
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = read_private_text(path).splitlines()
         keys = [
             line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
         ]
@@ -132,3 +151,39 @@ class RateLimiter:
         if len(self._buckets) >= self.max_clients:
             del self._buckets[next(iter(self._buckets))]
         self._buckets[identity] = (tokens, now)
+
+
+class AuthThrottle:
+    """Failed authentications per client address: `burst` failures, then `rate` per second.
+
+    While an address has no failure left, its requests are answered 429 before any key is
+    compared, so guessing keys costs the guesser time, not the server CPU.
+    """
+
+    def __init__(self, rate: float = 1.0, burst: int = 10, *, max_clients: int = 10_000) -> None:
+        if not (rate > 0 and math.isfinite(rate)) or burst < 1:
+            raise ValueError("auth throttle needs a positive rate and burst")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.max_clients = max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def _tokens(self, client: str, now: float) -> float:
+        tokens, stamp = self._buckets.get(client, (self.burst, now))
+        return min(self.burst, tokens + (now - stamp) * self.rate)
+
+    def blocked(self, client: str) -> float:
+        """Seconds until `client` may try again (0.0: it may)."""
+        with self._lock:
+            tokens = self._tokens(client, time.monotonic())
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            tokens = max(0.0, self._tokens(client, now) - 1.0)
+            self._buckets.pop(client, None)
+            if len(self._buckets) >= self.max_clients:
+                del self._buckets[next(iter(self._buckets))]
+            self._buckets[client] = (tokens, now)

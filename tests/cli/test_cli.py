@@ -180,3 +180,18 @@ def test_version_names_the_package_version():
     result = nomyo("--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"nomyo {__version__}"
+
+
+def test_doctor_loads_only_the_secure_memory_layer():
+    """A container health check runs `nomyo doctor`: no TLS, HTTP or crypto stack."""
+    from tests.helpers import run_python
+
+    proc = run_python("""
+        import sys
+        from nomyo.cli.main import main
+        main(["doctor", "--json"])
+        heavy = ("ssl", "requests", "urllib3", "cryptography", "nomyo.server", "nomyo.client")
+        print(sorted(m for m in heavy if m in sys.modules))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -139,3 +139,13 @@ def test_workers_share_port_and_key_and_stop_together(tmp_path) -> None:
         kill_group(proc)
     assert proc.returncode == 0, err
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_serve_without_the_server_extra_says_what_to_install() -> None:
+    """`nomyo serve` needs granian (nomyo[server]); without it: one line and status 2."""
+    code = ("import sys; sys.modules['granian'] = None\n"
+            "from nomyo.cli.serve import main; sys.exit(main(['--port', '0']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "pip install 'nomyo[server]'" in proc.stderr

@@ -26,6 +26,7 @@ from nomyo.errors import (
     ServiceUnavailableError,
 )
 from nomyo.protocol import keys
+from tests.helpers import wait_until
 from tests.peer_server import PeerServer, open_with, seal_for
 
 MESSAGES = [{"role": "user", "content": "hello peer"}]
@@ -320,9 +321,10 @@ def test_failed_release_after_the_answer_is_logged(client, peer, recorded, monke
     with caplog.at_level("ERROR", logger="nomyo.client.core"):
         answer = asyncio.run(client.send_secure_request(
             {"model": "m", "messages": MESSAGES}, "p"))
-        time.sleep(0.2)
+        # the release runs in the worker after the answer was handed over: wait for its log
+        wait_until(lambda: "releasing an exchange's (wiped) secure buffers failed"
+                   in caplog.text, seconds=10)
     assert answer["choices"][0]["message"]["content"] == "hello peer"
-    assert "releasing an exchange's (wiped) secure buffers failed" in caplog.text
 
 
 def test_low_level_methods_interoperate_with_the_peer(client, peer):
@@ -477,10 +479,23 @@ def test_the_one_chat_request_check_refuses_before_any_byte(peer, payload, words
     assert peer.received == [] and peer.key_fetches == 0
 
 
-def test_settings_that_cannot_change_are_read_only(peer):
+def test_settings_take_effect_when_changed_or_are_read_only(peer):
     with SecureCompletionClient(peer.url, allow_http=True, max_retries=1, timeout=7.0,
                                 key_size=2048, secure_memory=False) as c:
         assert (c.max_retries, c.timeout, c.key_size, c.secure_memory) == (1, 7.0, 2048, False)
-        for name in ("max_retries", "timeout", "key_size", "secure_memory", "allow_http"):
+        for name in ("key_size", "secure_memory"):
             with pytest.raises(AttributeError):
                 setattr(c, name, getattr(c, name))
+        c.max_retries = 0
+        peer.inject(503, body={"detail": "busy"})
+        with pytest.raises(ServiceUnavailableError):
+            send(c)  # no retry any more: the one scripted 503 is the answer
+        send(c)
+        c.allow_http = False
+        with pytest.raises(SecurityError, match="plain HTTP"):
+            send(c)
+        c.timeout = 0.2
+        c.allow_http = True
+        peer.delay = 1.0
+        with pytest.raises(APIConnectionError, match="timed out"):
+            send(c)

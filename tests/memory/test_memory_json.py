@@ -100,3 +100,97 @@ def test_fallback_backend_errors_are_package_errors_without_plaintext():
                 print("accepted")
     """, NOMYO_MEMORY_BACKEND="fallback")
     assert proc.stdout.split() == ["ok"] * 4, proc.stdout + proc.stderr
+
+
+def test_native_utf8_decoder_survives_a_buffer_changing_between_its_passes():
+    """decode_utf8 counts characters in one pass and copies them in a second; a base64
+    decode_into of another thread (GIL-free for large inputs) can rewrite the buffer in
+    between. Here the buffer's data ends on its guard page and flips between N - 1 Latin-1
+    characters and N / 3 three-byte ones: an unbounded second pass read past the end (SIGSEGV
+    in the child). Each call must now return a canonical str of exactly the buffer's bytes, or
+    raise: ValueError for invalid UTF-8, RuntimeError for a change between the passes."""
+    from tests.helpers import run_python
+
+    proc = run_python("""
+        import base64, json, sys, threading, time
+        from nomyo import _pyobjects
+        from nomyo.protocol import b64
+        from nomyo.memory import SecureBuffer
+
+        N = 3 * 32768  # 24 pages: the data ends against the guard page
+        contents = [("\\xe9" + "a" * (N - 2)).encode(), ("\\u20ac" * (N // 3)).encode()]
+        texts = [base64.b64encode(c) for c in contents]  # decoded without the GIL
+        buf = SecureBuffer(N)
+        stop = threading.Event()
+
+        def writer():
+            i = 0
+            while not stop.is_set():
+                b64.decode_into(texts[i % 2], buf, 0)
+                i += 1
+
+        sys.setswitchinterval(1e-5)
+        thread = threading.Thread(target=writer)
+        thread.start()
+        seen = {"str": 0, "invalid": 0, "changed": 0, "bad": 0}
+        deadline = time.monotonic() + 20
+        try:
+            while time.monotonic() < deadline and (seen["changed"] < 10 or seen["str"] < 10):
+                try:
+                    s = _pyobjects.decode_utf8(buf)
+                except ValueError:
+                    seen["invalid"] += 1
+                except RuntimeError as exc:
+                    assert str(exc) == "buffer changed while it was being decoded"
+                    seen["changed"] += 1
+                else:
+                    again = s.encode("utf-8").decode("utf-8")
+                    exact = len(s.encode("utf-8")) == N
+                    seen["str" if exact and sys.getsizeof(s) == sys.getsizeof(again)
+                         else "bad"] += 1
+        finally:
+            stop.set()
+            thread.join()
+        print(json.dumps(seen))
+    """, timeout=120)
+    assert proc.returncode == 0, f"child died ({proc.returncode}): {proc.stderr[-2000:]}"
+    seen = json.loads(proc.stdout)
+    assert seen["bad"] == 0 and seen["changed"] >= 10 and seen["str"] >= 10, seen
+
+
+_SURROGATE_DOCUMENTS = [
+    {"content": "lone \ud800 high"},
+    {"content": "lone low \udfff"},
+    {"content": "a pair as two code points: \ud83d\ude00"},
+    {"k\udc00": "in a key"},
+    ["x" * 40 + "\ud800"],
+]
+
+
+def test_surrogates_are_refused_by_both_writers_alike():
+    """A surrogate has no UTF-8 form: the fallback's encode refuses it, and the native writer
+    escaped it instead (\\udXXX; a pair became two escapes that a reader joins into another
+    character). Both now raise the same ValueError, which carries no part of the document."""
+    from tests.helpers import run_python
+
+    for doc in _SURROGATE_DOCUMENTS:
+        with pytest.raises(ValueError) as err:
+            secure_json.dumps(doc)
+        assert type(err.value) is ValueError
+        assert str(err.value) == secure_json.SURROGATES_REFUSED
+    proc = run_python("""
+        import json
+        from nomyo.memory import secure_json
+        from tests.memory.test_memory_json import _SURROGATE_DOCUMENTS
+        for doc in _SURROGATE_DOCUMENTS:
+            try:
+                secure_json.dumps(doc)
+            except ValueError as exc:
+                print(json.dumps([type(exc).__name__, str(exc),
+                                  exc.__context__ is None and exc.__cause__ is None]))
+            else:
+                print(json.dumps("accepted"))
+    """, NOMYO_MEMORY_BACKEND="fallback")
+    assert proc.returncode == 0, proc.stderr
+    expected = ["ValueError", secure_json.SURROGATES_REFUSED, True]
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [expected] * 5

@@ -405,6 +405,59 @@ def test_decode_into_the_buffer_holding_the_text(codec):
     assert shared[500:3500] == bytes(3000)
 
 
+@pytest.mark.parametrize("size", [300, 3000], ids=["pymalloc", "malloc"])
+def test_decode_into_its_own_text_leaves_no_decoded_copy_in_freed_memory(size):
+    """Decoding into the buffer that holds the text goes through a temporary; it is wiped
+    before it is freed. The secret is born in secure memory and only its base64 passes the
+    heap; the child is scanned from outside for the decoded bytes, in 32-byte windows past the
+    first 32 (the allocators write their own pointers there once a block is freed)."""
+    import subprocess
+    import textwrap
+    import time
+
+    from security.memscan import scan_process
+    from tests.helpers import child_env
+
+    code = f"""
+        import os, sys
+        from nomyo.protocol import b64
+        from nomyo.memory import SecureBuffer
+        out = sys.stdout.fileno()
+        secret = SecureBuffer.random({size})
+        text = b64.encode(secret)  # the heap sees the text, never the secret
+        control = bytearray(os.urandom(48))
+        os.write(out, control + text)  # before decoding: nothing is allocated after it
+        shared = SecureBuffer(len(text))
+        with memoryview(shared) as view:
+            view[:] = text
+            assert b64.decode_into(view, view, 0) == {size}  # out overlaps the text
+            assert view[:{size}] == secret.data
+        shared.close()
+        secret.close()
+        os.write(out, b"closed")
+        os.read(0, 1)  # wait without allocating (sys.stdin.read would, over the freed block)
+    """
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env())
+    try:
+        got = b""
+        deadline = time.monotonic() + 30
+        while not got.endswith(b"closed") and time.monotonic() < deadline:
+            chunk = os.read(child.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            got += chunk
+        assert got.endswith(b"closed"), got[-200:]
+        control, secret = got[:48], base64.b64decode(got[48:-len(b"closed")])
+        windows = [secret[i : i + 32] for i in range(32, len(secret) - 31, 32)]
+        counts = scan_process(child.pid, [control, *windows])
+    finally:
+        child.communicate(b"", timeout=30)
+    assert child.returncode == 0
+    assert counts[control] >= 1, "the scanner found the control: it reads real memory"
+    assert [w for w in windows if counts[w]] == []
+
+
 # ---- the wrapper and its backend choice ----
 
 def test_native_codec_is_built():

@@ -259,3 +259,57 @@ def test_bad_arguments_are_typed() -> None:
         envelope.open_package({"version": "1.0"}, keypair("server"))
     with pytest.raises(TypeError, match="KeyPair"):
         envelope.open_package(json.dumps(_sealed()).encode(), "pem")
+
+
+@pytest.mark.parametrize(
+    "internal",
+    [
+        ValueError("refusing to wipe an object that is still referenced elsewhere"),
+        RuntimeError("an internal failure"),
+        MemoryError(),
+    ],
+    ids=["wipe-refused", "runtime", "memory"],
+)
+@pytest.mark.parametrize("stage", ["unwrap", "decrypt"])
+def test_internal_errors_surface_as_themselves_not_as_integrity_failures(
+    monkeypatch, internal: BaseException, stage: str
+) -> None:
+    """Only cryptography's verdict (OAEP's ValueError, GCM's InvalidTag) is an integrity
+    failure. An error of our own after it, such as the wipe of the unwrapped key's `bytes`
+    being refused, is raised as itself: relabelled, it hid a broken build as tampering."""
+    package = json.dumps(_sealed()).encode()
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise internal
+
+    if stage == "unwrap":
+        monkeypatch.setattr(envelope, "adopt_bytes", failing)
+    else:
+        monkeypatch.setattr(envelope, "AESGCM", failing)
+    with pytest.raises(type(internal)) as err:
+        envelope.open_package(package, keypair("server"))
+    assert err.value is internal and not isinstance(err.value, SecurityError)
+
+
+def test_a_refused_wipe_of_the_unwrapped_key_surfaces_as_itself() -> None:
+    """The real thing, unmocked: a private key whose decrypt keeps its answer (another holder
+    of the AES key's `bytes`) makes the wipe refuse; that is a WipeRefusedError, not an
+    integrity failure, and the kept bytes are left as they were."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from nomyo.errors import WipeRefusedError
+
+    class KeepsItsAnswers:
+        def __init__(self, key: rsa.RSAPrivateKey) -> None:
+            self.key, self.kept = key, []
+
+        def decrypt(self, ciphertext: bytes, pad: object) -> bytes:
+            plain = self.key.decrypt(ciphertext, pad)
+            self.kept.append(plain)
+            return plain
+
+    rsa.RSAPrivateKey.register(KeepsItsAnswers)
+    key = KeepsItsAnswers(keypair("server").private_key)
+    with pytest.raises(WipeRefusedError, match="referenced elsewhere"):
+        envelope.open_package(json.dumps(_sealed()).encode(), key)
+    assert len(key.kept) == 1 and len(key.kept[0]) == 32 and any(key.kept[0])

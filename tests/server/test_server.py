@@ -17,12 +17,13 @@ from nomyo.protocol import envelope
 from nomyo.protocol.constants import MAX_PACKAGE_BYTES
 from nomyo.protocol.keys import KeyPair
 from nomyo.server import start_background
-from tests.helpers import wait_until
 from tests.server_fixtures import (
     COMPLETION,
+    Served,
     chat_request,
     completion_headers,
     keypair,
+    kill_group,
     open_response,
     package_bytes,
     post_sealed,
@@ -34,8 +35,9 @@ from tests.server_fixtures import (
 
 
 @pytest.fixture(scope="module")
-def server():
-    with start_background(key=keypair("server")) as handle:
+def server(tmp_path_factory):
+    """The real `nomyo serve` (granian) process: every test here goes through its HTTP."""
+    with Served("--key-bits", "2048", key_dir=tmp_path_factory.mktemp("served")) as handle:
         yield handle
 
 
@@ -60,9 +62,12 @@ def test_public_key_and_health(server) -> None:
     assert response.status_code == 200
     assert response.text == keypair("server").public_pem
     assert response.text.startswith("-----BEGIN PUBLIC KEY-----")
-    health = requests.get(server.url + "/health", timeout=10).json()
-    assert health["status"] == "ok" and health["backend"] == "echo"
-    assert health["key_fingerprint"] == keypair("server").fingerprint
+    health = requests.get(server.url + "/health", timeout=10)
+    assert health.json() == {"status": "ok"}  # liveness only: no configuration disclosed
+    ready = requests.get(server.url + "/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    head = requests.head(server.url + "/pki/public_key", timeout=10)
+    assert head.status_code == 200 and head.content == b""
 
 
 @pytest.mark.parametrize("name", vector_names("request"))
@@ -220,7 +225,8 @@ def test_bad_headers_get_400(server, client_pem, case) -> None:
     headers = _header_cases(client_pem)[case]
     response = post_sealed(server.url, seal_request(chat_request(), server.public_key_pem), headers)
     assert response.status_code == 400, response.text
-    assert response.json()["detail"]
+    if case != "payload-id-control-char":  # that one granian's parser refuses, before the app
+        assert response.json()["detail"]
     assert _complete(server, client_pem)["object"] == "chat.completion"
 
 
@@ -247,13 +253,13 @@ def test_oversized_body_refused_with_413_before_reading(server, client_pem) -> N
         f"Content-Length: {MAX_PACKAGE_BYTES + 1}\r\n\r\n".encode(),
     )
     status, _, rest = answer.partition(b"\r\n")
-    assert b" 413 " in status and b"Connection: close" in rest
+    assert b" 413 " in status and b"connection: close" in rest.lower()
     assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["detail"]
     assert _complete(server, client_pem)["object"] == "chat.completion"
 
 
-def test_configured_size_limit_and_chunked_and_bad_length(client_pem) -> None:
-    with start_background(key=keypair("server"), max_request_bytes=1500) as small:
+def test_configured_size_limit_and_chunked_and_bad_length(client_pem, tmp_path) -> None:
+    with Served("--max-request-bytes", "1500", key_dir=tmp_path) as small:
         response = post_sealed(
             small.url,
             seal_request(chat_request("x" * 2000), small.public_key_pem),
@@ -323,9 +329,9 @@ def test_concurrent_requests(server, client_pem) -> None:
     assert answers == [f"Echo: concurrent {i}" for i in range(24)]
 
 
-def test_slow_client_cannot_pin_the_server(client_pem) -> None:
-    with start_background(key=keypair("server"), timeout=1.0, body_timeout=1.5) as srv:
-        host, port = srv.url.rsplit("/", 1)[1].rsplit(":", 1)
+def test_slow_client_cannot_pin_the_server(client_pem, tmp_path) -> None:
+    with Served("--header-timeout", "1", "--body-timeout", "1.5", key_dir=tmp_path) as srv:
+        host, port = srv.address
         headers = "".join(f"{k}: {v}\r\n" for k, v in completion_headers(client_pem).items())
         with socket.create_connection((host, int(port)), timeout=10) as slow:
             slow.sendall(
@@ -340,15 +346,15 @@ def test_slow_client_cannot_pin_the_server(client_pem) -> None:
             assert time.monotonic() - started < 5
         with socket.create_connection((host, int(port)), timeout=10) as idle:
             idle.sendall(b"GET /health HTTP/1.1\r\n")  # never finishes its headers
-            assert idle.recv(100) == b""  # closed by the 1 s socket timeout
+            assert idle.recv(100) == b""  # closed by the 1 s header timeout
 
 
-def test_trickling_headers_or_body_are_cut_off_by_a_total_deadline(client_pem) -> None:
-    """A byte every 0.2 s never trips a 1 s per-read timeout; the phase deadline still does."""
-    with start_background(key=keypair("server"), timeout=1.0, body_timeout=1.0) as srv:
-        host, port = srv.url.rsplit("/", 1)[1].rsplit(":", 1)
+def test_trickling_headers_or_body_are_cut_off_by_a_total_deadline(client_pem, tmp_path) -> None:
+    """A byte every 0.2 s never trips a per-read timeout; the phase deadline still does."""
+    with Served("--header-timeout", "1", "--body-timeout", "1", key_dir=tmp_path) as srv:
+        host, port = srv.address
         headers = "".join(f"{k}: {v}\r\n" for k, v in completion_headers(client_pem).items())
-        post = f"POST {COMPLETION} HTTP/1.1\r\n{headers}Content-Length: 100\r\n\r\n"
+        post = f"POST {COMPLETION} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 100\r\n\r\n"
         for head, trickle in (
             (b"GET /health HTTP/1.1\r\n", b"X-Slow: " + b"a" * 100),
             (post.encode(), b"x" * 100),
@@ -372,35 +378,16 @@ def test_trickling_headers_or_body_are_cut_off_by_a_total_deadline(client_pem) -
         assert _complete(srv, client_pem)["object"] == "chat.completion"
 
 
-def test_connection_cap_answers_503(client_pem) -> None:
-    with start_background(key=keypair("server"), max_connections=2) as srv:
-        host, port = srv.url.rsplit("/", 1)[1].rsplit(":", 1)
-        held = [http.client.HTTPConnection(host, int(port), timeout=10) for _ in range(2)]
-        try:
-            for conn in held:
-                conn.request("GET", "/health")
-                conn.getresponse().read()
-            busy = requests.get(srv.url + "/health", timeout=10)
-            assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
-        finally:
-            for conn in held:
-                conn.close()
-        wait_until(lambda: requests.get(srv.url + "/health", timeout=10).status_code == 200,
-                   seconds=5)
-
-
-def test_stop_closes_idle_keep_alive_connections_promptly(client_pem) -> None:
-    srv = start_background(key=keypair("server"), timeout=30.0)
-    host, port = srv.url.rsplit("/", 1)[1].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    conn.request("GET", "/health")
-    conn.getresponse().read()
-    started = time.monotonic()
-    srv.stop()
-    assert time.monotonic() - started < 3
-    conn.close()
-    with pytest.raises(requests.ConnectionError):
-        requests.get(srv.url + "/health", timeout=2)
+def test_sigterm_stops_gracefully(client_pem, tmp_path) -> None:
+    srv = Served(key_dir=tmp_path)
+    try:
+        assert _complete(srv, client_pem)["object"] == "chat.completion"
+        started = time.monotonic()
+        out, _ = srv.stop()
+        assert srv.proc.returncode == 0 and "stopped" in out
+        assert time.monotonic() - started < 20
+    finally:
+        kill_group(srv.proc)
 
 
 def test_nothing_secret_is_logged(caplog, client_pem) -> None:
@@ -423,7 +410,7 @@ def test_nothing_secret_is_logged(caplog, client_pem) -> None:
         )
         post_sealed(srv.url, b"x", completion_headers(client_pem, Authorization=f"Bearer {marker}"))
     text = caplog.text
-    assert "POST /v1/chat/secure_completion 200" in text
+    assert "POST /v1/chat/secure_completion id=test-payload-1 200" in text
     for secret in (marker, api_key, "PRIVATE KEY", client_pem.splitlines()[1]):
         assert secret not in text
 
@@ -445,3 +432,12 @@ def test_internal_error_is_500_json_and_logs_no_message(caplog, client_pem) -> N
         assert response.status_code == 500
         assert response.json() == {"detail": "internal server error"}
     assert "KeyError at" in caplog.text and "SECRET-IN-EXCEPTION" not in caplog.text
+
+
+def test_embedded_server_listens_on_loopback_only() -> None:
+    """start_background runs on the standard library (no extra needed): never beyond loopback."""
+    with pytest.raises(ValueError, match="loopback only"):
+        start_background(key=keypair("server"), host="0.0.0.0")
+    with start_background(key=keypair("server"), host="::1") as srv:
+        assert srv.url.startswith("http://[::1]:")
+        assert requests.get(srv.url + "/health", timeout=10).json() == {"status": "ok"}

@@ -19,7 +19,8 @@ from tests.server_fixtures import (
 
 def test_api_key_file(tmp_path) -> None:
     key_file = tmp_path / "keys.txt"
-    key_file.write_text("# team keys\nsk-alpha\n\n  sk-beta  \n")
+    key_file.write_text("\ufeff# team keys\nsk-alpha\n\n  sk-beta  \n", encoding="utf-8")  # BOM
+    key_file.chmod(0o600)
     with start_background(key=keypair("server"), api_key_file=str(key_file)) as srv:
         missing = post_request(srv)
         assert missing.status_code == 401 and missing.json()["detail"].startswith("missing API key")
@@ -86,6 +87,7 @@ def test_rate_limit_burst_gets_429_with_retry_after() -> None:
 def test_rate_limit_is_per_api_key(tmp_path) -> None:
     key_file = tmp_path / "keys"
     key_file.write_text("a\nb\n")
+    key_file.chmod(0o600)
     with start_background(key=keypair("server"), api_key_file=str(key_file), rate_limit=1) as srv:
         assert post_request(srv, Authorization="Bearer a").status_code == 200
         assert post_request(srv, Authorization="Bearer a").status_code == 429

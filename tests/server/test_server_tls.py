@@ -58,3 +58,38 @@ def test_untrusting_client_cannot_connect_and_server_survives(tls_server) -> Non
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(srv.url.replace("https://", "http://") + "/health", timeout=10)
     assert requests.get(srv.url + "/health", verify=ca_file, timeout=10).status_code == 200
+
+
+def test_nomyo_serve_over_tls_on_granian(tmp_path) -> None:
+    """`nomyo serve --tls-cert/--tls-key` (granian): PKCS#8 keys only, 0600, said clearly."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.server_fixtures import Served, kill_group, serve_process
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.private_key_pem.write_to_path(str(key_file))  # "EC PRIVATE KEY": not PKCS#8
+    key_file.chmod(0o600)
+    proc = serve_process("--tls-cert", str(cert_file), "--tls-key", str(key_file))
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 2 and "openssl pkcs8" in err
+    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), password=None)
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    with Served("--tls-cert", str(cert_file), "--tls-key", str(key_file), key_dir=tmp_path) as srv:
+        assert srv.url.startswith("https://")
+        response = requests.post(
+            srv.url + COMPLETION, timeout=30, verify=str(ca_file),
+            data=seal_request(chat_request("granian TLS"), srv.public_key_pem),
+            headers=completion_headers(vector_keys()["client_public_pem"]),
+        )
+        assert response.status_code == 200
+        assert "granian TLS" in open_response(response.content)[0]["choices"][0]["message"][
+            "content"]

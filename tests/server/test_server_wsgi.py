@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ def test_runs_under_waitress(tmp_path) -> None:
     pair = KeyPair.generate(2048)
     pair.save(tmp_path, password="pw")
     (tmp_path / "api_keys").write_text("wsgi-key\n")
+    (tmp_path / "api_keys").chmod(0o600)
     env = {
         **os.environ,
         "NOMYO_KEY_FILE": str(tmp_path / "private_key.pem"),
@@ -78,9 +80,16 @@ def test_runs_under_waitress(tmp_path) -> None:
             headers={**headers, "Authorization": "Bearer nope"},
         )
         assert unauthorized.status_code == 401
-        health = requests.get(url + "/health", timeout=10).json()
-        assert health["status"] == "ok"
-        assert health["memory_protection"]["core_dump_prevention"] is True  # hardened at start
+        assert requests.get(url + "/health", timeout=10).json() == {"status": "ok"}
+        # raw: an HTTP client never reads a HEAD body, so only the socket shows one was sent
+        host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"HEAD /pki/public_key HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\n")  # old: a body
+        assert obj["_metadata"]["memory_protection"]["core_dump_prevention"] is True  # hardened
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
