@@ -77,3 +77,17 @@ def test_header_block_reads_as_http_client_does():
 def test_header_block_refuses_malformed_answers(block, error):
     with pytest.raises(error):
         read_header_block(io.BytesIO(block))
+
+
+def test_a_kept_workspace_is_reused_only_under_its_fail_closed_setting(chat):
+    from nomyo import SecureMemoryUnavailable
+
+    chat.create_sync("m", MESSAGES)
+    (lenient,) = _idle(chat)
+    try:
+        chat.client.require_secure_memory = True
+    except SecureMemoryUnavailable as err:
+        pytest.skip(f"secure memory cannot be required here: {err}")
+    chat.create_sync("m", MESSAGES)
+    assert lenient in _idle(chat)  # not taken: made without fail-closed
+    assert any(work.require for work in _idle(chat))
