@@ -5,7 +5,7 @@ published `nomyo==0.2.9` on every row, same run.
                                  [--rounds 3] [--small 8] [--cpu 20] [--json out.json]
 
 Rows (every server on loopback, started here and stopped at the end):
-- `ours`: the `nomyo.server` echo endpoint (its own HTTP server);
+- `ours`: the `nomyo.server` echo endpoint under `nomyo serve` (its production server);
 - `peer`: the independent protocol peer `tests/peer_server.py` on `http.server`, Nagle on
   (head and body in two sends, no TCP_NODELAY, as many real servers);
 - `waitress`: the endpoint's WSGI app under waitress;
@@ -52,16 +52,6 @@ from bench_client import (  # noqa: E402
 ALL_ROWS = ("ours", "peer", "waitress", "nginx", "ours-tls", "nginx-tls")
 NGINX = os.environ.get("NOMYO_BENCH_NGINX", "/usr/sbin/nginx")
 
-OURS_SERVER = r"""
-import sys
-from nomyo.server import start_background
-tls = dict(tls_cert=sys.argv[1], tls_key=sys.argv[2]) if len(sys.argv) > 2 else {}
-handle = start_background(backend="echo", **tls)
-print(handle.url, flush=True)
-sys.stdin.readline()
-handle.stop()
-"""
-
 WAITRESS_SERVER = r"""
 import logging, sys, threading
 from waitress.server import create_server
@@ -99,6 +89,19 @@ class Row:
             raise RuntimeError(f"{self.name}: server did not start ({argv[:3]})")
         return url
 
+    def serve(self, extra: list[str]) -> str:
+        """Start `nomyo serve` (the production server) on a free loopback port; its URL."""
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "nomyo", "serve", "--host", "127.0.0.1",
+                                 "--port", str(port), *extra], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.procs.append(proc)
+        for line in proc.stdout:
+            if "listening on " in line:
+                return line.split("listening on ", 1)[1].split()[0]
+        raise RuntimeError(f"{self.name}: nomyo serve did not start")
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -130,7 +133,14 @@ class Certificates:
         self.key = str(folder / "server.key")
         ca.cert_pem.write_to_path(self.ca)
         cert.cert_chain_pems[0].write_to_path(self.cert)
-        cert.private_key_pem.write_to_path(self.key)
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), None)
+        pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())  # what nomyo serve takes
+        fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # and only 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(pkcs8)
 
 
 NGINX_CONF = """
@@ -202,9 +212,9 @@ def start_row(name: str, folder: Path) -> Row:
     row.ca_file = certs.ca if certs else None
     try:
         if name == "ours":
-            row.url = row.spawn([py, "-c", OURS_SERVER])
+            row.url = row.serve([])
         elif name == "ours-tls":
-            row.url = row.spawn([py, "-c", OURS_SERVER, certs.cert, certs.key])
+            row.url = row.serve(["--tls-cert", certs.cert, "--tls-key", certs.key])
         elif name == "peer":
             row.url = row.spawn([py, str(ROOT / "tests" / "peer_server.py"), "--nagle",
                                  "--key-size", "4096"])
@@ -212,7 +222,7 @@ def start_row(name: str, folder: Path) -> Row:
         elif name == "waitress":
             row.url = row.spawn([py, "-c", WAITRESS_SERVER])
         elif name in ("nginx", "nginx-tls"):
-            upstream = row.spawn([py, "-c", OURS_SERVER])
+            upstream = row.serve([])
             row.url = start_nginx(row, folder, upstream, certs)
         else:
             raise ValueError(f"unknown row {name!r}; rows: {', '.join(ALL_ROWS)}")
