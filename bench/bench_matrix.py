@@ -208,7 +208,11 @@ def start_nginx(row: Row, folder: Path, upstream: str, certs: Certificates | Non
 def start_row(name: str, folder: Path) -> Row:
     row = Row(name)
     py = sys.executable
-    certs = Certificates(folder) if name.endswith("-tls") else None
+    if name.endswith("-tls"):
+        (folder / name).mkdir()
+        certs: Certificates | None = Certificates(folder / name)  # one CA per row
+    else:
+        certs = None
     row.ca_file = certs.ca if certs else None
     try:
         if name == "ours":
