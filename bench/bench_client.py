@@ -47,10 +47,11 @@ LARGE_BYTES = 8 * 1024 * 1024
 
 # The worker speaks the published API only, so the same code drives both clients.
 WORKER = r"""
-import asyncio, base64, functools, http.client, json, sys, time, uuid, warnings, logging
+import asyncio, base64, functools, json, os, re, socket, ssl, sys, time, uuid, warnings, logging
 from urllib.parse import urlsplit
 warnings.simplefilter("ignore")
 logging.disable(logging.CRITICAL)
+_born = time.perf_counter()
 from nomyo import SecureChatCompletion
 
 client = SecureChatCompletion(base_url=sys.argv[1], allow_http=True)
@@ -59,17 +60,69 @@ with open(sys.argv[3]) as f:
     RAW = json.load(f)
 RAW_BODIES = {name: base64.b64decode(body) for name, body in RAW["bodies"].items()}
 _url = urlsplit(sys.argv[1])
-raw_conn = http.client.HTTPConnection(_url.hostname, _url.port)
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+_LENGTH = re.compile(rb"(?im)^content-length:[ \t]*([0-9]+)")
+
+
+class RawConnection:
+    # One kept-alive connection posting pre-sealed requests: the server's own time. Written on
+    # the socket, so it reads in quick-ACK mode too: a server without TCP_NODELAY must not
+    # make the server time look longer than it is (which would flatter the clients).
+    def __init__(self):
+        self.sock = None
+
+    def _connect(self):
+        sock = socket.create_connection((_url.hostname, _url.port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if _url.scheme == "https":
+            context = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE"))
+            sock = context.wrap_socket(sock, server_hostname=_url.hostname)
+        self.sock = sock
+
+    def _recv(self):
+        if _QUICKACK is not None:
+            self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("closed by the server")
+        return data
+
+    def post(self, body):
+        head = ("POST /v1/chat/secure_completion HTTP/1.1\r\nHost: %s\r\nX-Payload-ID: %s\r\n"
+                "X-Public-Key: %s\r\nContent-Type: application/octet-stream\r\n"
+                "Content-Length: %d\r\n\r\n" % (_url.netloc, uuid.uuid4(), RAW["public_key"],
+                                                len(body))).encode()
+        for attempt in (1, 2):  # a kept-alive connection the server closed: once more
+            if self.sock is None:
+                self._connect()
+            start = time.perf_counter()
+            try:
+                if len(body) < 65536:  # one segment, as the clients send small requests
+                    self.sock.sendall(head + body)
+                else:
+                    self.sock.sendall(head)
+                    self.sock.sendall(body)
+                buf = self._recv()
+                while b"\r\n\r\n" not in buf:
+                    buf += self._recv()
+            except (ConnectionError, ssl.SSLError):
+                self.sock = None
+                if attempt == 2:
+                    raise
+                continue
+            end = buf.index(b"\r\n\r\n") + 4
+            assert buf[9:12] == b"200", buf[:200]
+            need = end + int(_LENGTH.search(buf[:end]).group(1))
+            have = len(buf)
+            while have < need:
+                have += len(self._recv())
+            return time.perf_counter() - start
+
+
+raw_conn = RawConnection()
 
 def raw_post(name="small"):  # the server's own time: the same request pre-sealed, posted raw
-    start = time.perf_counter()
-    raw_conn.request("POST", "/v1/chat/secure_completion", RAW_BODIES[name], {
-        "X-Payload-ID": str(uuid.uuid4()), "X-Public-Key": RAW["public_key"],
-        "Content-Type": "application/octet-stream"})
-    response = raw_conn.getresponse()
-    response.read()
-    assert response.status == 200, response.status
-    return time.perf_counter() - start
+    return raw_conn.post(RAW_BODIES[name])
 
 class Floor:  # the client's unavoidable cryptography for one small request, step by step
     def __init__(self):
@@ -129,9 +182,54 @@ async def concurrent():
     assert len(answers) == 16
     return 16 / elapsed
 
+class LargeFloor:  # the envelope of an 8 MiB exchange, plainly: JSON, base64, AES, RSA
+    def __init__(self):
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        self.oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
+                                 label=None)
+        self.key = rsa.generate_private_key(65537, 4096)
+        self.peer = rsa.generate_private_key(65537, 4096).public_key()
+        self.AESGCM = AESGCM
+        self.content = "x" * int(sys.argv[2])
+        answer = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                      "content": self.content}}]}).encode()
+        aes_key, nonce = AESGCM.generate_key(256), os.urandom(12)
+        self.answer = json.dumps({"ciphertext": base64.b64encode(
+            AESGCM(aes_key).encrypt(nonce, answer, None)).decode(),
+            "nonce": base64.b64encode(nonce).decode(),
+            "key": base64.b64encode(self.key.public_key().encrypt(aes_key, self.oaep)).decode()})
+
+    def __call__(self):
+        start = time.perf_counter()
+        plaintext = json.dumps({"model": "bench", "messages": [
+            {"role": "user", "content": self.content}]}).encode()
+        aes_key, nonce = self.AESGCM.generate_key(256), os.urandom(12)
+        sealed = self.AESGCM(aes_key).encrypt(nonce, plaintext, None)
+        json.dumps({"ciphertext": base64.b64encode(sealed).decode(),
+                    "key": base64.b64encode(self.peer.encrypt(aes_key, self.oaep)).decode()})
+        package = json.loads(self.answer)
+        key = self.key.decrypt(base64.b64decode(package["key"]), self.oaep)
+        opened = self.AESGCM(key).decrypt(base64.b64decode(package["nonce"]),
+                                          base64.b64decode(package["ciphertext"]), None)
+        json.loads(opened)
+        return time.perf_counter() - start
+
+async def cpu_async(n):
+    start = time.process_time()
+    for _ in range(n):
+        await client.create(model="bench", messages=SMALL)
+    per_request = (time.process_time() - start) / n
+    start = time.process_time()
+    for _ in range(n):
+        floor()()
+    return per_request, (time.process_time() - start) / n
+
 async def main():
-    await timed(SMALL)  # warm-up: key pair, server key, connections
-    print(json.dumps({"ready": True}), flush=True)
+    await timed(SMALL)  # the first request: key pair, server key, connection
+    first = time.perf_counter() - _born
+    print(json.dumps({"ready": True, "first": first}), flush=True)
     for line in sys.stdin:
         mode, n = line.split()
         n = int(n)
@@ -146,6 +244,12 @@ async def main():
             out = [floor_pair() for _ in range(n)]
         elif mode == "concurrent":
             out = [await concurrent() for _ in range(n)]
+        elif mode == "cpu":  # (client CPU per request, floor CPU per request)
+            out = [await cpu_async(n)]
+        elif mode == "large_floor":
+            large_floor = globals().get("_large_floor") or LargeFloor()
+            globals()["_large_floor"] = large_floor
+            out = [large_floor() for _ in range(n)]
         elif mode == "large":  # pairs, as for small requests
             big = [{"role": "user", "content": "x" * int(sys.argv[2])}]
             out = [(raw_post("large"), await timed(big)) for _ in range(n)]
@@ -184,15 +288,20 @@ def published_python() -> str:
 class Worker:
     """A client worker process; `run(mode, n)` returns its list of measurements."""
 
-    def __init__(self, name: str, python: str, url: str, ours: bool, raw_file: str) -> None:
+    def __init__(self, name: str, python: str, url: str, ours: bool, raw_file: str,
+                 ca_file: str | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        if ca_file:  # our client reads REQUESTS_CA_BUNDLE, httpx (published) SSL_CERT_FILE
+            env.update(SSL_CERT_FILE=ca_file, REQUESTS_CA_BUNDLE=ca_file)
         if ours:
             env["PYTHONPATH"] = str(ROOT)
         self.name = name
         self.proc = subprocess.Popen([python, "-c", WORKER, url, str(LARGE_BYTES), raw_file],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd="/")
-        assert json.loads(self.proc.stdout.readline())["ready"], name
+        ready = json.loads(self.proc.stdout.readline())
+        assert ready["ready"], name
+        self.first = ready["first"]  # seconds from interpreter start to the first answer
 
     def run(self, mode: str, n: int) -> list[float]:
         self.proc.stdin.write(f"{mode} {n}\n")
@@ -209,9 +318,15 @@ class RawBodies:
     """Requests pre-sealed to the server's key, which the workers post raw (no client work):
     the server's own time for the same request."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, ca_file: str | None = None) -> None:
         parts = urlsplit(url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port)
+        if parts.scheme == "https":
+            import ssl
+
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                parts.hostname, parts.port, context=ssl.create_default_context(cafile=ca_file))
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port)
         conn.request("GET", "/pki/public_key")
         self.server_key = conn.getresponse().read().decode()
         conn.close()

@@ -6,6 +6,7 @@ loads only the secure-memory layer, never the HTTP stack.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import types
 from typing import Any
@@ -15,6 +16,7 @@ from nomyo._version import __version__ as __version__
 _EXPORTS = {
     # errors
     "NomyoError": "nomyo.errors",
+    "ConfigurationError": "nomyo.errors",
     "SecurityError": "nomyo.errors",
     "SecureMemoryUnavailable": "nomyo.errors",
     "PackageError": "nomyo.errors",
@@ -27,7 +29,10 @@ _EXPORTS = {
     "RateLimitError": "nomyo.errors",
     "ServerError": "nomyo.errors",
     "ServiceUnavailableError": "nomyo.errors",
+    "BadGatewayError": "nomyo.errors",
+    "GatewayTimeoutError": "nomyo.errors",
     "APIConnectionError": "nomyo.errors",
+    "APITimeoutError": "nomyo.errors",
     # secure memory
     "SecureBuffer": "nomyo.memory",
     "secure_bytearray": "nomyo.memory",
@@ -46,6 +51,10 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
+
+# A library logs, an application decides where to: without this, Python's last-resort handler
+# would print the client's retry warnings to stderr of an application that never set logging up.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:

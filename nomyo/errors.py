@@ -14,6 +14,11 @@ class NomyoError(Exception):
     """Base of every error this library raises on purpose."""
 
 
+class ConfigurationError(NomyoError, ValueError):
+    """A client setting that cannot work (an unusable key directory, a key that needs a
+    password), refused at construction instead of failing at the first request."""
+
+
 class SecurityError(NomyoError):
     """A protection could not be guaranteed: crypto or integrity failure, HTTPS not used,
     header injection, a pinned key that changed, or secure memory that is required but missing."""
@@ -48,8 +53,11 @@ class APIError(NomyoError):
         message: str,
         status_code: Any = _CLASS_DEFAULT,
         error_details: dict[str, Any] | None = None,
+        *,
+        payload_id: str | None = None,
     ) -> None:
         self.message = message
+        self.payload_id = payload_id  # the request's X-Payload-ID, for the server's logs
         # The class's status unless given; an explicit None means no HTTP answer (raised here)
         self.status_code = self.default_status if status_code is _CLASS_DEFAULT else status_code
         self.error_details = error_details
@@ -97,21 +105,41 @@ class ServerError(APIError):
     default_status = 500
 
 
+class BadGatewayError(APIError):
+    """502: a proxy in front of the endpoint got no valid answer from it (not retried: the
+    request may have been processed)."""
+
+    default_status = 502
+
+
 class ServiceUnavailableError(APIError):
     """503: the inference backend is unavailable (after retries ran out)."""
 
     default_status = 503
 
 
+class GatewayTimeoutError(APIError):
+    """504: a proxy in front of the endpoint timed out waiting for it (not retried: the
+    request may still be processed)."""
+
+    default_status = 504
+
+
 class APIConnectionError(NomyoError, ConnectionError):
     """The endpoint could not be reached: network failure or timeout (after retries ran out).
     Also a builtin ConnectionError, which the published client's docs tell users to catch."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, payload_id: str | None = None) -> None:
         self.message = message
         self.status_code = None
         self.error_details = None
+        self.payload_id = payload_id
         super().__init__(message)
 
     def __str__(self) -> str:
         return self.message
+
+
+class APITimeoutError(APIConnectionError, TimeoutError):
+    """The endpoint did not answer (or accept the connection) in time. A timed-out request
+    that was sent is not retried: the endpoint may have processed it."""

@@ -7,9 +7,11 @@ on the wire inside the encryption, and every AES key of both directions; this te
 the child's memory through /proc/<pid>/mem and requires that none of them is there: no copy of
 a plaintext in its JSON form (windows with JSON syntax and the per-request random token), no
 AES key. A positive control proves the scan sees ordinary heap memory. The child's locked
-memory (VmLck) must be back to its baseline, measured before the client was created. An async
-request hands its answer over first and unmaps its wiped buffers just after, so the child
-waits (at most two seconds) for VmLck to settle: memory that leaked would never come back.
+memory (VmLck) must be back to its baseline, measured before the client was created, once the
+client is closed; between requests the client may hold only its idle workspaces (wiped, at
+most MAX_IDLE_WORKSPACES of small exchanges). An async request hands its answer over first and
+releases its wiped buffers just after, so the child waits (at most two seconds) for VmLck to
+settle: memory that leaked would never come back.
 """
 from __future__ import annotations
 
@@ -136,5 +138,10 @@ def test_no_plaintext_or_aes_key_left_in_the_client_process():
     found = sorted({needles[n] for n, c in counts.items() if c})
     assert found == [], f"residues in the client process: {found[:10]}"
     assert len(peer.aes_keys) == 2 * len(peer.request_plaintexts)
-    assert ready["vmlck"] == first["baseline"], (first, ready)
+    from nomyo.client.core import MAX_IDLE_WORKSPACES, POOLED_WORKSPACE_MAX
+
+    # an idle workspace: a plaintext slot (a small package's plaintext plus the 4 KiB answer
+    # headroom, in pages) and at most one key page
+    kept = MAX_IDLE_WORKSPACES * (POOLED_WORKSPACE_MAX + 3 * 4096)
+    assert first["baseline"] <= ready["vmlck"] <= first["baseline"] + kept, (first, ready)
     assert closed["closed_vmlck"] == first["baseline"], (first, closed)

@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -125,7 +125,8 @@ class PeerServer:
     """The peer endpoint on a loopback ephemeral port, served from a background thread."""
 
     def __init__(self, key_size: int = 2048, api_key: str | None = None,
-                 record: bool = True) -> None:
+                 record: bool = True, nodelay: bool = True, port: int = 0,
+                 ssl_context: Any = None) -> None:
         self.key_size = key_size
         self.api_key = api_key
         self.record = record
@@ -141,9 +142,15 @@ class PeerServer:
         self.max_in_flight = 0
         self._lock = threading.Lock()
         self.rotate_key()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        # nodelay=False: the stock http.server behaviour (head and body in two sends, Nagle
+        # on), which many real servers share and which a client must not stall on.
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler(nodelay))
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        scheme = "http"
+        if ssl_context is not None:
+            self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
 
@@ -208,12 +215,12 @@ class PeerServer:
                 self.aes_keys.extend((request_key, response_key))
         return 200, {"Content-Type": "application/json"}, package
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    def _handler(self, nodelay: bool) -> type[BaseHTTPRequestHandler]:
         peer = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
+            disable_nagle_algorithm = nodelay
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -245,10 +252,10 @@ class PeerServer:
             def _post(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                peer.received.append({"headers": headers, "size": len(body)})
+                peer.received.append({"headers": headers, "size": len(body), "path": self.path})
                 if peer.delay:
                     time.sleep(peer.delay)
-                if self.path != "/v1/chat/secure_completion":
+                if urlsplit(self.path).path != "/v1/chat/secure_completion":
                     return self._reply(404, {}, b'{"detail": "Secure inference not enabled"}')
                 if peer.faults:
                     fault = peer.faults.popleft()
@@ -267,6 +274,22 @@ class PeerServer:
 
 
 if __name__ == "__main__":
-    server = PeerServer(record=False)
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the independent protocol peer")
+    parser.add_argument("--nagle", action="store_true",
+                        help="leave Nagle on (http.server's default): two sends, no NODELAY")
+    parser.add_argument("--key-size", type=int, default=2048)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--certfile", help="serve HTTPS with this PEM (cert and key)")
+    args = parser.parse_args()
+    context = None
+    if args.certfile:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.certfile)
+    server = PeerServer(key_size=args.key_size, record=False, nodelay=not args.nagle,
+                        port=args.port, ssl_context=context)
     print(server.url, flush=True)
     threading.Event().wait()

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from nomyo.cli.messages import error_line, password_from_env
 from nomyo.cli.parser import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from nomyo.protocol.constants import (
     DEFAULT_KEY_BITS,
@@ -35,6 +36,9 @@ def register(sub: Any) -> None:
     chat.add_argument("--server-key-fingerprint", metavar="SHA256",
                       help="refuse any server key with another SHA-256 fingerprint")
     chat.add_argument("--key-dir", help="load/save the client key pair here (default: ephemeral)")
+    chat.add_argument("--key-password-env", metavar="VAR",
+                      help="password of the --key-dir private key (to load it, or to encrypt "
+                      "a new one), from this environment variable")
     chat.add_argument("--key-size", type=int, choices=GENERATE_KEY_BITS, default=DEFAULT_KEY_BITS)
     chat.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                       help="seconds (default: %(default)s)")
@@ -54,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": text})
+    try:
+        key_password = password_from_env(args.key_password_env)
+    except ValueError as err:
+        print(f"nomyo chat: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     server = None
     base_url, allow_http = args.base_url, args.allow_http
     if base_url is None:
@@ -66,13 +75,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         with SecureChatCompletion(
             base_url=base_url, allow_http=allow_http, api_key=os.environ.get(args.api_key_env),
-            key_dir=args.key_dir, max_retries=args.max_retries, timeout=args.timeout,
-            key_size=args.key_size, ca_bundle=args.ca_bundle,
+            key_dir=args.key_dir, key_password=key_password, max_retries=args.max_retries,
+            timeout=args.timeout, key_size=args.key_size, ca_bundle=args.ca_bundle,
             server_key_fingerprint=args.server_key_fingerprint,
         ) as client:
             response = client.create_sync(args.model, messages, security_tier=args.tier)
     except (NomyoError, ValueError, OSError) as err:  # OSError: e.g. an unusable --key-dir
-        print(f"nomyo chat: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(error_line("chat", err), file=sys.stderr)
         return EXIT_FAILED
     finally:
         if server is not None:
@@ -90,5 +99,3 @@ def _print_answer(response: dict[str, Any], show_metadata: bool) -> None:
             print(json.dumps(message["tool_calls"], indent=2))
     if show_metadata:
         print(json.dumps({"_metadata": response.get("_metadata")}, indent=2, sort_keys=True))
-
-

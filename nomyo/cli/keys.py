@@ -8,6 +8,7 @@ import sys
 import warnings
 from typing import Any
 
+from nomyo.cli.messages import error_line, password_from_env
 from nomyo.cli.parser import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from nomyo.protocol.constants import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
 
@@ -22,6 +23,8 @@ def register(sub: Any) -> None:
                           default=DEFAULT_KEY_BITS)
     generate.add_argument("--password-env", metavar="VAR",
                           help="encrypt the private key with the password in this variable")
+    generate.add_argument("--force", action="store_true",
+                          help="replace a key pair already in the directory (it is lost)")
     generate.set_defaults(run=run_generate)
     show = key_sub.add_parser("fingerprint",
                               help="SHA-256 fingerprint of a key file or of a server's key")
@@ -35,20 +38,17 @@ def register(sub: Any) -> None:
     show.set_defaults(run=run_fingerprint)
 
 
-def _password(variable: str | None) -> str | None:
-    if variable is None:
-        return None
-    value = os.environ.get(variable)
-    if not value:
-        raise ValueError(f"${variable} is empty or not set")
-    return value
-
-
 def run_generate(args: argparse.Namespace) -> int:
-    from nomyo.protocol.keys import KeyPair
+    from nomyo.protocol.keys import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyPair
 
+    existing = [name for name in (PRIVATE_KEY_FILE, PUBLIC_KEY_FILE)
+                if os.path.lexists(os.path.join(args.directory, name))]
+    if existing and not args.force:
+        print(f"nomyo keys: error: {args.directory} already holds {' and '.join(existing)}; "
+              "--force replaces them (the old private key is lost)", file=sys.stderr)
+        return EXIT_FAILED
     try:
-        password = _password(args.password_env)
+        password = password_from_env(args.password_env)
     except ValueError as err:
         print(f"nomyo keys: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -57,7 +57,7 @@ def run_generate(args: argparse.Namespace) -> int:
             path = pair.save(args.directory, password)
             print(f"{path}\nfingerprint {pair.fingerprint}")
     except OSError as err:
-        print(f"nomyo keys: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(error_line("keys", err), file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -86,10 +86,10 @@ def run_fingerprint(args: argparse.Namespace) -> int:
             if "PRIVATE KEY" not in header:
                 print(keys.fingerprint(header + f.read()))
                 return EXIT_OK
-        with keys.KeyPair.load(args.pem, _password(args.password_env)) as pair:
+        with keys.KeyPair.load(args.pem, password_from_env(args.password_env)) as pair:
             print(pair.fingerprint)
     except (NomyoError, ValueError, OSError) as err:
-        print(f"nomyo keys: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(error_line("keys", err), file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

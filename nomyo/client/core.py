@@ -20,13 +20,15 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nomyo.client.keyring import KeyRing
-from nomyo.client.transport import Prepared, RetryPolicy, Transport
+from nomyo.client.transport import USE_DEFAULT, Prepared, RetryPolicy, Transport
 from nomyo.errors import (
+    APIConnectionError,
+    APIError,
     DisposedError,
     InvalidRequestError,
     PackageError,
@@ -37,6 +39,7 @@ from nomyo.memory import get_memory_protection_info, require_native, require_pro
 from nomyo.protocol import envelope, keys
 from nomyo.protocol.chat_request import check_chat_request, check_security_tier
 from nomyo.protocol.constants import (
+    AUTHORIZATION_HEADER,
     COMPLETION_PATH,
     DEFAULT_KEY_BITS,
     DEFAULT_TIMEOUT,
@@ -54,6 +57,12 @@ T = TypeVar("T")
 ATTESTATION_MODES = (None, "verify", "require")
 MAX_WORKERS = 32
 MAX_CACHED_SERVER_KEYS = 64  # endpoints (per-call base_url) whose key is remembered
+# An exchange's workspace is kept for the next one (mapping and unmapping guarded, locked
+# pages is the largest CPU cost of secure memory) unless its request or answer package was
+# larger than this; at most MAX_IDLE_WORKSPACES are kept, so the locked memory a client
+# holds between requests stays within a few pages of a small RLIMIT_MEMLOCK budget.
+POOLED_WORKSPACE_MAX = 8 * 1024
+MAX_IDLE_WORKSPACES = 2
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -63,6 +72,101 @@ def normalise_fingerprint(value: str) -> str:
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
         raise ValueError("server_key_fingerprint must be a SHA-256 hex digest (64 hex digits)")
     return text
+
+
+# Headers the protocol or HTTP itself sets: extra_headers may not replace them.
+_RESERVED_HEADERS = frozenset(name.lower() for name in (
+    PAYLOAD_ID_HEADER, PUBLIC_KEY_HEADER, SECURITY_TIER_HEADER, AUTHORIZATION_HEADER,
+    "Content-Type", "Content-Length", "Transfer-Encoding", "Host", "Connection",
+))
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """One call's transport options (OpenAI conventions); none of them enters the payload."""
+
+    timeout: Any = USE_DEFAULT
+    max_retries: int | None = None
+    headers: Mapping[str, str] | None = None
+    query: str = ""  # the encoded query string, without "?"
+
+    @classmethod
+    def check(cls, timeout: Any = USE_DEFAULT, max_retries: Any = None,
+              extra_headers: Any = None, extra_query: Any = None) -> CallOptions:
+        """The options, checked: TypeError for a value of the wrong kind or a protocol
+        header (header values are checked for line breaks later, by the transport)."""
+        if timeout is not USE_DEFAULT and timeout is not None and (
+                isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not timeout > 0):
+            raise TypeError("timeout must be a positive number of seconds or None")
+        if max_retries is not None and (
+                isinstance(max_retries, bool) or not isinstance(max_retries, int)
+                or max_retries < 0):
+            raise TypeError("max_retries must be an int >= 0")
+        headers = None
+        if extra_headers is not None:
+            if not isinstance(extra_headers, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in extra_headers.items()):
+                raise TypeError("extra_headers must map header names (str) to values (str)")
+            for name in extra_headers:
+                if name.strip().lower() in _RESERVED_HEADERS:
+                    raise TypeError(f"extra_headers may not set {name.strip()[:40]!r}: the "
+                                    "client sets it (use api_key= for Authorization)")
+            headers = dict(extra_headers)
+        query = ""
+        if extra_query is not None:
+            if not isinstance(extra_query, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, (str, int, float))
+                    for k, v in extra_query.items()):
+                raise TypeError("extra_query must map names (str) to str or number values")
+            query = urlencode(extra_query)
+        return cls(timeout, max_retries, headers, query)
+
+
+DEFAULT_OPTIONS = CallOptions()
+
+
+class _PooledWorkspace(Workspace):
+    """A workspace the client may keep for its next exchange; `large` once it carried more
+    than POOLED_WORKSPACE_MAX (then it is released instead of kept)."""
+
+    large = False
+
+
+class _WorkspacePool:
+    """The client's idle workspaces (their slots are wiped when an exchange ends): taking
+    one saves mapping, locking and unmapping fresh guarded pages on every request."""
+
+    def __init__(self, limit: int = MAX_IDLE_WORKSPACES) -> None:
+        self._limit = limit
+        self._idle: list[_PooledWorkspace] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, require: bool | None) -> _PooledWorkspace:
+        """An idle workspace made with the same fail-closed setting, else a new one."""
+        with self._lock:
+            for i in range(len(self._idle) - 1, -1, -1):
+                if self._idle[i].require == require:
+                    return self._idle.pop(i)
+        return _PooledWorkspace(require=require)
+
+    def give(self, work: _PooledWorkspace, ended_cleanly: bool) -> None:
+        """Keep `work` for the next exchange, or release it: after a failure (a slot may not
+        have been wiped), a large exchange, or once the client is closed."""
+        if ended_cleanly and not work.large:
+            with self._lock:
+                if not self._closed and len(self._idle) < self._limit:
+                    self._idle.append(work)
+                    return
+        work.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for work in idle:
+            work.close()
 
 
 @dataclass(frozen=True)
@@ -122,6 +226,7 @@ class SecureCompletionClient:
         self._server_key_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self._workspaces = _WorkspacePool()
         self._closed = False
         _warn_if_plain_http(self.router_url, allow_http)
 
@@ -263,9 +368,11 @@ class SecureCompletionClient:
         security_tier: str | None = None,
         *,
         base_url: str | None = None,
+        options: CallOptions = DEFAULT_OPTIONS,
     ) -> dict[str, Any]:
         """Encrypt, POST (with retries), decrypt, verify: the whole round trip in one worker
-        trip, off the event loop.
+        trip, off the event loop. `options` (CallOptions.check) sets this call's timeout,
+        retries, extra headers and query.
 
         The answer is handed to the loop as soon as it is ready; the exchange's workspace,
         wiped by then, is unmapped afterwards in the worker, off the answer's path
@@ -276,7 +383,7 @@ class SecureCompletionClient:
         pool = self._pool()  # the one "closed?" of an async request: DisposedError once closed
         try:
             pool.submit(self._exchange_for, loop, answer,
-                        payload, payload_id, api_key, security_tier, base_url)
+                        payload, payload_id, api_key, security_tier, base_url, options)
         except RuntimeError:  # the pool was shut down by a concurrent close()
             raise DisposedError("This client has been closed") from None
         return await answer
@@ -311,17 +418,24 @@ class SecureCompletionClient:
         security_tier: str | None = None,
         *,
         base_url: str | None = None,
+        options: CallOptions = DEFAULT_OPTIONS,
     ) -> dict[str, Any]:
         """Blocking `send_secure_request`; `base_url` overrides the endpoint for this call."""
         self._check_open()
-        with self._workspace() as work:
-            return self._exchange(work, payload, payload_id, api_key, security_tier, base_url)
+        work, clean = self._workspaces.take(self._require_secure_memory or None), False
+        try:
+            response = self._exchange(work, payload, payload_id, api_key, security_tier,
+                                      base_url, options)
+            clean = True
+            return response
+        finally:
+            self._workspaces.give(work, clean)
 
     def _exchange_for(self, loop: asyncio.AbstractEventLoop, answer: asyncio.Future[Any],
                       *request: Any) -> None:
-        """`_exchange` in a worker thread: post its outcome to `answer` on `loop`, then release
-        the workspace, whose slots are wiped by then, off the answer's path."""
-        work = self._workspace()
+        """`_exchange` in a worker thread: post its outcome to `answer` on `loop`, then hand
+        the workspace, whose slots are wiped by then, back to the pool off the answer's path."""
+        work = self._workspaces.take(self._require_secure_memory or None)
         try:
             outcome = (self._exchange(work, *request), None)
         except BaseException as exc:  # handed to the awaiting task, as run_in_executor does
@@ -331,28 +445,37 @@ class SecureCompletionClient:
         except RuntimeError:  # the caller's loop closed while the request ran
             logger.debug("event loop closed before the answer arrived")
         try:
-            work.close()
+            self._workspaces.give(work, outcome[1] is None)
         except Exception:  # nobody awaits this any more: say it instead of dropping it
             logger.exception("releasing an exchange's (wiped) secure buffers failed")
 
     def _exchange(
         self, work: Workspace, payload: dict[str, Any], payload_id: str,
         api_key: str | None, security_tier: str | None, base_url: str | None,
+        options: CallOptions = DEFAULT_OPTIONS,
     ) -> dict[str, Any]:
         """One round trip in `work`, whose slots are all wiped again when it returns: the
         request's key and plaintext before any byte is sent, the answer's as it is parsed."""
         check_security_tier(security_tier)
         check_chat_request(payload)
         url = base_url.rstrip("/") if base_url else self.router_url
-        headers = {PAYLOAD_ID_HEADER: str(payload_id), "Content-Type": "application/octet-stream"}
+        headers = dict(options.headers) if options.headers else {}
+        headers[PAYLOAD_ID_HEADER] = str(payload_id)
+        headers["Content-Type"] = "application/octet-stream"
         if security_tier:
             headers[SECURITY_TIER_HEADER] = security_tier
+        target = url + COMPLETION_PATH + ("?" + options.query if options.query else "")
         # the one boundary: URL scheme and headers, before any key is made or byte is sent
-        post = self._transport.prepare("POST", url + COMPLETION_PATH, headers, api_key=api_key)
+        post = self._transport.prepare("POST", target, headers, api_key=api_key)
         self._keyring.start()  # no-op once a pair exists; else it is made while we fetch
-        server_key = self._server_key(url)
+        try:
+            server_key = self._server_key(url)
+        except (APIError, APIConnectionError) as err:  # the key's GET has no payload id
+            if err.payload_id is None:
+                err.payload_id = str(payload_id)
+            raise
         with self._keyring.lease() as pair:
-            content = self._post_sealed(post, url, server_key, payload, pair, work)
+            content = self._post_sealed(post, url, server_key, payload, pair, work, options)
             response = _open_response(content, pair, str(payload_id), work)
         if self._attestation is not None:
             self._attest(response, str(payload_id))
@@ -377,6 +500,7 @@ class SecureCompletionClient:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False)
+        self._workspaces.close()
 
     dispose = close
 
@@ -416,10 +540,6 @@ class SecureCompletionClient:
                 )
             return self._executor
 
-    def _workspace(self) -> Workspace:
-        """An exchange's buffers; fail-closed when this client requires secure memory."""
-        return Workspace(require=self._require_secure_memory or None)
-
     def _fresh(self) -> Workspace:
         """No reuse (one-off calls), with this client's fail-closed setting."""
         return Fresh(require=self._require_secure_memory or None)
@@ -453,13 +573,20 @@ class SecureCompletionClient:
         return _ServerKey(public_key, pem, fingerprint)
 
     def _post_sealed(self, post: Prepared, url: str, server_key: _ServerKey,
-                     payload: dict[str, Any], pair: keys.KeyPair, work: Workspace) -> bytes:
+                     payload: dict[str, Any], pair: keys.KeyPair, work: Workspace,
+                     options: CallOptions) -> bytes:
         """Seal (the plaintext is wiped before any byte is sent) and POST; if the server could
         not open the package, refresh its key once."""
         generated = {PUBLIC_KEY_HEADER: _quoted(pair.public_pem)}
         body = envelope.seal_json(payload, server_key.public_key, workspace=work)
+        limits = {"timeout": options.timeout, "max_retries": options.max_retries}
+        if isinstance(work, _PooledWorkspace) and len(body) > POOLED_WORKSPACE_MAX:
+            work.large = True  # its plaintext slot grew with the request: not kept
         try:
-            return self._transport.send(post, body, generated)
+            content = self._transport.send(post, body, generated, **limits)
+            if len(content) > POOLED_WORKSPACE_MAX and isinstance(work, _PooledWorkspace):
+                work.large = True  # the answer will grow it
+            return content
         except InvalidRequestError as err:
             if not _server_could_not_open(err):
                 raise
@@ -468,7 +595,7 @@ class SecureCompletionClient:
                 raise
             logger.info("retrying once with the server's new public key")
         body = envelope.seal_json(payload, fresh.public_key, workspace=work)
-        return self._transport.send(post, body, generated)
+        return self._transport.send(post, body, generated, **limits)
 
     def _attest(self, response: dict[str, Any], payload_id: str) -> None:
         """Verify the TPM attestation into `_metadata.attestation_verification`; `require`

@@ -1,8 +1,13 @@
 """`SecureChatCompletion`: the OpenAI-style facade over `SecureCompletionClient`.
 
-Every OpenAI chat parameter goes inside the encrypted payload; `base_url`, `api_key` and
-`security_tier` are per-call options that never do. Key generation starts when the object is
-built, so the first request does not pay for an RSA-4096 key on its critical path.
+Every OpenAI chat parameter goes inside the encrypted payload, and so do the fields of
+`extra_body`. The per-call options never do: `base_url`, `api_key`, `security_tier`, and the
+OpenAI SDK's `timeout`, `max_retries`, `extra_headers` (sent as checked HTTP headers) and
+`extra_query` (the URL's query). Names the OpenAI SDK or an HTTP client uses for the transport
+and which this one has no use for are refused with a TypeError rather than encrypted into the
+payload by mistake. `NOMYO_BASE_URL` and `NOMYO_API_KEY` stand in for arguments not given.
+Key generation starts when the object is built, so the first request does not pay for an
+RSA-4096 key on its critical path.
 """
 from __future__ import annotations
 
@@ -11,11 +16,19 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from nomyo.client.core import SecureCompletionClient
+from nomyo.client.core import CallOptions, SecureCompletionClient
+from nomyo.client.transport import USE_DEFAULT
 from nomyo.protocol.constants import DEFAULT_KEY_BITS, DEFAULT_TIMEOUT
 from nomyo.protocol.keys import Password
 
+DEFAULT_BASE_URL = "https://api.nomyo.ai"
+BASE_URL_ENV = "NOMYO_BASE_URL"
+API_KEY_ENV = "NOMYO_API_KEY"
 _CALL_OPTIONS = ("base_url", "api_key", "security_tier")
+_TRANSPORT_OPTIONS = ("timeout", "max_retries", "extra_headers", "extra_query")
+# Meant for an HTTP transport, never for the model: refused instead of encrypted into the payload.
+_NOT_CHAT_PARAMETERS = ("headers", "default_headers", "query", "default_query", "http_client",
+                        "idempotency_key", "allow_http", "ca_bundle", "key_dir", "proxies")
 
 
 class SecureChatCompletion:
@@ -23,7 +36,7 @@ class SecureChatCompletion:
 
     def __init__(
         self,
-        base_url: str = "https://api.nomyo.ai",
+        base_url: str | None = None,
         allow_http: bool = False,
         api_key: str | None = None,
         secure_memory: bool = True,
@@ -41,6 +54,10 @@ class SecureChatCompletion:
         require_secure_memory: bool = False,
         debug: bool = False,
     ) -> None:
+        if base_url is None:
+            base_url = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+        if api_key is None:
+            api_key = os.environ.get(API_KEY_ENV) or None
         self.client = SecureCompletionClient(
             router_url=base_url, allow_http=allow_http, secure_memory=secure_memory,
             max_retries=max_retries, timeout=timeout, key_size=key_size, key_dir=key_dir,
@@ -58,7 +75,7 @@ class SecureChatCompletion:
         payload, options = self._prepare(model, messages, kwargs)
         return await self.client.send_secure_request(
             payload, options["payload_id"], options["api_key"], options["security_tier"],
-            base_url=options["base_url"],
+            base_url=options["base_url"], options=options["call"],
         )
 
     async def acreate(self, model: str, messages: list[dict[str, Any]], **kwargs: Any
@@ -72,7 +89,7 @@ class SecureChatCompletion:
         payload, options = self._prepare(model, messages, kwargs)
         return self.client.send_secure_request_sync(
             payload, options["payload_id"], options["api_key"], options["security_tier"],
-            base_url=options["base_url"],
+            base_url=options["base_url"], options=options["call"],
         )
 
     def close(self) -> None:
@@ -117,10 +134,27 @@ class SecureChatCompletion:
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Split per-call options from the payload. The client checks tier, stream and
         closed state itself (the protocol's one chat-request check), before any work."""
-        options = {name: kwargs.pop(name, None) for name in _CALL_OPTIONS}
+        options: dict[str, Any] = {name: kwargs.pop(name, None) for name in _CALL_OPTIONS}
+        transport = {name: kwargs.pop(name) for name in _TRANSPORT_OPTIONS if name in kwargs}
+        extra_body = kwargs.pop("extra_body", None)
         if not isinstance(messages, list):  # a TypeError, as the published signature implies
             raise TypeError("messages must be a list of message dicts")
+        for name in _NOT_CHAT_PARAMETERS:
+            if name in kwargs:
+                raise TypeError(f"{name!r} is not a chat parameter and is not sent; for HTTP "
+                                "headers use extra_headers=, for the query extra_query=")
+        transport.setdefault("timeout", USE_DEFAULT)
+        options["call"] = CallOptions.check(**transport)
+        payload = {"model": model, "messages": messages, **kwargs}
+        if extra_body is not None:
+            if not isinstance(extra_body, Mapping) or not all(
+                    isinstance(name, str) for name in extra_body):
+                raise TypeError("extra_body must be a dict of request fields")
+            twice = sorted(set(extra_body) & set(payload))
+            if twice:
+                raise TypeError(f"extra_body repeats {', '.join(twice)}: give each field once")
+            payload.update(extra_body)
         if options["api_key"] is None:
             options["api_key"] = self.api_key
         options["payload_id"] = str(uuid.uuid4())
-        return {"model": model, "messages": messages, **kwargs}, options
+        return payload, options

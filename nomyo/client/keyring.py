@@ -11,8 +11,10 @@ under a response in flight; a retired pair is closed when its last lease ends.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from nomyo.errors import DisposedError
+from nomyo.errors import ConfigurationError, DisposedError
 from nomyo.protocol.constants import DEFAULT_KEY_BITS, GENERATE_KEY_BITS
 from nomyo.protocol.keys import PRIVATE_KEY_FILE, KeyPair, Password
 
@@ -61,6 +63,9 @@ class KeyRing:
         self.key_dir = Path(key_dir) if key_dir is not None else None
         self._password = key_password
         self.rotation_interval = rotation_interval or None
+        if self.key_dir is not None:
+            check_key_dir(self.key_dir, key_password is not None,
+                          rotates=self.rotation_interval is not None)
         self._clock = clock
         self._lock = threading.Lock()
         self._current: _Slot | None = None
@@ -218,6 +223,36 @@ class KeyRing:
         if self.key_dir is not None:
             pair.save(self.key_dir, self._password)
         return pair, self._clock()
+
+
+def check_key_dir(key_dir: Path, has_password: bool, rotates: bool) -> None:
+    """Refuse, in one line naming the directory, a key_dir the key thread could not use: not
+    a directory (or under a file), not writable where a pair must be saved (none there yet,
+    or rotation on), a private key that cannot be read or needs a password not given. The
+    directory is created (0700) when missing, as saving would; writing is probed by creating
+    and removing a file, which also sees read-only and immutable directories as root."""
+    private_path = key_dir / PRIVATE_KEY_FILE
+    step = "cannot be created"
+    try:
+        if key_dir.exists() and not key_dir.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory")
+        key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        step = "has an unreadable private key"
+        exists = private_path.exists()
+        if exists:
+            with open(private_path, "rb") as f:
+                first_line = f.readline(64)  # only the BEGIN line: no key material read
+            if b"ENCRYPTED" in first_line and not has_password:
+                raise ConfigurationError(f"key_dir {str(key_dir)!r}: its private key is "
+                                         "encrypted and no key_password was given")
+        if not exists or rotates:
+            step = "is not writable (key pairs are saved there)"
+            fd, probe = tempfile.mkstemp(prefix=".nomyo-probe-", dir=key_dir)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigurationError(f"key_dir {str(key_dir)!r} {step}: {reason}") from None
 
 
 def _close_result(future: Future) -> None:

@@ -1,7 +1,11 @@
 """HTTP transport for the secure-completion protocol.
 
-One pooled `requests.Session` per client, a default timeout, retries on network errors,
-timeouts, 429 and 5xx (honouring `Retry-After`, else jittered exponential backoff), and the
+One pooled `requests.Session` per client, a default timeout, retries (honouring
+`Retry-After`, else jittered exponential backoff) only where the endpoint cannot have acted on
+the request: connection failures before the request was sent, 429 and 503. A POST that reached
+the endpoint and failed there (500, 502, 504, a dropped connection or a read timeout after
+sending) is not sent again: the endpoint does not deduplicate payload ids. The idempotent GET
+of the server key is also retried after network failures once sent. Then the
 mapping from HTTP status to the exception classes of docs/protocol.md. It only ever carries
 ciphertext; it never sees plaintext or key material, and never puts the API key in a message.
 `prepare` is the one boundary where a URL's scheme and every header are checked, and where
@@ -28,13 +32,16 @@ import urllib3
 import urllib3.exceptions
 from requests.utils import get_environ_proxies
 
-from nomyo.client.http_pools import OneWriteAdapter
+from nomyo.client.http_pools import OneWriteAdapter, RequestNotSent
 from nomyo.errors import (
     APIConnectionError,
     APIError,
+    APITimeoutError,
     AuthenticationError,
+    BadGatewayError,
     DisposedError,
     ForbiddenError,
+    GatewayTimeoutError,
     InvalidRequestError,
     PackageError,
     RateLimitError,
@@ -42,14 +49,16 @@ from nomyo.errors import (
     ServerError,
     ServiceUnavailableError,
 )
-from nomyo.protocol.constants import AUTHORIZATION_HEADER, DEFAULT_TIMEOUT
+from nomyo.protocol.constants import AUTHORIZATION_HEADER, DEFAULT_TIMEOUT, PAYLOAD_ID_HEADER
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# Answers that say the request was not acted on: sent again. 500, 502 and 504 are not.
+RETRYABLE_STATUS = frozenset({429, 503})
 # The exchange talks to the urllib3 pool directly: its errors are the network failures.
 _NETWORK_ERRORS = (urllib3.exceptions.HTTPError,)
 _NO_RETRY = urllib3.Retry(total=False, redirect=False)  # what retries=False means, built once
+USE_DEFAULT: Any = object()  # "this transport's own timeout" (None means no limit)
 _BASE_HEADERS = {"User-Agent": "nomyo-python", "Accept": "*/*", "Accept-Encoding": "identity"}
 # Largest answer read: a protocol package carries at most 10 MiB of plaintext (about 14 MiB
 # of base64); anything far beyond is refused before it can exhaust memory.
@@ -66,8 +75,30 @@ _STATUS_ERRORS: dict[int, tuple[type[APIError], str, str]] = {
     404: (APIError, "Endpoint not found: ", "Secure inference not enabled"),
     429: (RateLimitError, "Rate limit exceeded: ", "unknown"),
     500: (ServerError, "Server error: ", "unknown"),
+    502: (BadGatewayError, "Bad gateway: ", "unknown"),
     503: (ServiceUnavailableError, "Service unavailable: ", "unknown"),
+    504: (GatewayTimeoutError, "Gateway timeout: ", "unknown"),
 }
+
+
+class _NetworkFailure(Exception):
+    """An exchange's network error and whether the request may have reached the server."""
+
+    def __init__(self, error: Exception, sent: bool) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+        self.sent = sent
+
+
+def _before_sending(err: Exception) -> bool:
+    """True when urlopen's error says no request reached the server: the connection or TLS
+    handshake failed, or the request failed while being written (RequestNotSent). Errors
+    reading an answer after a complete write are neither (see http_pools)."""
+    if isinstance(err, urllib3.exceptions.ReadTimeoutError):
+        return False
+    if isinstance(err, (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.SSLError)):
+        return True
+    return any(isinstance(arg, RequestNotSent) for arg in getattr(err, "args", ()))
 
 
 def require_secure_url(url: str, allow_http: bool) -> None:
@@ -121,7 +152,7 @@ def _error_body(content: bytes) -> dict[str, Any] | None:
 
 
 def error_for_status(
-    status: int, content: bytes, redact: tuple[str, ...] = ()
+    status: int, content: bytes, redact: tuple[str, ...] = (), payload_id: str | None = None
 ) -> APIError:
     """Build the docs/protocol.md exception for an HTTP error status (the caller raises it)."""
     details = _error_body(content)
@@ -133,7 +164,7 @@ def error_for_status(
         json.dumps(detail)[:MAX_DETAIL_CHARS] if detail is not None else fallback
     )
     return cls(prefix + _redacted(text, redact)[:MAX_DETAIL_CHARS], status_code=status,
-               error_details=_redacted(details, redact))
+               error_details=_redacted(details, redact), payload_id=payload_id)
 
 
 def _redacted(value: Any, secrets: tuple[str, ...]) -> Any:
@@ -270,33 +301,38 @@ class Transport:
         return self.send(self.prepare("POST", url, headers, api_key=api_key), body)
 
     def send(self, request: Prepared, body: bytes | None = None,
-             generated: Mapping[str, str] | None = None) -> bytes:
-        """Send until success, a non-retryable answer, or retries run out. `generated` headers
-        are ones this library made itself (a percent-encoded PEM): no caller input, no check."""
+             generated: Mapping[str, str] | None = None, *,
+             timeout: Any = USE_DEFAULT, max_retries: int | None = None) -> bytes:
+        """Send until success, an answer or failure that must not be retried, or retries run
+        out. `generated` headers are ones this library made itself (a percent-encoded PEM): no
+        caller input, no check. `timeout` and `max_retries` override this transport's for one
+        call (`timeout=USE_DEFAULT`, the default, keeps its own; None waits without limit)."""
         method, url, redact = request.method, request.url, request.redact
         headers = {**request.headers, **generated} if generated else request.headers
-        attempts = self.retry.max_retries + 1
+        payload_id = request.headers.get(PAYLOAD_ID_HEADER)
+        limits = self._timeout if timeout is USE_DEFAULT else urllib3.Timeout(
+            connect=timeout, read=timeout)  # type: ignore[arg-type]
+        retries = self.retry.max_retries if max_retries is None else max_retries
+        attempts = retries + 1
+        idempotent = method == "GET"
         for attempt in range(attempts):
             session = self._session
             if session is None:
                 raise DisposedError("This client has been closed")
             last = attempt + 1 == attempts
             try:
-                status, retry_after, content = self._exchange(session, method, url, headers, body)
+                status, retry_after, content = self._exchange(
+                    session, method, url, headers, body, limits)
             except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema):
-                raise InvalidRequestError("Invalid endpoint URL", status_code=None) from None
-            except urllib3.exceptions.SSLError as err:
+                raise InvalidRequestError("Invalid endpoint URL", status_code=None,
+                                          payload_id=payload_id) from None
+            except _NetworkFailure as failure:
+                err = failure.error
                 if "CERTIFICATE_VERIFY_FAILED" in str(err):
                     raise SecurityError("TLS certificate verification failed") from err
-                if last:  # a reset or EOF during the handshake is a network failure: retried
-                    raise APIConnectionError(_connection_message(err, url)) from err
-                logger.warning("TLS handshake failed on attempt %d/%d", attempt + 1, attempts)
-                self._sleep(self.retry.delay(attempt + 1, None))
-                continue
-            except _NETWORK_ERRORS as err:
-                if last:
-                    raise APIConnectionError(_connection_message(err, url)) from err
-                logger.warning("%s on attempt %d/%d", type(err).__name__, attempt + 1, attempts)
+                if last or (failure.sent and not idempotent):
+                    raise _connection_error(err, url, payload_id) from err
+                logger.warning("%s on attempt %d/%d", _failure_kind(err), attempt + 1, attempts)
                 self._sleep(self.retry.delay(attempt + 1, None))
                 continue
             if status == 200:
@@ -309,12 +345,12 @@ class Transport:
                 )
                 self._sleep(wait)
                 continue
-            raise error_for_status(status, content, redact) from None
+            raise error_for_status(status, content, redact, payload_id) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _exchange(
         self, session: requests.Session, method: str, url: str,
-        headers: Mapping[str, str], body: bytes | None,
+        headers: Mapping[str, str], body: bytes | None, limits: urllib3.Timeout,
     ) -> tuple[int, str | None, bytes]:
         """One HTTP exchange on the Session's pooled connections: (status, Retry-After, body).
 
@@ -325,12 +361,16 @@ class Transport:
         """
         route = self._route(session, method, url)
         try:
-            response = self._urlopen(route, method, headers, body)
-        except urllib3.exceptions.ClosedPoolError:
-            # The PoolManager closed this pool to make room for another endpoint's: a pool
-            # looked up afresh gets a new connection. Anything else is the caller's to retry.
-            self._routes.pop((method, url), None)
-            response = self._urlopen(self._route(session, method, url), method, headers, body)
+            try:
+                response = self._urlopen(route, method, headers, body, limits)
+            except urllib3.exceptions.ClosedPoolError:
+                # The PoolManager closed this pool to make room for another endpoint's: a pool
+                # looked up afresh gets a new connection. Anything else is the caller's.
+                self._routes.pop((method, url), None)
+                response = self._urlopen(self._route(session, method, url), method, headers,
+                                         body, limits)
+        except _NETWORK_ERRORS as err:
+            raise _NetworkFailure(err, sent=not _before_sending(err)) from err
         try:
             # urllib3's parsed length: None for chunked bodies or an invalid Content-Length,
             # which are then read only up to the cap.
@@ -342,19 +382,23 @@ class Transport:
                                     decode_content=False)
             if len(content) > MAX_RESPONSE_BYTES:
                 raise PackageError(f"answer larger than {MAX_RESPONSE_BYTES} bytes refused")
-        except BaseException:
+        except _NETWORK_ERRORS as err:
             response.close()  # a half-read connection must not be reused
+            raise _NetworkFailure(err, sent=True) from err
+        except BaseException:
+            response.close()
             raise
         finally:
             response.release_conn()
         return response.status, response.headers.get("Retry-After"), content
 
     def _urlopen(self, route: tuple[urllib3.HTTPConnectionPool, str], method: str,
-                 headers: Mapping[str, str], body: bytes | None) -> urllib3.BaseHTTPResponse:
+                 headers: Mapping[str, str], body: bytes | None, limits: urllib3.Timeout,
+                 ) -> urllib3.BaseHTTPResponse:
         pool, target = route
         return pool.urlopen(
             method, target, body=body, headers={**_BASE_HEADERS, **headers}, retries=_NO_RETRY,
-            redirect=False, assert_same_host=False, timeout=self._timeout,
+            redirect=False, assert_same_host=False, timeout=limits,
             preload_content=False, decode_content=False,
         )
 
@@ -376,10 +420,21 @@ class Transport:
         return route
 
 
-def _connection_message(err: Exception, url: str) -> str:
-    """A message naming the failure kind and host only."""
+def _failure_kind(err: Exception) -> str:
+    """What failed, for a log line: the error's class, or the write error it wraps."""
+    inner = next((arg for arg in getattr(err, "args", ()) if isinstance(arg, Exception)), None)
+    return type(inner if inner is not None else err).__name__
+
+
+def _connection_error(err: Exception, url: str, payload_id: str | None) -> APIConnectionError:
+    """APITimeoutError or APIConnectionError, naming the failure kind and host only."""
     host = urlsplit(url).netloc or "the server"
-    timeout = isinstance(err, urllib3.exceptions.TimeoutError)  # the exchange's own errors
-    if timeout and not isinstance(err, urllib3.exceptions.NewConnectionError):
-        return f"Request to {host} timed out"
-    return f"Failed to connect to {host} ({type(err).__name__})"
+    if isinstance(err, urllib3.exceptions.ReadTimeoutError):
+        return APITimeoutError(f"Request to {host} timed out", payload_id=payload_id)
+    if (isinstance(err, urllib3.exceptions.ConnectTimeoutError)
+            and not isinstance(err, urllib3.exceptions.NewConnectionError)):
+        return APITimeoutError(f"Connecting to {host} timed out", payload_id=payload_id)
+    if isinstance(err, urllib3.exceptions.SSLError):
+        return APIConnectionError(f"TLS handshake with {host} failed", payload_id=payload_id)
+    return APIConnectionError(f"Failed to connect to {host} ({_failure_kind(err)})",
+                              payload_id=payload_id)

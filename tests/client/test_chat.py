@@ -23,13 +23,6 @@ OPENAI_PARAMS = {
 }
 
 
-@pytest.fixture
-def chat(peer):
-    c = SecureChatCompletion(base_url=peer.url, allow_http=True, key_size=2048)
-    yield c
-    c.close()
-
-
 def test_create_acreate_and_create_sync(chat):
     async def both():
         return (await chat.create(model="m", messages=MESSAGES),

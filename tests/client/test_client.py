@@ -26,7 +26,6 @@ from nomyo.errors import (
     ServiceUnavailableError,
 )
 from nomyo.protocol import keys
-from nomyo.protocol.workspace import Workspace
 from tests.helpers import wait_until
 from tests.peer_server import PeerServer, open_with, seal_for
 
@@ -226,33 +225,36 @@ def test_sixteen_concurrent_requests_overlap(client, peer):
     assert peer.max_in_flight >= 12
 
 
-class RecordingWorkspace(Workspace):
-    """Notes, when the exchange closes it, whether every slot and key cell was already wiped
-    (cells are read through their slot's mapping, which is still there)."""
-
-    events: list[str]
+class RecordingWorkspace(client_module._PooledWorkspace):
+    """Reports, when the exchange hands it back, whether every slot and key cell was already
+    wiped (cells are read through their slot's mapping, which is still there)."""
 
     def key(self, size: int):
         buf = super().key(size)
         self.cells = [*getattr(self, "cells", []), (buf.address, size)]
         return buf
 
-    def close(self) -> None:
+    def report(self) -> str:
         slots = [buf for buf in self._slots.values() if not buf.closed]
         with_secrets = sum(1 for buf in slots if any(memoryview(buf).cast("B")))
-        cells = getattr(self, "cells", [])
+        cells, self.cells = getattr(self, "cells", []), []
         cells_with_secrets = sum(1 for where, size in cells if any(ctypes.string_at(where, size)))
-        self.events.append(f"close: {len(slots)} slots, {with_secrets} not wiped; "
-                           f"{len(cells)} keys, {cells_with_secrets} not wiped")
-        super().close()
+        return (f"end: {len(slots)} slots, {with_secrets} not wiped; "
+                f"{len(cells)} keys, {cells_with_secrets} not wiped")
 
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """The events of every exchange: answers handed to the loop, workspaces closed."""
+    """The events of every exchange: answers handed to the loop, workspaces handed back."""
     events: list[str] = []
-    monkeypatch.setattr(RecordingWorkspace, "events", events, raising=False)
-    monkeypatch.setattr(client_module, "Workspace", RecordingWorkspace)
+    monkeypatch.setattr(client_module, "_PooledWorkspace", RecordingWorkspace)
+    give = client_module._WorkspacePool.give
+
+    def recording_give(pool, work, ended_cleanly):
+        events.append(work.report())
+        give(pool, work, ended_cleanly)
+
+    monkeypatch.setattr(client_module._WorkspacePool, "give", recording_give)
     settle = client_module._settle
 
     def recording_settle(future, result, exc):
@@ -266,11 +268,11 @@ def recorded(monkeypatch):
 def test_slots_are_wiped_when_the_exchange_returns(client, peer, recorded):
     send(client)
     asyncio.run(client.send_secure_request({"model": "m", "messages": MESSAGES}, "p"))
-    time.sleep(0.2)  # the async exchange unmaps its workspace just after the answer
-    # sync: closed before it returns; async: the answer is posted to the loop, then the
-    # workspace is unmapped (which of the two the test sees first is up to the scheduler)
+    time.sleep(0.2)  # the async exchange hands its workspace back just after the answer
+    # sync: handed back before it returns; async: the answer is posted to the loop, then the
+    # workspace is handed back (which of the two the test sees first is up to the scheduler)
     # one mapping each: the AES keys lived in cells of the plaintext slot
-    closed = "close: 1 slots, 0 not wiped; 2 keys, 0 not wiped"
+    closed = "end: 1 slots, 0 not wiped; 2 keys, 0 not wiped"
     assert recorded[0] == closed
     assert sorted(recorded[1:]) == ["answer", closed]
 
@@ -290,7 +292,7 @@ def test_cancelled_request_still_releases_its_workspace(client, peer, recorded):
         await asyncio.sleep(0.5)  # the worker finishes the exchange meanwhile
 
     asyncio.run(cancel_midway())
-    assert sorted(recorded) == ["cancelled", "close: 1 slots, 0 not wiped; 2 keys, 0 not wiped"]
+    assert sorted(recorded) == ["cancelled", "end: 1 slots, 0 not wiped; 2 keys, 0 not wiped"]
 
 
 def test_answer_after_the_loop_closed_is_dropped_and_released(client, peer, recorded, caplog):
@@ -306,16 +308,16 @@ def test_answer_after_the_loop_closed_is_dropped_and_released(client, peer, reco
     with caplog.at_level("DEBUG", logger="nomyo.client.core"):
         asyncio.run(leave_it_running())  # cancels the task and closes its loop
         time.sleep(0.6)
-    assert recorded == ["close: 1 slots, 0 not wiped; 2 keys, 0 not wiped"]
+    assert recorded == ["end: 1 slots, 0 not wiped; 2 keys, 0 not wiped"]
     assert "event loop closed before the answer arrived" in caplog.text
 
 
 def test_failed_release_after_the_answer_is_logged(client, peer, recorded, monkeypatch, caplog):
-    def failing_close(self):
-        Workspace.close(self)
+    def failing_give(pool, work, ended_cleanly):
+        work.close()
         raise ValueError("secure free failed: [Errno 22] Invalid argument")
 
-    monkeypatch.setattr(RecordingWorkspace, "close", failing_close)
+    monkeypatch.setattr(client_module._WorkspacePool, "give", failing_give)
     with caplog.at_level("ERROR", logger="nomyo.client.core"):
         answer = asyncio.run(client.send_secure_request(
             {"model": "m", "messages": MESSAGES}, "p"))

@@ -180,8 +180,9 @@ def test_install_supersedes_a_pair_still_being_born():
 
 def test_a_failed_first_pair_is_retried_by_the_next_lease(tmp_path):
     blocked = tmp_path / "keys"
-    blocked.write_text("a file where the key directory should be")
-    ring = KeyRing(key_size=2048, key_dir=blocked)
+    ring = KeyRing(key_size=2048, key_dir=blocked)  # usable when the client is made
+    blocked.rmdir()
+    blocked.write_text("a file where the key directory should be")  # broken afterwards
     with pytest.raises(OSError), ring.lease():
         pass
     blocked.unlink()  # the operator fixes the directory

@@ -1,6 +1,7 @@
 """Transport behaviour against a real scripted HTTP server on loopback."""
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -30,9 +31,12 @@ from nomyo.client.transport import (
 from nomyo.errors import (
     APIConnectionError,
     APIError,
+    APITimeoutError,
     AuthenticationError,
+    BadGatewayError,
     DisposedError,
     ForbiddenError,
+    GatewayTimeoutError,
     InvalidRequestError,
     PackageError,
     RateLimitError,
@@ -163,7 +167,7 @@ def test_success_returns_body_and_reuses_one_connection(server):
     assert server.received[0]["body"] == b"cipher"
 
 
-@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+@pytest.mark.parametrize("status", [429, 503])
 def test_retryable_status_is_retried_with_same_payload_id(server, status):
     server.replies.extend([(status, {}, b"{}"), (status, {}, b"{}"), (200, {}, b"done")])
     transport, clock = make(max_retries=2)
@@ -171,6 +175,19 @@ def test_retryable_status_is_retried_with_same_payload_id(server, status):
     assert len(server.received) == 3
     assert {r["headers"]["X-Payload-ID"] for r in server.received} == {"pid-1"}
     assert len(clock.sleeps) == 2
+    transport.close()
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_status_after_the_endpoint_acted_is_not_retried(server, status):
+    # the endpoint (or the backend behind a proxy) had the request: sending it again could
+    # run it twice, since payload ids are not deduplicated
+    server.replies.extend([(status, {}, b"{}"), (200, {}, b"done")])
+    transport, clock = make(max_retries=2)
+    with pytest.raises(APIError) as info:
+        transport.post(server.url, b"c", HEADERS)
+    assert info.value.status_code == status and info.value.payload_id == "pid-1"
+    assert len(server.received) == 1 and clock.sleeps == []
     transport.close()
 
 
@@ -198,9 +215,9 @@ def test_retry_after_is_capped(server):
 
 
 def test_backoff_is_exponential_and_jittered_without_retry_after(server):
-    server.replies.extend([(500, {}, b"{}")] * 4)
+    server.replies.extend([(503, {}, b"{}")] * 4)
     transport, clock = make(max_retries=3)
-    with pytest.raises(ServerError):
+    with pytest.raises(ServiceUnavailableError):
         transport.post(server.url, b"c", HEADERS)
     assert len(server.received) == 4
     for exact, got in zip([1.0, 2.0, 4.0], clock.sleeps, strict=True):
@@ -219,8 +236,8 @@ def test_retry_after_real_wait(server):
 @pytest.mark.parametrize(
     "status,cls",
     [(400, InvalidRequestError), (401, AuthenticationError), (403, ForbiddenError),
-     (404, APIError), (429, RateLimitError), (500, ServerError), (502, APIError),
-     (503, ServiceUnavailableError), (504, APIError), (418, APIError)],
+     (404, APIError), (429, RateLimitError), (500, ServerError), (502, BadGatewayError),
+     (503, ServiceUnavailableError), (504, GatewayTimeoutError), (418, APIError)],
 )
 def test_status_maps_to_class_once_retries_run_out(server, status, cls):
     body = json.dumps({"detail": f"reason {status}"}).encode()
@@ -234,7 +251,8 @@ def test_status_maps_to_class_once_retries_run_out(server, status, cls):
     assert err.error_details == {"detail": f"reason {status}"}
     assert f"reason {status}" in str(err)
     assert err.__cause__ is None and err.__suppress_context__
-    retried = status in (429, 500, 502, 503, 504)
+    assert err.payload_id == "pid-1"
+    retried = status in (429, 503)
     assert len(server.received) == (3 if retried else 1)
 
 
@@ -278,20 +296,68 @@ def test_connection_refused_is_retried_then_chained():
     assert len(clock.sleeps) == 2
 
 
-def test_dropped_connection_is_retried(server):
+def test_connection_dropped_after_the_request_is_not_retried(server):
     server.replies.extend(["drop", (200, {}, b"second")])
     transport, clock = make()
-    assert transport.post(server.url, b"c", HEADERS) == b"second"
+    with pytest.raises(APIConnectionError) as info:
+        transport.post(server.url, b"c", HEADERS)
+    assert info.value.payload_id == "pid-1"
+    assert len(server.received) == 1 and clock.sleeps == []
+
+
+def test_dropped_get_is_retried(server):
+    server.replies.extend(["drop", (200, {}, b"second")])
+    transport, clock = make()
+    assert transport.get(server.url) == b"second"
     assert len(server.received) == 2 and len(clock.sleeps) == 1
 
 
-def test_timeout_is_retried_then_raised(server):
+def test_reset_while_writing_the_request_is_retried(server, monkeypatch):
+    # The first write of the first attempt meets a reset connection (the server never had
+    # the request): sent again on a new connection.
+    real_send, failed = http.client.HTTPConnection.send, []
+
+    def send(self, data):  # under the connection's own bookkeeping, as the socket would fail
+        if not failed:
+            failed.append(True)
+            if self.sock is None:
+                self.connect()
+            self.sock.shutdown(socket.SHUT_RDWR)
+            raise ConnectionResetError(errno.ECONNRESET, "reset by peer")
+        return real_send(self, data)
+
+    monkeypatch.setattr(http.client.HTTPConnection, "send", send)
+    transport, clock = make()
+    assert transport.post(server.url, b"c", HEADERS) == b"ok"
+    assert failed and len(server.received) == 1 and len(clock.sleeps) == 1
+
+
+def test_read_timeout_after_sending_is_raised_not_retried(server):
+    server.replies.extend([("sleep", 1.0), (200, {}, b"ok")])
+    transport, clock = make(max_retries=2, timeout=0.2)
+    with pytest.raises(APITimeoutError, match="timed out") as info:
+        transport.post(server.url, b"c", HEADERS)
+    assert isinstance(info.value, APIConnectionError) and isinstance(info.value, TimeoutError)
+    assert info.value.payload_id == "pid-1"
+    assert isinstance(info.value.__cause__, urllib3.exceptions.TimeoutError)
+    assert clock.sleeps == []
+
+
+def test_get_timeout_is_retried_then_raised(server):
     server.replies.extend([("sleep", 1.0), ("sleep", 1.0)])
     transport, clock = make(max_retries=1, timeout=0.2)
-    with pytest.raises(APIConnectionError, match="timed out") as info:
-        transport.post(server.url, b"c", HEADERS)
-    assert isinstance(info.value.__cause__, urllib3.exceptions.TimeoutError)
+    with pytest.raises(APITimeoutError, match="timed out"):
+        transport.get(server.url)
     assert len(clock.sleeps) == 1
+
+
+def test_per_call_timeout_and_retries_override_the_transport(server):
+    server.replies.extend([(503, {}, b"{}"), ("sleep", 0.6)])
+    transport, clock = make(max_retries=0, timeout=5.0)
+    request = transport.prepare("POST", server.url, HEADERS)
+    with pytest.raises(APITimeoutError):
+        transport.send(request, b"c", timeout=0.2, max_retries=1)
+    assert len(server.received) == 2 and len(clock.sleeps) == 1
 
 
 @pytest.mark.parametrize("bad", ["a\r\nX-Evil: 1", "a\nb", "a\rb", "a\0b"])
