@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -56,6 +57,12 @@ try:
 except ImportError as exc:
     FALLBACK_REASON = str(exc)
     log.warning("nomyo native secure memory unavailable, using the fallback backend: %s", exc)
+    if not settings.fallback_forced():
+        # weaker protection must never be silent, even where logging is not configured (the
+        # nomyo logger has a NullHandler): a warning reaches stderr by default
+        warnings.warn(f"nomyo native secure memory unavailable, using the fallback backend "
+                      f"(not locked, not excluded from dumps): {exc}",
+                      RuntimeWarning, stacklevel=2)
 
 BACKEND = "native" if _lib is not None else "fallback"
 CANARY_BYTES = _lib.NM_CANARY_BYTES if _lib is not None else 0
