@@ -31,17 +31,12 @@ def test_b64(data: bytes) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("target", [targets.json_loads_target, targets.json_dumps_target],
+                         ids=["loads", "dumps"])
 @_SETTINGS
-@given(st.binary(max_size=128) | _JSONISH)
-def test_json_loads(data: bytes) -> None:
-    targets.json_loads_target(data)
-
-
-@pytest.mark.slow
-@_SETTINGS
-@given(st.binary(max_size=128) | _JSONISH)
-def test_json_dumps(data: bytes) -> None:
-    targets.json_dumps_target(data)
+@given(data=st.binary(max_size=128) | _JSONISH)
+def test_json(target, data: bytes) -> None:
+    target(data)
 
 
 @pytest.mark.slow
