@@ -287,3 +287,152 @@ int nm_set_dumpable(int value)
 {
     return prctl(PR_SET_DUMPABLE, value ? 1 : 0, 0, 0, 0) == 0 ? 0 : -errno;
 }
+
+/* ---- Scrubbing what an operation on a secret leaves behind it (issue 12) ----
+ *
+ * Copying a secret (ours, or glibc's memmove inside CPython or OpenSSL) passes it through
+ * vector registers, and the first call of a lazily bound symbol afterwards has the dynamic
+ * linker's trampoline spill every vector register to the stack; the bytes then sit below the
+ * live frames until something deeper overwrites them. nm_scrub clears the vector registers
+ * first (so nothing spilled later carries the secret), then zeroes a bounded stretch of the
+ * stack below its caller. It runs at the end of every operation that touched a secret. */
+
+#include <pthread.h>
+
+#define NM_SCRUB_STACK_MAX (256u * 1024u)  /* the most nm_scrub ever zeroes */
+#define NM_SCRUB_MARGIN (8u * 1024u)       /* kept clear of the thread's stack limit */
+
+static int vector_level(void)
+{
+    /* 0 unknown yet, 1 SSE only, 2 AVX (ymm), 3 AVX-512 (zmm and registers 16-31).
+     * A benign race: every thread computes the same value. */
+    static int level;
+    if (level == 0) {
+#if defined(__x86_64__)
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f"))
+            level = 3;
+        else if (__builtin_cpu_supports("avx"))
+            level = 2;
+        else
+            level = 1;
+#else
+        level = 1;
+#endif
+    }
+    return level;
+}
+
+/* Every vector register of the SysV ABI is caller-saved, so a called function may zero them
+ * all; the clobbers tell the compiler, which then keeps nothing of its own in them. */
+__attribute__((noinline)) static void clear_vector_registers(void)
+{
+#if defined(__x86_64__)
+    int level = vector_level();
+    if (level >= 2) {
+        /* VZEROALL zeroes all of ymm0-15 (and zmm0-15 on AVX-512 hardware). */
+        __asm__ __volatile__("vzeroall" ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5",
+                             "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
+                             "xmm13", "xmm14", "xmm15", "memory");
+    } else {
+        __asm__ __volatile__(
+            "pxor %%xmm0, %%xmm0\n\tpxor %%xmm1, %%xmm1\n\tpxor %%xmm2, %%xmm2\n\t"
+            "pxor %%xmm3, %%xmm3\n\tpxor %%xmm4, %%xmm4\n\tpxor %%xmm5, %%xmm5\n\t"
+            "pxor %%xmm6, %%xmm6\n\tpxor %%xmm7, %%xmm7\n\tpxor %%xmm8, %%xmm8\n\t"
+            "pxor %%xmm9, %%xmm9\n\tpxor %%xmm10, %%xmm10\n\tpxor %%xmm11, %%xmm11\n\t"
+            "pxor %%xmm12, %%xmm12\n\tpxor %%xmm13, %%xmm13\n\tpxor %%xmm14, %%xmm14\n\t"
+            "pxor %%xmm15, %%xmm15"
+            ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+            "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+    }
+    if (level >= 3) {
+        /* zmm16-31 exist only with AVX-512 and VZEROALL leaves them alone. The compiler is
+         * not building for AVX-512 here, so it never allocates them: no clobbers needed. */
+        __asm__ __volatile__(
+            "vpxord %%zmm16, %%zmm16, %%zmm16\n\tvpxord %%zmm17, %%zmm17, %%zmm17\n\t"
+            "vpxord %%zmm18, %%zmm18, %%zmm18\n\tvpxord %%zmm19, %%zmm19, %%zmm19\n\t"
+            "vpxord %%zmm20, %%zmm20, %%zmm20\n\tvpxord %%zmm21, %%zmm21, %%zmm21\n\t"
+            "vpxord %%zmm22, %%zmm22, %%zmm22\n\tvpxord %%zmm23, %%zmm23, %%zmm23\n\t"
+            "vpxord %%zmm24, %%zmm24, %%zmm24\n\tvpxord %%zmm25, %%zmm25, %%zmm25\n\t"
+            "vpxord %%zmm26, %%zmm26, %%zmm26\n\tvpxord %%zmm27, %%zmm27, %%zmm27\n\t"
+            "vpxord %%zmm28, %%zmm28, %%zmm28\n\tvpxord %%zmm29, %%zmm29, %%zmm29\n\t"
+            "vpxord %%zmm30, %%zmm30, %%zmm30\n\tvpxord %%zmm31, %%zmm31, %%zmm31"
+            ::: "memory");
+    }
+#elif defined(__aarch64__)
+    /* v0-v7 and v16-v31 are caller-saved (v8-v15 only in their low halves, which the
+     * ABI lets us not touch); zero them all the same way. */
+    __asm__ __volatile__(
+        "movi v0.16b, #0\n\tmovi v1.16b, #0\n\tmovi v2.16b, #0\n\tmovi v3.16b, #0\n\t"
+        "movi v4.16b, #0\n\tmovi v5.16b, #0\n\tmovi v6.16b, #0\n\tmovi v7.16b, #0\n\t"
+        "movi v16.16b, #0\n\tmovi v17.16b, #0\n\tmovi v18.16b, #0\n\tmovi v19.16b, #0\n\t"
+        "movi v20.16b, #0\n\tmovi v21.16b, #0\n\tmovi v22.16b, #0\n\tmovi v23.16b, #0\n\t"
+        "movi v24.16b, #0\n\tmovi v25.16b, #0\n\tmovi v26.16b, #0\n\tmovi v27.16b, #0\n\t"
+        "movi v28.16b, #0\n\tmovi v29.16b, #0\n\tmovi v30.16b, #0\n\tmovi v31.16b, #0"
+        ::: "v0", "v1", "v2", "v3", "v4", "v5", "v6", "v7", "v16", "v17", "v18", "v19",
+        "v20", "v21", "v22", "v23", "v24", "v25", "v26", "v27", "v28", "v29", "v30", "v31",
+        "memory");
+#endif
+}
+
+/* The lowest address this thread may use for its stack, found once per thread (for the main
+ * thread glibc reads /proc/self/maps, so it is cached); 0 when it cannot be told. */
+static uintptr_t stack_floor(void)
+{
+    static __thread uintptr_t floor;
+    static __thread int known;
+    if (!known) {
+        pthread_attr_t attr;
+        void *addr = NULL;
+        size_t size = 0;
+        if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+            if (pthread_attr_getstack(&attr, &addr, &size) == 0)
+                floor = (uintptr_t)addr;
+            pthread_attr_destroy(&attr);
+        }
+        known = 1;
+    }
+    return floor;
+}
+
+/* Zero `n` bytes of stack just below this frame. noinline, so the stretch really lies below
+ * the caller's frame; alloca, so its size can follow the argument. */
+__attribute__((noinline)) static void zero_stack_below(size_t n)
+{
+    unsigned char *area = __builtin_alloca(n);
+    nm_wipe(area, n);
+    /* Keep the frame (and so the wipe) from being optimised into a tail call. */
+    __asm__ __volatile__("" : : "r"(area) : "memory");
+}
+
+size_t nm_scrub(size_t stack_bytes)
+{
+    clear_vector_registers();
+    if (stack_bytes > NM_SCRUB_STACK_MAX)
+        stack_bytes = NM_SCRUB_STACK_MAX;
+    uintptr_t here = (uintptr_t)__builtin_frame_address(0);
+    uintptr_t floor = stack_floor();
+    if (floor != 0) {
+        uintptr_t room = here > floor + NM_SCRUB_MARGIN ? here - floor - NM_SCRUB_MARGIN : 0;
+        if (stack_bytes > room)
+            stack_bytes = room;  /* a small thread stack: never run into its guard page */
+    } else if (stack_bytes > 16u * 1024u) {
+        stack_bytes = 16u * 1024u;  /* bounds unknown: stay within what any stack has */
+    }
+    stack_bytes &= ~(size_t)15;
+    if (stack_bytes > 0)
+        zero_stack_below(stack_bytes);
+    /* The wipe itself ran through the vector registers; they hold zeros, but the call may
+     * have been the first of a lazily bound explicit_bzero: clear them once more. */
+    clear_vector_registers();
+    return stack_bytes;
+}
+
+int nm_copy_scrub(void *dst, const void *src, size_t n, size_t stack_bytes)
+{
+    if (n > 0 && (dst == NULL || src == NULL))
+        return -EINVAL;
+    memcpy(dst, src, n);
+    nm_scrub(stack_bytes);
+    return 0;
+}

@@ -50,6 +50,11 @@ int nm_fill_random(void *p, size_t n);
 int nm_get_dumpable(void);
 int nm_set_dumpable(int value);
 const char *nm_build_version(void);  /* the nomyo version this was built for */
+/* Clear the vector registers and zero up to stack_bytes of stack below the caller (clamped to
+ * 256 KiB and to the thread's stack); the number of stack bytes actually zeroed. */
+size_t nm_scrub(size_t stack_bytes);
+/* memcpy(dst, src, n), then nm_scrub(stack_bytes): a secret's copy that leaves no residue. */
+int nm_copy_scrub(void *dst, const void *src, size_t n, size_t stack_bytes);
 /* cdef-end */
 
 #endif

@@ -85,7 +85,7 @@ def adopt_bytes(box: list[bytes], alloc: Callable[[int], SecureBuffer] = SecureB
         raise
     try:
         with memoryview(buf) as dst:
-            dst[:] = box[0]
+            binding.copy_scrub(dst, box[0])  # in C, then registers and stack cleared
         wipe_bytes_owned(box)
     except BaseException:
         buf.wipe()
@@ -96,9 +96,17 @@ def adopt_bytes(box: list[bytes], alloc: Callable[[int], SecureBuffer] = SecureB
 @contextmanager
 def secure_bytearray(data: Any, lock: bool = True) -> Iterator[SecureBuffer]:
     """Move data into secure memory for the block: the caller's bytearray is wiped at once,
+    the copy made in C, which then clears the vector registers and the stack below it;
     the yielded buffer (`.data` is a writable view) is wiped and released on exit.
     `lock=False` skips locking for this buffer (published signature)."""
-    buf = SecureBuffer.copy_of(data, lock=None if lock else False)
+    with memoryview(data) as src:
+        buf = SecureBuffer(src.nbytes, lock=None if lock else False)
+        try:
+            with memoryview(buf) as dst:
+                binding.copy_scrub(dst, src)  # in C, then registers and stack cleared
+        except BaseException:
+            buf.close()
+            raise
     if isinstance(data, bytearray):
         data[:] = bytes(len(data))
     try:

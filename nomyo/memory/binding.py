@@ -129,3 +129,32 @@ def native_module(name: str) -> tuple[ModuleType | None, str | None]:
         return None, str(exc)
     stale = stale_build(f"nomyo.{name}", getattr(module, "BUILD_VERSION", None))
     return (None, stale) if stale else (module, None)
+
+
+# How much stack below the caller `scrub` zeroes: the deepest spill seen in the residue check
+# (security/test_stack_residue.py) with room to spare; bench/bench_memory.py prints its cost.
+SCRUB_STACK_BYTES = 64 << 10
+
+
+def scrub() -> int:
+    """Clear the vector registers and zero a stretch of stack below this call, so that a
+    secret an operation just moved (memmove leaves it in a vector register, and the lazy
+    binding trampoline spills those to the stack) does not outlive it there. The bytes of
+    stack zeroed; 0 on the fallback backend, which cannot do it."""
+    if _lib is None:
+        return 0
+    return int(_lib.nm_scrub(SCRUB_STACK_BYTES))
+
+
+def copy_scrub(dst: memoryview, src: Any) -> None:
+    """Copy the bytes of `src` into `dst` (same length) in C, then `scrub`: the one way the
+    library copies a secret. The fallback backend copies in Python and cannot scrub."""
+    with memoryview(src) as view:
+        if view.nbytes != dst.nbytes:
+            raise ValueError(f"copy of {view.nbytes} bytes into a buffer of {dst.nbytes}")
+        if _lib is None:
+            dst[:] = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            return
+        check_errno(_lib.nm_copy_scrub(_ffi.from_buffer(dst), _ffi.from_buffer(view),
+                                       view.nbytes, SCRUB_STACK_BYTES),
+                    "secure copy failed")

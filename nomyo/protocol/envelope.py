@@ -5,7 +5,9 @@ Where each secret lives (every buffer comes from a `Workspace`):
 - plaintext is encrypted straight from the caller's buffer and decrypted straight into a
   secure buffer (`encrypt_into` / `decrypt_into`), which the caller closes;
 - the unwrapped AES key, which RSA-OAEP can only return as `bytes`, is copied into secure
-  memory and the `bytes` object is zeroed in place at once with `wipe_bytes_owned`.
+  memory and the `bytes` object is zeroed in place at once with `wipe_bytes_owned`;
+- every seal and open ends with `scrub()`: the vector registers are cleared and the stack
+  below zeroed, where copies of the key and plaintext are otherwise left behind.
 By default every secret gets a new buffer; a `Workspace` (nomyo.protocol.workspace) lets one
 exchange reuse its buffers instead.
 Structural problems raise `PackageError` (a `ValueError`); anything that fails authentication
@@ -27,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nomyo.errors import PackageError, SecurityError
 from nomyo.memory import SecureBuffer, adopt_bytes, secure_json, wipe_bytes_owned
+from nomyo.memory.binding import scrub
 from nomyo.protocol import b64, keys
 from nomyo.protocol.constants import MAX_PACKAGE_BYTES, MAX_PLAINTEXT_BYTES
 from nomyo.protocol.workspace import FRESH, Workspace
@@ -122,6 +125,7 @@ def seal(
                 wrapped = _wrap_key(key_view, public_key)
         finally:
             workspace.done(aes_key)
+            scrub()  # AESGCM's key setup and our copies leave the key in registers/stack
 
     ciphertext = sealed if tag_layout == TAG_APPENDED else memoryview(sealed)[:size]
     fields = [(b"ciphertext", ciphertext), (b"nonce", nonce)]
@@ -182,6 +186,8 @@ def open_package(package: Any, private_key: Any, *, workspace: Workspace = FRESH
     except BaseException:
         workspace.done(plaintext)  # may hold unauthenticated bytes: wipe them on every failure
         raise
+    finally:
+        scrub()  # the key and plaintext passed through registers, some spilled to the stack
     return Opened(fields["tag_layout"], fields["processed_at"], fields["algorithm"], plaintext,
                   workspace.done)
 
