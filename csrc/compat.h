@@ -23,6 +23,15 @@
 #define NM_LIBC_HAS_GETRANDOM 0
 #endif
 
+/* glibc 2.34 moved the pthread calls into libc under new symbol versions (GLIBC_2.32/2.34),
+ * which a build against a new glibc would bind. The old baseline binds their original x86-64
+ * versions instead, which every glibc since 2.2.5 provides (in libpthread before 2.34, which
+ * every CPython process has loaded; libc keeps them as compatibility versions after). */
+#if defined(NM_PORTABLE_GLIBC) && defined(__x86_64__) && defined(__GLIBC__)
+__asm__(".symver pthread_getattr_np,pthread_getattr_np@GLIBC_2.2.5");
+__asm__(".symver pthread_attr_getstack,pthread_attr_getstack@GLIBC_2.2.5");
+#endif
+
 /* Zero n bytes at p; never removed as a dead store, whatever is (not) read afterwards. */
 __attribute__((visibility("hidden"))) void nm_wipe(void *p, size_t n);
 
