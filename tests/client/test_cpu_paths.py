@@ -9,6 +9,7 @@ import pytest
 
 from nomyo import ServerError
 from nomyo.client.http_pools import MAX_HEADERS, read_header_block
+from tests.helpers import wait_until
 
 MESSAGES = [{"role": "user", "content": "workspace marker 5f3a"}]
 
@@ -48,6 +49,8 @@ def test_async_requests_return_their_workspaces_and_close_releases_them(chat):
         await asyncio.gather(*[chat.create("m", MESSAGES) for _ in range(4)])
 
     asyncio.run(burst())
+    # each worker hands its workspace back after the answer went to the loop: wait for it
+    wait_until(lambda: len(_idle(chat)) >= 1, seconds=10)
     kept = list(_idle(chat))
     assert 1 <= len(kept) <= 4
     chat.close()
