@@ -268,7 +268,7 @@ def recorded(monkeypatch):
 def test_slots_are_wiped_when_the_exchange_returns(client, peer, recorded):
     send(client)
     asyncio.run(client.send_secure_request({"model": "m", "messages": MESSAGES}, "p"))
-    time.sleep(0.2)  # the async exchange hands its workspace back just after the answer
+    wait_until(lambda: len(recorded) >= 3, seconds=10)  # handed back just after the answer
     # sync: handed back before it returns; async: the answer is posted to the loop, then the
     # workspace is handed back (which of the two the test sees first is up to the scheduler)
     # one mapping each: the AES keys lived in cells of the plaintext slot
