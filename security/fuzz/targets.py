@@ -17,12 +17,18 @@ import base64
 import binascii
 import json
 import math
+import sys
 from functools import lru_cache
 from typing import Any
 
 from nomyo.errors import PackageError, SecurityError
 from nomyo.memory import secure_json
 from nomyo.protocol import b64, envelope
+
+# The codec's acceptance rules are CPython 3.11's b64decode(validate=True); 3.10, 3.12 and
+# 3.13 differ on '=' after a complete group (tests/protocol/test_b64.py), so only a 3.11
+# interpreter is a reference. Elsewhere the target still checks decode_into's invariants.
+STDLIB_IS_REFERENCE = sys.version_info[:2] == (3, 11)
 
 
 def b64_target(data: bytes) -> None:
@@ -34,7 +40,10 @@ def b64_target(data: bytes) -> None:
         got: bytes | None = b64.decode(data)
     except ValueError:
         got = None
-    assert got == expected, f"decode differs from base64.b64decode on {data!r}"
+    if STDLIB_IS_REFERENCE:
+        assert got == expected, f"decode differs from base64.b64decode on {data!r}"
+    else:
+        expected = got  # no stdlib reference here: decode_into must agree with decode
     offset = len(data) % 5
     sentinel = 0xA5
     out = bytearray([sentinel]) * (offset + len(data) * 3 // 4 + 4)
