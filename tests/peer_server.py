@@ -137,6 +137,7 @@ class PeerServer:
         self.aes_keys: list[bytes] = []
         self.key_fetches = 0
         self.delay = 0.0  # seconds each POST is held before it is answered
+        self.key_delay = 0.0  # seconds each public-key GET is held
         self.attestation: dict[str, Any] | None = None  # served as _metadata.tpm_attestation
         self.in_flight = 0
         self.max_in_flight = 0
@@ -237,6 +238,8 @@ class PeerServer:
                 if self.path != "/pki/public_key":
                     return self._reply(404, {}, b'{"detail": "Not found"}')
                 peer.key_fetches += 1
+                if peer.key_delay:
+                    time.sleep(peer.key_delay)
                 self._reply(200, {"Content-Type": "text/plain"}, peer.public_pem)
 
             def do_POST(self) -> None:

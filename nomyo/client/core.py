@@ -469,7 +469,7 @@ class SecureCompletionClient:
         post = self._transport.prepare("POST", target, headers, api_key=api_key)
         self._keyring.start()  # no-op once a pair exists; else it is made while we fetch
         try:
-            server_key = self._server_key(url)
+            server_key = self._server_key(url, options=options)
         except (APIError, APIConnectionError) as err:  # the key's GET has no payload id
             if err.payload_id is None:
                 err.payload_id = str(payload_id)
@@ -544,22 +544,26 @@ class SecureCompletionClient:
         """No reuse (one-off calls), with this client's fail-closed setting."""
         return Fresh(require=self._require_secure_memory or None)
 
-    def _server_key(self, url: str, stale: _ServerKey | None = None) -> _ServerKey:
-        """The endpoint's key from the cache, fetching it once (again only when `stale`)."""
+    def _server_key(self, url: str, stale: _ServerKey | None = None,
+                    options: CallOptions = DEFAULT_OPTIONS) -> _ServerKey:
+        """The endpoint's key from the cache, fetching it once (again only when `stale`)
+        under the call's timeout and retries."""
         cached = self._server_keys.get(url)
         if cached is not None and cached is not stale:
             return cached
         with self._server_key_lock:
             cached = self._server_keys.get(url)
             if cached is None or cached is stale:
-                cached = self._fetch_server_key(url, stale)
+                cached = self._fetch_server_key(url, stale, options)
                 if len(self._server_keys) >= MAX_CACHED_SERVER_KEYS:
                     self._server_keys.clear()
                 self._server_keys[url] = cached
             return cached
 
-    def _fetch_server_key(self, url: str, previous: _ServerKey | None) -> _ServerKey:
-        body = self._transport.get(url + PUBLIC_KEY_PATH)
+    def _fetch_server_key(self, url: str, previous: _ServerKey | None,
+                          options: CallOptions) -> _ServerKey:
+        body = self._transport.get(url + PUBLIC_KEY_PATH, timeout=options.timeout,
+                                   max_retries=options.max_retries)
         try:
             pem = body.decode("ascii")
             public_key = keys.load_public_key(pem)
@@ -590,7 +594,7 @@ class SecureCompletionClient:
         except InvalidRequestError as err:
             if not _server_could_not_open(err):
                 raise
-            fresh = self._server_key(url, stale=server_key)
+            fresh = self._server_key(url, stale=server_key, options=options)
             if fresh.fingerprint == server_key.fingerprint:
                 raise
             logger.info("retrying once with the server's new public key")

@@ -291,9 +291,11 @@ class Transport:
         return Prepared(method, url, checked, (api_key,) if api_key else ())
 
     def get(self, url: str, headers: Mapping[str, str] | None = None, *,
-            api_key: str | None = None) -> bytes:
+            api_key: str | None = None, timeout: Any = USE_DEFAULT,
+            max_retries: int | None = None) -> bytes:
         """GET with retries; the body of a 200 answer, else the mapped exception."""
-        return self.send(self.prepare("GET", url, headers, api_key=api_key))
+        return self.send(self.prepare("GET", url, headers, api_key=api_key),
+                         timeout=timeout, max_retries=max_retries)
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str], *,
              api_key: str | None = None) -> bytes:

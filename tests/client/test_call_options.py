@@ -71,6 +71,16 @@ def test_per_call_timeout_is_honoured(chat, peer):
     assert len(peer.received) == 2  # a sent request that timed out is not sent again
 
 
+def test_per_call_timeout_covers_the_server_key_fetch(chat, peer):
+    peer.key_delay = 2.0  # the first call fetches the key: its timeout and retries bound that
+    start = time.monotonic()
+    with pytest.raises(APITimeoutError):
+        chat.create_sync("m", MESSAGES, timeout=0.3, max_retries=0)
+    assert time.monotonic() - start < 1.5
+    assert peer.key_fetches == 1  # a GET may be retried, but this call allowed none
+    assert peer.received == []  # nothing was sealed without the key
+
+
 def test_per_call_max_retries_is_honoured(chat, peer):
     peer.inject(503, {"Retry-After": "0"}, {"detail": "busy"}, times=2)
     with pytest.raises(ServiceUnavailableError) as info:
