@@ -25,6 +25,7 @@ from urllib.parse import unquote
 from nomyo.errors import ChatRequestError, PackageError, SecurityError
 from nomyo.memory import get_memory_protection_info
 from nomyo.memory.scrub import wipe_tree
+from nomyo.memory.secure_json import SURROGATES_REFUSED
 from nomyo.protocol import envelope, keys
 from nomyo.protocol.chat_request import check_chat_request
 from nomyo.protocol.constants import (
@@ -312,8 +313,16 @@ class SecureCompletionApp:
                     "memory_protection": dict(self._memory_protection),  # ours stays intact
                     "tpm_attestation": self._attest(payload_id),
                 }
-                sealed = envelope.seal_json(result, client_key, tag_layout=info.tag_layout,
-                                            processed_at=processed_at, workspace=work)
+                try:
+                    sealed = envelope.seal_json(result, client_key, tag_layout=info.tag_layout,
+                                                processed_at=processed_at, workspace=work)
+                except ValueError as err:
+                    # Only the backend's text can hold a surrogate (the request was opened
+                    # from UTF-8, the metadata is ours): a bad answer, not our failure.
+                    if str(err) != SURROGATES_REFUSED:
+                        raise
+                    raise HttpError(502, "the backend's answer holds text with no UTF-8 "
+                                         "form (a lone surrogate)") from None
             finally:
                 # The answer first: it shares strings (model, user text) with the request.
                 wipe_tree(result)

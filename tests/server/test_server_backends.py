@@ -97,6 +97,9 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             self._reply(200, b"<html>not json")
         elif self.mode == "nan":
             self._reply(200, b'{"choices": [], "logprob": -Infinity}')
+        elif self.mode == "surrogate":  # valid JSON whose text has no UTF-8 form
+            self._reply(200, b'{"choices": [{"index": 0, "finish_reason": "stop", "message": '
+                             b'{"role": "assistant", "content": "half \\ud800 a pair"}}]}')
         elif self.mode == "notchat":
             self._reply(200, b'{"echo": "to the backend"}')
         elif self.mode in ("stall_body", "cut_body"):
@@ -178,7 +181,7 @@ def test_forwards_to_openai_compatible_backend(fake_backend) -> None:
 @pytest.mark.parametrize(
     ("mode", "status"),
     [("error", 502), ("unavailable", 503), ("garbage", 502), ("slow", 504), ("nan", 502),
-     ("notchat", 502), ("stall_body", 504), ("cut_body", 502)],
+     ("notchat", 502), ("stall_body", 504), ("cut_body", 502), ("surrogate", 502)],
 )
 def test_backend_failures_become_json_5xx(fake_backend, mode, status) -> None:
     _FakeOpenAI.mode = mode
