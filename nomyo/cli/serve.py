@@ -9,6 +9,7 @@ import os
 import shlex
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from nomyo.cli.parser import EXIT_USAGE, OneLineParser
@@ -25,34 +26,24 @@ DEFAULT_PORT = 12434
 DEFAULT_MAX_CONNECTIONS = 4096
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+def _checked(convert: Callable[[str], Any], noun: str, valid: Callable[[Any], bool],
+             rule: str) -> Callable[[str], Any]:
+    """An argparse type: `convert` the text, then require `valid(value)`, else say `rule`."""
+    def check(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+        return value
+    return check
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+_positive_float = _checked(float, "a number", lambda v: v > 0 and math.isfinite(v),
+                           "must be a positive number")
+_port = _checked(int, "a port number", lambda v: 0 <= v <= 65535, "port must be 0..65535")
+_positive_int = _checked(int, "a whole number", lambda v: v > 0, "must be positive")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
