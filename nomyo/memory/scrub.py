@@ -31,20 +31,23 @@ def wipe_tree(tree: Any) -> None:
                 box = [key]
                 del key
                 if type(box[0]) is str:
-                    try:
-                        wipe_str_owned(box)
-                    except WipeRefusedError:
-                        pass  # shared (a memoised key, an interned name): not ours to zero
+                    _wipe_unless_shared(box)
             else:
                 value = node.pop()
             box = [value]
             del value
             if type(box[0]) is str:
-                try:
-                    wipe_str_owned(box)
-                except WipeRefusedError:
-                    pass  # shared with someone else: not ours to zero
+                _wipe_unless_shared(box)
             elif isinstance(box[0], (dict, list)):
                 stack.append(box.pop())
             del box
         del node
+
+
+def _wipe_unless_shared(box: list) -> None:
+    """Zero the str that `box` alone holds; one shared with anyone else (a memoised key, an
+    interned name) is not ours to zero and is left as it is."""
+    try:
+        wipe_str_owned(box)
+    except WipeRefusedError:
+        pass
