@@ -133,6 +133,11 @@ def _announce_when_listening(host: str, port: int, on_ready: Any, limit: float =
             time.sleep(0.05)
 
 
+# How long an orphaned worker may drain before it exits regardless (the graceful path can
+# stall under load; seen once at over 10 s in a full suite run).
+ORPHAN_GRACE_SECONDS = 3.0
+
+
 def _exit_with_parent(parent: int) -> None:
     """Make this worker go when the parent does (no orphans serving on)."""
     libc_name = ctypes.util.find_library("c")
@@ -146,7 +151,7 @@ def _exit_with_parent(parent: int) -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGTERM)  # graceful first
-        time.sleep(15)
+        time.sleep(ORPHAN_GRACE_SECONDS)  # an orphan nobody supervises does not linger
         os._exit(1)
 
     if os.getppid() != parent:

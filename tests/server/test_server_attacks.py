@@ -287,6 +287,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path) -> None:
         workers = _workers(srv.proc)
         os.kill(srv.proc.pid, signal.SIGKILL)
         srv.proc.wait(timeout=10)
+        # the watchdog's 0.5 s poll, then at most ORPHAN_GRACE_SECONDS: 10 s is ample
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(
                 w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
