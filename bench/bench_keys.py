@@ -23,21 +23,23 @@ from nomyo.protocol import envelope
 from nomyo.protocol.keys import KeyPair
 
 
-def median_ms(fn, rounds: int) -> float:
-    samples = []
+def interleaved(first, second, rounds: int) -> tuple[float, float]:
+    """Median milliseconds of each, run in turns so that a busy machine slows both alike."""
+    samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+        for fn, out in ((first, samples[0]), (second, samples[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def main() -> None:
     if not binding.RSA_NATIVE:
         sys.exit(f"nomyo._osslkey not in use: {binding.KEYS_FALLBACK_REASON}")
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 9
-    native_gen = median_ms(lambda: KeyPair.generate(4096).close(), rounds)
-    crypto_gen = median_ms(lambda: rsa.generate_private_key(65537, 4096), rounds)
+    native_gen, crypto_gen = interleaved(lambda: KeyPair.generate(4096).close(),
+                                         lambda: rsa.generate_private_key(65537, 4096), rounds)
     print(f"keygen RSA-4096   native {native_gen:8.1f} ms   cryptography {crypto_gen:8.1f} ms"
           f"   ratio {native_gen / crypto_gen:.2f}")
 
@@ -56,8 +58,7 @@ def main() -> None:
     for _ in range(5):  # warm both (blinding, Montgomery caches)
         opener(native)()
         opener(crypto)()
-    native_open = median_ms(opener(native), opens)
-    crypto_open = median_ms(opener(crypto), opens)
+    native_open, crypto_open = interleaved(opener(native), opener(crypto), opens)
     print(f"open small pkg    native {native_open:8.2f} ms   cryptography {crypto_open:8.2f} ms"
           f"   ratio {native_open / crypto_open:.2f}")
     print(f"secure heap: {binding.secure_heap_info()}")
