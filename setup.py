@@ -14,6 +14,7 @@ CFLAGS = ["-O2", "-Wall", "-Wextra", "-fstack-protector-strong"]
 # (link no glibc symbol newer than 2.17, so auditwheel can tag the wheel manylinux2014;
 # csrc/compat.h says what changes).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+import build_osslkey  # noqa: E402
 from build_secmem import PORTABLE_GLIBC, VERSION_MACROS  # noqa: E402
 
 # csrc/pyobjects.c and csrc/b64codec.c call explicit_bzero by name; on the old baseline it is
@@ -50,7 +51,9 @@ class build_ext_checked(build_ext):
 
 setup(
     cmdclass={"build_ext": build_ext_checked},
-    cffi_modules=["csrc/build_secmem.py:ffi"],
+    # nomyo._osslkey (private keys in OpenSSL's secure heap) needs libcrypto 3 headers
+    cffi_modules=["csrc/build_secmem.py:ffi"]
+    + (["csrc/build_osslkey.py:ffi"] if build_osslkey.available() else []),
     ext_modules=[
         Extension(
             "nomyo._pyobjects",

@@ -341,8 +341,8 @@ class SecureCompletionClient:
         return pair.public_pem if pair is not None else None
 
     @property
-    def private_key(self) -> rsa.RSAPrivateKey | None:
-        """The current RSA private key object (as the published client exposes it), or None."""
+    def private_key(self) -> keys.PrivateKey | None:
+        """The current private key (a SecureRsaKey with the native helper), or None."""
         pair = self._keyring.current
         return pair.private_key if pair is not None and not pair.closed else None
 

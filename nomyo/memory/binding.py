@@ -158,3 +158,135 @@ def copy_scrub(dst: memoryview, src: Any) -> None:
         check_errno(_lib.nm_copy_scrub(_ffi.from_buffer(dst), _ffi.from_buffer(view),
                                        view.nbytes, SCRUB_STACK_BYTES),
                     "secure copy failed")
+
+
+# -- RSA private keys in OpenSSL's secure heap (nomyo._osslkey) --------------------------------
+# One mlocked, guarded, dump-excluded arena for every private key number OpenSSL allocates
+# with BN_FLG_SECURE (generation and PEM decoding do), the OAEP scratch and the PEM buffers.
+# An RSA-4096 key takes about 3 KiB of it at rest; 4 MiB holds many keys and concurrent
+# decrypts. The minimum block size is OpenSSL's granularity (powers of two).
+SECURE_HEAP_BYTES = 4 << 20
+SECURE_HEAP_MIN_BYTES = 64
+
+_kffi: Any = None
+_klib: Any = None
+KEYS_FALLBACK_REASON: str | None = None
+
+
+def _load_keys() -> None:
+    global _kffi, _klib
+    if _lib is None:
+        raise ImportError(f"the native memory backend is not in use ({FALLBACK_REASON})")
+    from nomyo._osslkey import ffi, lib
+
+    stale = stale_build("nomyo._osslkey", ffi.string(lib.nk_build_version()).decode("ascii"))
+    if stale:
+        raise ImportError(stale)
+    if not lib.nk_secure_init(SECURE_HEAP_BYTES, SECURE_HEAP_MIN_BYTES):
+        raise ImportError("CRYPTO_secure_malloc_init failed (no memory to map or lock?)")
+    _kffi, _klib = ffi, lib
+
+
+try:
+    _load_keys()
+except ImportError as exc:
+    KEYS_FALLBACK_REASON = str(exc)
+    log.warning("RSA private keys are held by cryptography (ordinary heap): %s", exc)
+    if _lib is not None:  # a forced or already-reported fallback warns once, above
+        warnings.warn(f"nomyo RSA private keys are held by cryptography in the ordinary heap "
+                      f"(not locked, not excluded from dumps): {exc}",
+                      RuntimeWarning, stacklevel=2)
+
+RSA_NATIVE = _klib is not None
+# return codes of nomyo._osslkey (osslkey.h), for protocol/keys.py to turn into its errors
+NK_ERR_DECRYPT, NK_ERR_DECODE, NK_ERR_NEED_PASSWORD, NK_ERR_NOT_ENCRYPTED, NK_ERR_SIZE = (
+    -2, -3, -4, -5, -6)
+
+
+def _key_check(rc: int, what: str) -> None:
+    if rc == -7:
+        raise RuntimeError(f"{what}: OpenSSL's secure heap is not initialised")
+    if rc != 0:
+        raise RuntimeError(f"{what}: OpenSSL failed (code {rc})")
+
+
+def secure_heap_info() -> dict[str, Any]:
+    """What OpenSSL's secure heap holds the private keys in (for the protection report)."""
+    if _klib is None:
+        return {"in_use": False, "reason": KEYS_FALLBACK_REASON}
+    return {"in_use": bool(_klib.nk_secure_initialized()), "size": SECURE_HEAP_BYTES,
+            "used": int(_klib.nk_secure_used()),
+            "openssl": _kffi.string(_klib.nk_openssl_version()).decode("ascii")}
+
+
+def _owned(ptr: Any) -> Any:
+    return _kffi.gc(ptr, _klib.nk_free)
+
+
+def rsa_generate(bits: int) -> Any:
+    """A new RSA key (e = 65537) whose private numbers live in the secure heap."""
+    out = _kffi.new("EVP_PKEY **")
+    _key_check(_klib.nk_generate(bits, out), "RSA key generation")
+    return _owned(out[0])
+
+
+def rsa_from_pem(pem: memoryview, password: memoryview | None) -> tuple[int, Any]:
+    """Decode a PEM private key read in place from `pem`: (0, key) or (NK_ERR_*, None)."""
+    out = _kffi.new("EVP_PKEY **")
+    pw = _kffi.from_buffer(password) if password is not None else _kffi.NULL
+    rc = _klib.nk_from_pem(_kffi.from_buffer(pem), pem.nbytes, pw,
+                           password.nbytes if password is not None else 0, out)
+    if rc in (NK_ERR_DECODE, NK_ERR_NEED_PASSWORD, NK_ERR_NOT_ENCRYPTED):
+        return rc, None
+    _key_check(rc, "PEM private key decoding")
+    return 0, _owned(out[0])
+
+
+def rsa_release(key: Any) -> None:
+    """Free the key now (OpenSSL clears its numbers); the caller drops every reference."""
+    _kffi.release(key)
+
+
+def rsa_bits(key: Any) -> int:
+    return int(_klib.nk_bits(key))
+
+
+def rsa_public_der(key: Any) -> bytes:
+    """DER SubjectPublicKeyInfo of the key's public half."""
+    size = _kffi.new("size_t *")
+    _key_check(_klib.nk_public_der(key, _kffi.NULL, size), "public key export")
+    der = _kffi.new("uint8_t[]", size[0])
+    _key_check(_klib.nk_public_der(key, der, size), "public key export")
+    return bytes(_kffi.buffer(der, size[0]))
+
+
+def rsa_decrypt_into(key: Any, wrapped: Any, out: memoryview) -> int:
+    """RSA-OAEP-SHA256 decrypt into `out` (the GIL released); the length written, or
+    NK_ERR_DECRYPT / NK_ERR_SIZE (negative) as the verdict on the wrapped key."""
+    n = _kffi.new("size_t *")
+    with memoryview(wrapped) as src:
+        rc = _klib.nk_decrypt(key, _kffi.from_buffer(src), src.nbytes,
+                              _kffi.from_buffer(out, require_writable=True), out.nbytes, n)
+    if rc in (NK_ERR_DECRYPT, NK_ERR_SIZE):
+        return rc
+    _key_check(rc, "RSA decrypt")
+    return int(n[0])
+
+
+def rsa_private_pem(key: Any, password: memoryview | None, alloc: Any) -> Any:
+    """The PKCS#8 PEM (encrypted with `password` when given) in `alloc(n)`'s buffer; it goes
+    through a secure-heap BIO only."""
+    bio = _kffi.new("BIO **")
+    size = _kffi.new("size_t *")
+    pw = _kffi.from_buffer(password) if password is not None else _kffi.NULL
+    _key_check(_klib.nk_to_pem(key, pw, password.nbytes if password is not None else 0,
+                               bio, size), "PEM private key encoding")
+    try:
+        buf = alloc(size[0])
+    except BaseException:
+        _klib.nk_bio_free(bio[0])
+        raise
+    with memoryview(buf) as view:
+        _key_check(_klib.nk_bio_take(bio[0], _kffi.from_buffer(view, require_writable=True),
+                                     size[0]), "PEM private key encoding")
+    return buf

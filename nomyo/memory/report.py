@@ -82,6 +82,11 @@ def get_memory_protection_info() -> dict[str, Any]:
         "guard_pages": native,
         "fork_protection": fork_protection,
         "fail_closed": settings.required(),
+        # where RSA private keys live: "openssl_secure_heap" (nomyo._osslkey: OpenSSL's
+        # CRYPTO_secure_malloc arena, mlocked, guarded, dump-excluded) or "ordinary_heap"
+        # (a cryptography object; private_key_heap says why)
+        "private_key_storage": "openssl_secure_heap" if binding.RSA_NATIVE else "ordinary_heap",
+        "private_key_heap": binding.secure_heap_info(),
     }
     if not native:
         report["fallback_reason"] = binding.FALLBACK_REASON

@@ -229,15 +229,27 @@ def _rsa_decrypt(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
         raise SecurityError(AUTH_FAILED) from None
 
 
-def _unwrap_key(wrapped: bytes, private_key: rsa.RSAPrivateKey, workspace: Workspace
+def _unwrap_key(wrapped: bytes, private_key: keys.PrivateKey, workspace: Workspace
                 ) -> SecureBuffer:
     """The AES key, in the workspace's key buffer (the caller hands it back with `done`)."""
-    # RSA decrypt returns an immutable `bytes`: handed over in a list (no local keeps it) to
-    # adopt_bytes, which moves it into secure memory and zeroes the original.
-    key = adopt_bytes([_rsa_decrypt(wrapped, private_key)], workspace.key)
-    if len(key) != AES_KEY_BYTES:
+    if isinstance(private_key, keys.SecureRsaKey):
+        # OpenSSL decrypts in its secure heap and copies the key straight into ours
+        key = workspace.key(AES_KEY_BYTES)
+        try:
+            with memoryview(key) as out:
+                size = private_key.decrypt_into(wrapped, out)
+        except BaseException:
+            workspace.done(key)
+            raise
+    else:
+        # cryptography returns an immutable `bytes` (and leaves its modulus-sized result
+        # buffer in freed heap): handed over in a list (no local keeps it) to adopt_bytes,
+        # which moves it into secure memory and zeroes the original.
+        key = adopt_bytes([_rsa_decrypt(wrapped, private_key)], workspace.key)
+        size = len(key)
+    if size != AES_KEY_BYTES:
         workspace.done(key)
-        raise SecurityError(AUTH_FAILED)
+        raise SecurityError(AUTH_FAILED) from None
     return key
 
 

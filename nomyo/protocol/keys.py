@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nomyo.errors import DisposedError
-from nomyo.memory import SecureBuffer, adopt_bytes, wipe_bytes_owned
+from nomyo.memory import SecureBuffer, adopt_bytes, binding, wipe_bytes_owned
 from nomyo.protocol.constants import DEFAULT_KEY_BITS, GENERATE_KEY_BITS, MIN_KEY_BITS
 
 logger = logging.getLogger(__name__)
@@ -32,14 +32,52 @@ MAX_PEM_BYTES = 64 * 1024  # an RSA-16384 PKCS#8 PEM is about 13 KiB
 Password = str | bytes | bytearray | memoryview | SecureBuffer | None
 
 
-class KeyPair:
-    """An RSA private key with its public half; `close()` drops the private key."""
+class SecureRsaKey:
+    """An RSA private key held by OpenSSL in its secure heap (nomyo._osslkey): d, p, q and the
+    CRT numbers never enter the ordinary heap, and neither does a decrypted key."""
 
-    def __init__(self, private_key: rsa.RSAPrivateKey) -> None:
-        if not isinstance(private_key, rsa.RSAPrivateKey):
+    def __init__(self, handle: Any) -> None:
+        self._handle: Any = handle
+        self.key_size = binding.rsa_bits(handle)
+        self._public = serialization.load_der_public_key(binding.rsa_public_der(handle))
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        return self._public  # type: ignore[return-value]
+
+    def decrypt_into(self, wrapped: Any, out: memoryview) -> int:
+        """RSA-OAEP-SHA256 decrypt into `out`; the length, or negative when refused."""
+        return binding.rsa_decrypt_into(self._live(), wrapped, out)
+
+    def private_pem(self, password: memoryview | None) -> SecureBuffer:
+        """PKCS#8 PEM (PBES2 AES-256-CBC with a password), in secure memory only."""
+        return binding.rsa_private_pem(self._live(), password, SecureBuffer)
+
+    def close(self) -> None:
+        """Free the key now; OpenSSL clears its numbers."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            binding.rsa_release(handle)
+
+    def _live(self) -> Any:
+        if self._handle is None:
+            raise DisposedError("key pair is closed")
+        return self._handle
+
+
+PrivateKey = SecureRsaKey | rsa.RSAPrivateKey
+
+
+class KeyPair:
+    """An RSA private key with its public half; `close()` drops the private key.
+
+    With the native helper the key is a SecureRsaKey; without it (or given a `cryptography`
+    key) a `cryptography` object in the ordinary heap, as the memory report says."""
+
+    def __init__(self, private_key: PrivateKey) -> None:
+        if not isinstance(private_key, (SecureRsaKey, rsa.RSAPrivateKey)):
             raise TypeError("KeyPair needs an RSA private key")
         _check_size(private_key.key_size)
-        self._private_key: rsa.RSAPrivateKey | None = private_key
+        self._private_key: PrivateKey | None = private_key
         self.public_key = private_key.public_key()
         self.public_pem = public_pem(self.public_key)
         self.fingerprint = fingerprint(self.public_key)
@@ -50,6 +88,8 @@ class KeyPair:
         """A fresh key pair of 2048 or 4096 bits (4096 by default)."""
         if bits not in GENERATE_KEY_BITS:
             raise ValueError(f"key size must be one of {GENERATE_KEY_BITS} bits, not {bits!r}")
+        if binding.RSA_NATIVE:
+            return cls(SecureRsaKey(binding.rsa_generate(bits)))
         return cls(rsa.generate_private_key(public_exponent=65537, key_size=bits))
 
     @classmethod
@@ -63,6 +103,12 @@ class KeyPair:
         """Parse a PEM private key held in any buffer (normally a SecureBuffer)."""
         with _password_buffer(password) as pw, memoryview(pem) as data:
             pw_view = memoryview(pw) if pw is not None else None
+            if binding.RSA_NATIVE:
+                try:
+                    return cls._from_pem_native(data, pw_view, source)
+                finally:
+                    if pw_view is not None:
+                        pw_view.release()
             try:
                 key = serialization.load_pem_private_key(data, password=pw_view)
             except TypeError:
@@ -80,8 +126,24 @@ class KeyPair:
             raise ValueError(f"{source}: not an RSA private key")
         return cls(key)
 
+    @classmethod
+    def _from_pem_native(cls, data: memoryview, pw: memoryview | None, source: str) -> KeyPair:
+        rc, handle = binding.rsa_from_pem(data, pw)
+        if rc == binding.NK_ERR_NEED_PASSWORD:
+            raise ValueError(f"{source}: the private key is encrypted and no password was given")
+        if rc == binding.NK_ERR_NOT_ENCRYPTED:
+            raise ValueError(f"{source}: the key is not encrypted; drop the password")
+        if rc != 0:
+            raise ValueError(f"{source}: not a PEM private key, or wrong password")
+        key = SecureRsaKey(handle)
+        try:
+            return cls(key)
+        except BaseException:
+            key.close()
+            raise
+
     @property
-    def private_key(self) -> rsa.RSAPrivateKey:
+    def private_key(self) -> PrivateKey:
         if self._private_key is None:
             raise DisposedError("key pair is closed")
         return self._private_key
@@ -109,24 +171,32 @@ class KeyPair:
     def _private_pem(self, password: Password) -> SecureBuffer:
         """PKCS#8 PEM of the private key in secure memory, encrypted when a password is given."""
         fmt = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8)
+        key = self.private_key
         with _password_buffer(password) as pw:
+            if isinstance(key, SecureRsaKey):
+                if pw is None:
+                    return key.private_pem(None)
+                with memoryview(pw) as view:
+                    return key.private_pem(view)
             if pw is None:
                 return adopt_bytes(
-                    [self.private_key.private_bytes(*fmt, serialization.NoEncryption())]
+                    [key.private_bytes(*fmt, serialization.NoEncryption())]
                 )
             # cryptography takes the password only as `bytes`: one copy, zeroed right after use.
             with memoryview(pw) as view:
                 pw_bytes = [bytes(view)]
             encryption = serialization.BestAvailableEncryption(pw_bytes[0])
             try:
-                return adopt_bytes([self.private_key.private_bytes(*fmt, encryption)])
+                return adopt_bytes([key.private_bytes(*fmt, encryption)])
             finally:
                 encryption = None  # it holds the password: drop it first, on failure too
                 wipe_bytes_owned(pw_bytes)
 
     def close(self) -> None:
         """Drop the private key (OpenSSL clears its numbers when the object is freed)."""
-        self._private_key = None
+        key, self._private_key = self._private_key, None
+        if isinstance(key, SecureRsaKey):
+            key.close()
 
     def __enter__(self) -> KeyPair:
         return self
@@ -157,18 +227,18 @@ def load_public_key(key: rsa.RSAPublicKey | str | bytes) -> rsa.RSAPublicKey:
     return public
 
 
-def private_key_of(key: KeyPair | rsa.RSAPrivateKey) -> rsa.RSAPrivateKey:
+def private_key_of(key: KeyPair | PrivateKey) -> PrivateKey:
     """The RSA private key held by a KeyPair, or the key itself."""
     if isinstance(key, KeyPair):
         return key.private_key
-    if isinstance(key, rsa.RSAPrivateKey):
+    if isinstance(key, (SecureRsaKey, rsa.RSAPrivateKey)):
         return key
     raise TypeError(f"expected a KeyPair or an RSA private key, not {type(key).__name__}")
 
 
-def public_pem(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
+def public_pem(key: rsa.RSAPublicKey | PrivateKey) -> str:
     """SubjectPublicKeyInfo PEM text of a key."""
-    if isinstance(key, rsa.RSAPrivateKey):
+    if isinstance(key, (SecureRsaKey, rsa.RSAPrivateKey)):
         key = key.public_key()
     return key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -11,7 +11,7 @@ import pytest
 import nomyo
 from nomyo.errors import PackageError, SecurityError
 from nomyo.memory import SecureBuffer, secure_json
-from nomyo.protocol import envelope
+from nomyo.protocol import envelope, keys
 from nomyo.protocol.constants import MAX_PLAINTEXT_BYTES
 from nomyo.protocol.keys import KeyPair
 from nomyo.protocol.workspace import Workspace
@@ -270,7 +270,7 @@ def test_bad_arguments_are_typed() -> None:
     ],
     ids=["wipe-refused", "runtime", "memory"],
 )
-@pytest.mark.parametrize("stage", ["unwrap", "decrypt"])
+@pytest.mark.parametrize("stage", ["unwrap", "unwrap-native", "decrypt"])
 def test_internal_errors_surface_as_themselves_not_as_integrity_failures(
     monkeypatch, internal: BaseException, stage: str
 ) -> None:
@@ -282,12 +282,18 @@ def test_internal_errors_surface_as_themselves_not_as_integrity_failures(
     def failing(*args: object, **kwargs: object) -> None:
         raise internal
 
-    if stage == "unwrap":
+    key = keypair("server")
+    if stage == "unwrap":  # the cryptography path: its bytes are adopted into secure memory
         monkeypatch.setattr(envelope, "adopt_bytes", failing)
+        key = _cryptography_key("server")
+    elif stage == "unwrap-native":
+        if not isinstance(key.private_key, keys.SecureRsaKey):
+            pytest.skip("nomyo._osslkey (native private keys) is not built")
+        monkeypatch.setattr(keys.binding, "rsa_decrypt_into", failing)
     else:
         monkeypatch.setattr(envelope, "AESGCM", failing)
     with pytest.raises(type(internal)) as err:
-        envelope.open_package(package, keypair("server"))
+        envelope.open_package(package, key)
     assert err.value is internal and not isinstance(err.value, SecurityError)
 
 
@@ -309,7 +315,15 @@ def test_a_refused_wipe_of_the_unwrapped_key_surfaces_as_itself() -> None:
             return plain
 
     rsa.RSAPrivateKey.register(KeepsItsAnswers)
-    key = KeepsItsAnswers(keypair("server").private_key)
+    key = KeepsItsAnswers(_cryptography_key("server"))
     with pytest.raises(WipeRefusedError, match="referenced elsewhere"):
         envelope.open_package(json.dumps(_sealed()).encode(), key)
     assert len(key.kept) == 1 and len(key.kept[0]) == 32 and any(key.kept[0])
+
+
+def _cryptography_key(role: str) -> object:
+    """The vectors' private key as a `cryptography` object (the fallback path)."""
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.load_pem_private_key(
+        vector_keys()[f"{role}_private_pem"].encode("ascii"), None)

@@ -1,0 +1,51 @@
+/* osslkey: RSA private keys held by OpenSSL 3's secure heap (CRYPTO_secure_malloc_init: one
+ * mlocked, guarded, dump-excluded arena), so that d, p, q, dp, dq and qinv never sit in the
+ * ordinary heap. Every call returns 0 or an NK_ERR_* code; nothing secret is ever returned in
+ * ordinary memory. The block between the cdef markers is read by build_osslkey.py.
+ */
+#ifndef NOMYO_OSSLKEY_H
+#define NOMYO_OSSLKEY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* cdef-begin */
+#define NK_OK 0
+#define NK_ERR_INTERNAL -1      /* an OpenSSL failure not caused by the input */
+#define NK_ERR_DECRYPT -2       /* OAEP decrypt refused the wrapped key: the integrity verdict */
+#define NK_ERR_DECODE -3        /* not a PEM RSA private key, or the wrong password */
+#define NK_ERR_NEED_PASSWORD -4 /* the PEM is encrypted and no password was given */
+#define NK_ERR_NOT_ENCRYPTED -5 /* a password was given for a PEM that is not encrypted */
+#define NK_ERR_SIZE -6          /* an output buffer of the wrong size */
+#define NK_ERR_SECURE_HEAP -7   /* the secure heap is not initialised */
+
+typedef struct evp_pkey_st EVP_PKEY;
+typedef struct bio_st BIO;
+
+/* CRYPTO_secure_malloc_init(size, minsize) once per process; 1 on success or already done,
+ * 2 when it worked without mlock (see OpenSSL's docs), 0 when it failed. */
+int nk_secure_init(size_t size, size_t minsize);
+int nk_secure_initialized(void);
+size_t nk_secure_used(void);
+const char *nk_openssl_version(void);
+const char *nk_build_version(void);
+
+int nk_generate(int bits, EVP_PKEY **out);
+int nk_from_pem(const uint8_t *pem, size_t pem_len, const uint8_t *pw, size_t pw_len,
+                EVP_PKEY **out);
+void nk_free(EVP_PKEY *key);
+int nk_bits(const EVP_PKEY *key);
+/* DER SubjectPublicKeyInfo of the public half (no secret): *len first with der NULL. */
+int nk_public_der(const EVP_PKEY *key, uint8_t *der, size_t *len);
+/* RSA-OAEP(SHA-256, MGF1-SHA-256) decrypt into out (out_cap bytes); *out_len is set. The
+ * modulus-sized result is built in a secure-heap scratch buffer, cleared before it is freed. */
+int nk_decrypt(EVP_PKEY *key, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_cap,
+               size_t *out_len);
+/* PKCS#8 PEM (PBES2 AES-256-CBC when pw_len > 0) into a secure-memory BIO; *len its size. */
+int nk_to_pem(EVP_PKEY *key, const uint8_t *pw, size_t pw_len, BIO **bio, size_t *len);
+/* Copy len bytes of the BIO into dst, then free the BIO (its buffer is cleared). */
+int nk_bio_take(BIO *bio, uint8_t *dst, size_t len);
+void nk_bio_free(BIO *bio);
+/* cdef-end */
+
+#endif
