@@ -187,12 +187,15 @@ def _load_keys() -> None:
     _kffi, _klib = ffi, lib
 
 
-try:
-    _load_keys()
-except ImportError as exc:
-    KEYS_FALLBACK_REASON = str(exc)
-    log.warning("RSA private keys are held by cryptography (ordinary heap): %s", exc)
-    if _lib is not None:  # a forced or already-reported fallback warns once, above
+if not settings.secure_private_keys():
+    KEYS_FALLBACK_REASON = ("off (the default): NOMYO_SECURE_PRIVATE_KEYS=1 holds them in "
+                            "OpenSSL's secure heap, at about 2.4x the RSA decrypt time")
+else:
+    try:
+        _load_keys()
+    except ImportError as exc:  # asked for and not available: say so, loudly
+        KEYS_FALLBACK_REASON = str(exc)
+        log.warning("RSA private keys are held by cryptography (ordinary heap): %s", exc)
         warnings.warn(f"nomyo RSA private keys are held by cryptography in the ordinary heap "
                       f"(not locked, not excluded from dumps): {exc}",
                       RuntimeWarning, stacklevel=2)

@@ -19,8 +19,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from nomyo.errors import DisposedError
-from nomyo.memory import SecureBuffer, adopt_bytes, binding, wipe_bytes_owned
+from nomyo.errors import DisposedError, SecureMemoryUnavailable
+from nomyo.memory import SecureBuffer, adopt_bytes, binding, settings, wipe_bytes_owned
 from nomyo.protocol.constants import DEFAULT_KEY_BITS, GENERATE_KEY_BITS, MIN_KEY_BITS
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class KeyPair:
             raise ValueError(f"key size must be one of {GENERATE_KEY_BITS} bits, not {bits!r}")
         if binding.RSA_NATIVE:
             return cls(SecureRsaKey(binding.rsa_generate(bits)))
+        _refuse_ordinary_heap_when_required()
         return cls(rsa.generate_private_key(public_exponent=65537, key_size=bits))
 
     @classmethod
@@ -109,6 +110,7 @@ class KeyPair:
                 finally:
                     if pw_view is not None:
                         pw_view.release()
+            _refuse_ordinary_heap_when_required()
             try:
                 key = serialization.load_pem_private_key(data, password=pw_view)
             except TypeError:
@@ -321,3 +323,12 @@ def _write_atomic(path: Path, data: Any, mode: int) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _refuse_ordinary_heap_when_required() -> None:
+    """Fail-closed mode with secure-heap keys asked for and not available: refuse to make or
+    load a key in the ordinary heap instead of warning and going on."""
+    if settings.secure_private_keys() and settings.required():
+        raise SecureMemoryUnavailable(
+            "NOMYO_SECURE_PRIVATE_KEYS=1 and NOMYO_REQUIRE_SECURE_MEMORY=1, but RSA private "
+            f"keys cannot be held in OpenSSL's secure heap: {binding.KEYS_FALLBACK_REASON}")

@@ -288,7 +288,8 @@ def test_internal_errors_surface_as_themselves_not_as_integrity_failures(
         key = _cryptography_key("server")
     elif stage == "unwrap-native":
         if not isinstance(key.private_key, keys.SecureRsaKey):
-            pytest.skip("nomyo._osslkey (native private keys) is not built")
+            pytest.skip("native private keys are off: needs NOMYO_SECURE_PRIVATE_KEYS=1 and "
+                        "nomyo._osslkey built (.ci/run has a pass with them on)")
         monkeypatch.setattr(keys.binding, "rsa_decrypt_into", failing)
     else:
         monkeypatch.setattr(envelope, "AESGCM", failing)

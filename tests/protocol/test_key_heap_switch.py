@@ -1,0 +1,72 @@
+"""NOMYO_SECURE_PRIVATE_KEYS: off by default (cryptography keys, the report says so), on it
+holds RSA private keys in OpenSSL's secure heap, and in fail-closed mode a key that cannot be
+held there is refused rather than made in the ordinary heap."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import run_python
+
+REPORT = """
+    import json, tempfile, nomyo
+    from nomyo.protocol import envelope
+    from nomyo.protocol.keys import KeyPair
+    from tests.peer_server import seal_for
+    with tempfile.TemporaryDirectory() as folder:
+        path = KeyPair.generate(2048).save(folder, "pw")
+        reloaded = KeyPair.load(path, "pw")
+    package, _ = seal_for(reloaded.public_key, '{"probe": "héllo"}'.encode())
+    opened = envelope.open_json(package, reloaded)[0]
+    info = nomyo.get_memory_protection_info()  # with a key held
+    print(json.dumps({"storage": info["private_key_storage"], "heap": info["private_key_heap"],
+                      "kind": type(reloaded.private_key).__name__, "opened": opened}))
+"""
+
+
+def _osslkey_built() -> None:
+    try:
+        import nomyo._osslkey  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"nomyo._osslkey (OpenSSL secure-heap keys) is not built: {exc}")
+
+
+def _report(**env: str) -> dict:
+    proc = run_python(REPORT, **env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_off_by_default_and_the_report_says_how_to_turn_it_on():
+    out = _report(NOMYO_SECURE_PRIVATE_KEYS="0")  # explicit: a CI pass sets it for the run
+    assert out["storage"] == "ordinary_heap" and out["kind"] == "RSAPrivateKey"
+    assert out["heap"]["in_use"] is False
+    assert "NOMYO_SECURE_PRIVATE_KEYS=1" in out["heap"]["reason"]
+    assert out["opened"] == {"probe": "héllo"}
+
+
+def test_on_the_keys_live_in_the_secure_heap_and_interoperate():
+    _osslkey_built()
+    out = _report(NOMYO_SECURE_PRIVATE_KEYS="1")
+    assert out["storage"] == "openssl_secure_heap" and out["kind"] == "SecureRsaKey"
+    assert out["heap"]["in_use"] is True and out["heap"]["used"] > 0
+    assert out["opened"] == {"probe": "héllo"}  # sealed by cryptography, opened natively
+
+
+def test_fail_closed_refuses_an_ordinary_heap_key_when_secure_keys_were_asked_for():
+    proc = run_python("""
+        import warnings
+        warnings.simplefilter("ignore")  # the fallback's RuntimeWarning is not what we test
+        import nomyo
+        from nomyo.protocol.keys import KeyPair
+        try:
+            KeyPair.generate(2048)
+        except nomyo.SecureMemoryUnavailable as exc:
+            print("refused:", exc)
+        else:
+            print("made a key in the ordinary heap")
+    """, NOMYO_SECURE_PRIVATE_KEYS="1", NOMYO_MEMORY_BACKEND="fallback",
+        NOMYO_REQUIRE_SECURE_MEMORY="1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("refused:") and "secure heap" in proc.stdout, proc.stdout
