@@ -26,8 +26,10 @@ def _pkg_config(*args: str) -> list[str]:
 
 
 def available() -> bool:
-    """True when libcrypto 3 can be built against (NOMYO_OPENSSL=0 turns it off)."""
-    if os.environ.get("NOMYO_OPENSSL", "1") == "0":
+    """True when libcrypto 3 can be built against (NOMYO_OPENSSL=0 turns it off). Not in a
+    portable (manylinux2014) build: the system's libcrypto.so.3 needs glibc 2.34 here, so
+    auditwheel would tag the wheel manylinux_2_34; such wheels report the module missing."""
+    if os.environ.get("NOMYO_OPENSSL", "1") == "0" or PORTABLE_GLIBC == "1":
         return False
     try:
         version = subprocess.run(["pkg-config", "--modversion", "libcrypto"], check=True,
