@@ -16,6 +16,7 @@ FORBIDDEN = {
     "protocol": ("nomyo.client", "nomyo.server", "nomyo.cli", "nomyo.attestation"),
     "attestation": ("nomyo.client", "nomyo.server", "nomyo.cli"),
     "client": ("nomyo.server", "nomyo.cli"),
+    "openai": ("nomyo.cli",),
     "server": ("nomyo.client", "nomyo.cli"),
 }
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from nomyo._version import __version__
-from nomyo.cli import chat, doctor, keys, serve
+from nomyo.cli import chat, doctor, keys, proxy, serve
 from nomyo.cli.parser import EXIT_USAGE, OneLineParser
 
 
@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(prog="nomyo", description="End-to-end encrypted LLM chat completions.")
     parser.add_argument("--version", action="version", version=f"nomyo {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for command in (chat, doctor, keys, serve):
+    for command in (chat, doctor, keys, proxy, serve):
         command.register(sub)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "run", None):

@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nomyo.client.core import CallOptions, SecureCompletionClient
 from nomyo.client.transport import USE_DEFAULT
 from nomyo.protocol.constants import DEFAULT_KEY_BITS, DEFAULT_TIMEOUT
 from nomyo.protocol.keys import Password
+
+if TYPE_CHECKING:  # the shapes type checkers see; at run time the answer is a plain dict
+    from nomyo.openai.types import ChatCompletion
 
 DEFAULT_BASE_URL = "https://api.nomyo.ai"
 BASE_URL_ENV = "NOMYO_BASE_URL"
@@ -70,24 +73,24 @@ class SecureChatCompletion:
         self.client.prepare_keys()
 
     async def create(self, model: str, messages: list[dict[str, Any]], **kwargs: Any
-                     ) -> dict[str, Any]:
+                     ) -> ChatCompletion:
         """Create an encrypted chat completion; returns the response dict with `_metadata`."""
         payload, options = self._prepare(model, messages, kwargs)
-        return await self.client.send_secure_request(
+        return await self.client.send_secure_request(  # type: ignore[return-value]
             payload, options["payload_id"], options["api_key"], options["security_tier"],
             base_url=options["base_url"], options=options["call"],
         )
 
     async def acreate(self, model: str, messages: list[dict[str, Any]], **kwargs: Any
-                      ) -> dict[str, Any]:
+                      ) -> ChatCompletion:
         """Alias of `create` (OpenAI naming)."""
         return await self.create(model, messages, **kwargs)
 
     def create_sync(self, model: str, messages: list[dict[str, Any]], **kwargs: Any
-                    ) -> dict[str, Any]:
+                    ) -> ChatCompletion:
         """Blocking `create` for synchronous code (no event loop needed)."""
         payload, options = self._prepare(model, messages, kwargs)
-        return self.client.send_secure_request_sync(
+        return self.client.send_secure_request_sync(  # type: ignore[return-value]
             payload, options["payload_id"], options["api_key"], options["security_tier"],
             base_url=options["base_url"], options=options["call"],
         )

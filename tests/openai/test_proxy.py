@@ -1,0 +1,168 @@
+"""`nomyo proxy` and the httpx transports against the echo backend: routes, OpenAI error
+bodies and the SDK classes they map to, the loopback rule, and httpx staying optional."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import pytest
+
+from tests.helpers import run_python
+from tests.openai import stack
+
+openai = pytest.importorskip("openai", reason="the openai SDK is not installed (test extra)")
+httpx = pytest.importorskip("httpx", reason="httpx is not installed (test extra)")
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory):
+    """(serve URL, proxy URL, keyed serve URL, keyed proxy URL): echo endpoint, real processes."""
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text("upstream-secret\n")
+    keys.chmod(0o600)
+    procs = []
+    try:
+        server, server_url = stack.serve("echo")
+        procs.append(server)
+        proxy, proxy_url = stack.proxy(server_url, "--model", "nomyo-echo")
+        procs.append(proxy)
+        keyed_server, keyed_url = stack.start(stack.nomyo(
+            "serve", "--port", "0", "--key-bits", "2048", "--api-key-file", str(keys)))
+        procs.append(keyed_server)
+        keyed_proxy, keyed_proxy_url = stack.start(stack.nomyo(
+            "proxy", "--upstream", keyed_url, "--allow-http", "--port", "0",
+            "--proxy-api-key-file", str(keys), "--api-key-file", str(keys)))
+        procs.append(keyed_proxy)
+        yield server_url, proxy_url, keyed_url, keyed_proxy_url
+    finally:
+        for proc in reversed(procs):
+            stack.stop(proc)
+
+
+def sdk(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+
+
+def test_the_sdk_gets_the_echo_answer_and_the_model_list(echo):
+    _, proxy_url, _, _ = echo
+    client = sdk(proxy_url)
+    answer = client.chat.completions.create(model="nomyo-echo", messages=HI)
+    assert answer.choices[0].message.content == "Echo: hi"
+    assert answer.object == "chat.completion"
+    assert [m.id for m in client.models.list()] == ["nomyo-echo"]
+
+
+def test_stream_is_one_chunk_then_done(echo):
+    _, proxy_url, _, _ = echo
+    status, raw = stack.post_json(proxy_url.removesuffix("/v1"), "/v1/chat/completions",
+                                  {"model": "m", "messages": HI, "stream": True})
+    assert status == 200
+    events = raw.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and len(events) == 3
+    chunks = list(sdk(proxy_url).chat.completions.create(model="m", messages=HI, stream=True))
+    assert [c.choices[0].delta.content for c in chunks] == ["Echo: hi"]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    (b"{not json", 400, None),
+    (b'["a list"]', 400, None),
+    (b'{"messages": []}', 400, "model"),
+    (b'{"model": "m", "messages": "hi"}', 400, "messages"),
+])
+def test_bad_bodies_are_openai_400s(echo, body, status, param):
+    import http.client
+
+    _, proxy_url, _, _ = echo
+    conn = http.client.HTTPConnection(proxy_url.split("//")[1].split("/")[0], timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=body)
+    response = conn.getresponse()
+    import json
+
+    error = json.loads(response.read())["error"]
+    conn.close()
+    assert response.status == status
+    assert set(error) == {"message", "type", "code", "param"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert response.getheader("x-should-retry") == "false"
+
+
+def test_errors_map_to_the_sdk_classes(echo):
+    _, proxy_url, keyed_url, keyed_proxy_url = echo
+    with pytest.raises(openai.NotFoundError):
+        sdk(proxy_url).embeddings.create(model="m", input="x")
+    with pytest.raises(openai.AuthenticationError) as wrong_key:
+        sdk(keyed_proxy_url, "not-the-key").chat.completions.create(model="m", messages=HI)
+    assert wrong_key.value.code == "invalid_api_key"
+    answer = sdk(keyed_proxy_url, "upstream-secret").chat.completions.create(
+        model="m", messages=HI)
+    assert answer.choices[0].message.content == "Echo: hi"
+    # the upstream refuses the proxy's (missing) key: a 401 from upstream, as the SDK's class
+    refused, refused_url = stack.proxy(keyed_url)
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            sdk(refused_url).chat.completions.create(model="m", messages=HI)
+    finally:
+        stack.stop(refused)
+
+
+def test_an_unreachable_upstream_is_a_502_not_retried(echo):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    proc, url = stack.proxy(dead, "--max-retries", "0", "--timeout", "5")
+    try:
+        with pytest.raises(openai.InternalServerError) as err:
+            openai.OpenAI(base_url=url, api_key="x").chat.completions.create(
+                model="m", messages=HI)
+        assert err.value.status_code == 502
+        assert err.value.code == "upstream_unreachable"
+    finally:
+        stack.stop(proc)
+
+
+@pytest.mark.parametrize("extra", [[], ["--allow-remote"]])
+def test_binding_beyond_loopback_needs_the_flag_and_a_key(extra):
+    proc = subprocess.run(stack.nomyo("proxy", "--upstream", "http://127.0.0.1:1",
+                                      "--host", "0.0.0.0", *extra),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert ("--allow-remote" if not extra else "--proxy-api-key-file") in proc.stderr
+
+
+def test_transports_sync_and_async(echo):
+    from nomyo.client import SecureChatCompletion
+    from nomyo.openai import AsyncNomyoTransport, NomyoTransport
+
+    server_url, _, _, _ = echo
+    with SecureChatCompletion(base_url=server_url, allow_http=True, key_size=2048) as client:
+        sync = openai.OpenAI(base_url="http://nomyo.invalid/v1", api_key="unused",
+                             http_client=httpx.Client(transport=NomyoTransport(client)))
+        assert sync.chat.completions.create(model="m", messages=HI).choices[0].message.content \
+            == "Echo: hi"
+        with pytest.raises(openai.BadRequestError):
+            sync.chat.completions.create(model="", messages=HI)
+
+        async def main():
+            async with httpx.AsyncClient(transport=AsyncNomyoTransport(client)) as http:
+                sdk_ = openai.AsyncOpenAI(base_url="http://nomyo.invalid/v1",
+                                          api_key="unused", http_client=http)
+                return await asyncio.gather(*(sdk_.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": f"n{i}"}])
+                    for i in range(16)))
+
+        answers = asyncio.run(main())
+    assert [a.choices[0].message.content for a in answers] == [f"Echo: n{i}" for i in range(16)]
+
+
+def test_httpx_is_imported_only_by_the_transport():
+    proc = run_python("""
+        import sys, nomyo, nomyo.client, nomyo.openai, nomyo.openai.types, nomyo.cli.proxy
+        assert "httpx" not in sys.modules, "httpx imported"
+        from nomyo.openai import NomyoTransport
+        assert "httpx" in sys.modules
+    """)
+    assert proc.returncode == 0, proc.stderr
