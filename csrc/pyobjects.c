@@ -13,6 +13,7 @@
  * - json_quote_len / json_quote_into: JSON-escape a str straight into a secure buffer.
  * - decode_utf8: build a str from UTF-8 in a secure buffer in one exact allocation, so no
  *   partial copy is left behind in freed memory by a growing decoder.
+ * - json_loads: parse JSON from a secure buffer with each str built the same way.
  */
 #define PY_SSIZE_T_CLEAN
 #ifndef NOMYO_BUILD_VERSION
@@ -855,6 +856,435 @@ decode_utf8(PyObject *module, PyObject *arg)
     return s;
 }
 
+/* ---- JSON reading ----
+ *
+ * json_loads parses a UTF-8 JSON document in a buffer the way json.loads does for what
+ * nomyo accepts (strict: no control characters in strings, no NaN or infinities, duplicate
+ * keys keep the last value at the first key's place), and builds each str once at its exact
+ * size: a first pass over a string measures it, a second writes it, bounded and checked as
+ * decode_utf8's. No intermediate text buffer exists; a number's text is copied to a stack
+ * array for CPython's converters and zeroed after. The GIL is held throughout; the buffer
+ * may still be written by GIL-free code of another thread, which the checks catch. On any
+ * error the strings built so far are zeroed before they are freed. */
+
+#define JSON_MAX_DEPTH 256     /* = secure_json.MAX_DEPTH: containers deeper are refused */
+#define JSON_NUMBER_MAX 4400   /* longest number text (int() refuses > 4300 digits anyway) */
+
+typedef struct {
+    const unsigned char *start, *p, *end;
+} jreader;
+
+/* Zero the strings of a partly built value that nothing else references, then drop it. */
+static void
+json_discard(PyObject *o)
+{
+    if (o == NULL)
+        return;
+    if (Py_REFCNT(o) == 1) {
+        if (PyUnicode_CheckExact(o)) {
+            explicit_bzero(PyUnicode_DATA(o),
+                           (size_t)PyUnicode_GET_LENGTH(o) * PyUnicode_KIND(o));
+        } else if (PyList_CheckExact(o)) {
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(o); i++) {
+                PyObject *item = PyList_GET_ITEM(o, i);
+                Py_INCREF(Py_None);
+                PyList_SET_ITEM(o, i, Py_None);
+                json_discard(item);
+            }
+        } else if (PyDict_CheckExact(o)) {
+            PyObject *items = PyDict_Items(o);
+            PyDict_Clear(o);  /* the items list now holds the only references */
+            json_discard(items);
+            if (items != NULL) {
+                Py_DECREF(o);
+                return;
+            }
+        } else if (PyTuple_CheckExact(o)) {  /* the dict's (key, value) pairs */
+            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o); i++) {
+                PyObject *item = PyTuple_GET_ITEM(o, i);
+                Py_INCREF(Py_None);
+                PyTuple_SET_ITEM(o, i, Py_None);
+                json_discard(item);
+            }
+        }
+    }
+    Py_DECREF(o);
+}
+
+static PyObject *
+json_error(const jreader *r, PyObject *type, const char *what)
+{
+    if (!PyErr_Occurred())
+        PyErr_Format(type, "%s at byte %zd", what, r->p - r->start);
+    return NULL;
+}
+
+static void
+json_skip_ws(jreader *r)
+{
+    while (r->p < r->end && (*r->p == ' ' || *r->p == '\t' || *r->p == '\n' || *r->p == '\r'))
+        r->p++;
+}
+
+static int
+hex4(const unsigned char *p, const unsigned char *end, Py_UCS4 *out)
+{
+    Py_UCS4 c = 0;
+    if (end - p < 4)
+        return 0;
+    for (int i = 0; i < 4; i++) {
+        unsigned char d = p[i];
+        c <<= 4;
+        if (d >= '0' && d <= '9') c |= (Py_UCS4)(d - '0');
+        else if (d >= 'a' && d <= 'f') c |= (Py_UCS4)(d - 'a' + 10);
+        else if (d >= 'A' && d <= 'F') c |= (Py_UCS4)(d - 'A' + 10);
+        else return 0;
+    }
+    *out = c;
+    return 1;
+}
+
+/* One character of a string body at *pp: 1 and the character, 0 at the closing quote (which
+ * *pp then follows), -1 with a static message in *what. An escaped high surrogate followed by
+ * an escaped low one is joined, a lone one kept, as json.loads does. */
+static int
+json_str_next(const unsigned char **pp, const unsigned char *end, Py_UCS4 *c, const char **what)
+{
+    const unsigned char *p = *pp;
+    if (p >= end) {
+        *what = "Unterminated string";
+        return -1;
+    }
+    unsigned char b = *p;
+    if (b == '"') {
+        *pp = p + 1;
+        return 0;
+    }
+    if (b < 0x20) {
+        *what = "Invalid control character in string";
+        return -1;
+    }
+    if (b >= 0x80) {
+        int k = utf8_next(p, end, c);
+        if (k == 0) {
+            *what = "invalid UTF-8 in string";
+            return -1;
+        }
+        *pp = p + k;
+        return 1;
+    }
+    if (b != '\\') {
+        *c = b;
+        *pp = p + 1;
+        return 1;
+    }
+    if (end - p < 2) {
+        *what = "Unterminated string";
+        return -1;
+    }
+    switch (p[1]) {
+    case '"': *c = '"'; break;
+    case '\\': *c = '\\'; break;
+    case '/': *c = '/'; break;
+    case 'b': *c = '\b'; break;
+    case 'f': *c = '\f'; break;
+    case 'n': *c = '\n'; break;
+    case 'r': *c = '\r'; break;
+    case 't': *c = '\t'; break;
+    case 'u': {
+        Py_UCS4 lo;
+        if (!hex4(p + 2, end, c)) {
+            *what = "Invalid \\uXXXX escape";
+            return -1;
+        }
+        p += 6;
+        if (*c >= 0xD800 && *c <= 0xDBFF && end - p >= 6 && p[0] == '\\' && p[1] == 'u') {
+            if (!hex4(p + 2, end, &lo)) {
+                *what = "Invalid \\uXXXX escape";
+                return -1;
+            }
+            if (lo >= 0xDC00 && lo <= 0xDFFF) {
+                *c = 0x10000 + ((*c - 0xD800) << 10) + (lo - 0xDC00);
+                p += 6;
+            }
+        }
+        *pp = p;
+        return 1;
+    }
+    default:
+        *what = "Invalid \\escape";
+        return -1;
+    }
+    *pp = p + 2;
+    return 1;
+}
+
+#define JSON_STR_INTO(TYPE)                                                       \
+    do {                                                                          \
+        TYPE *dst = (TYPE *)PyUnicode_DATA(s);                                    \
+        for (Py_ssize_t i = 0;; i++) {                                            \
+            int k = json_str_next(&q, r->end, &c, &what);                         \
+            if (k == 0 && i == count)                                             \
+                break;                                                            \
+            if (k != 1 || i >= count || c > maxchar) {                            \
+                changed = 1;                                                      \
+                break;                                                            \
+            }                                                                     \
+            if (c > seen)                                                         \
+                seen = c;                                                         \
+            dst[i] = (TYPE)c;                                                     \
+        }                                                                         \
+    } while (0)
+
+/* The string whose opening quote is at r->p. */
+static PyObject *
+json_string(jreader *r)
+{
+    const unsigned char *body = r->p + 1, *q = body;
+    const char *what = NULL;
+    Py_ssize_t count = 0;
+    Py_UCS4 maxchar = 0, c = 0, seen = 0;
+    int k;
+    while ((k = json_str_next(&q, r->end, &c, &what)) == 1) {
+        count++;
+        if (c > maxchar)
+            maxchar = c;
+    }
+    if (k < 0) {
+        r->p = q;
+        return json_error(r, PyExc_ValueError, what);
+    }
+    const unsigned char *after = q;
+    PyObject *s = PyUnicode_New(count, maxchar);
+    if (s == NULL)
+        return NULL;
+    int changed = 0;
+    q = body;
+    switch (PyUnicode_KIND(s)) {
+    case PyUnicode_1BYTE_KIND: JSON_STR_INTO(Py_UCS1); break;
+    case PyUnicode_2BYTE_KIND: JSON_STR_INTO(Py_UCS2); break;
+    default: JSON_STR_INTO(Py_UCS4); break;
+    }
+    /* the kind PyUnicode_New chose must be the canonical one: the same largest character */
+    if (changed || q != after || seen != maxchar) {
+        json_discard(s);
+        PyErr_SetString(PyExc_RuntimeError, "buffer changed while it was being decoded");
+        return NULL;
+    }
+    r->p = after;
+    return s;
+}
+
+static PyObject *
+json_number(jreader *r)
+{
+    const unsigned char *p = r->p, *end = r->end, *first = r->p;
+    int is_float = 0;
+    if (p < end && *p == '-')
+        p++;
+    if (p >= end || *p < '0' || *p > '9')
+        return json_error(r, PyExc_ValueError, "Expecting value");
+    if (*p == '0')
+        p++;
+    else
+        while (p < end && *p >= '0' && *p <= '9')
+            p++;
+    if (end - p >= 2 && p[0] == '.' && p[1] >= '0' && p[1] <= '9') {
+        is_float = 1;
+        p += 2;
+        while (p < end && *p >= '0' && *p <= '9')
+            p++;
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        const unsigned char *e = p + 1;
+        if (e < end && (*e == '+' || *e == '-'))
+            e++;
+        if (e < end && *e >= '0' && *e <= '9') {
+            is_float = 1;
+            while (e < end && *e >= '0' && *e <= '9')
+                e++;
+            p = e;
+        }
+    }
+    Py_ssize_t len = p - first;
+    if (!is_float && len <= 18) {  /* fits an int64 with its sign */
+        int neg = *first == '-';
+        long long v = 0;
+        for (const unsigned char *d = first + neg; d < p; d++)
+            v = v * 10 + (*d - '0');
+        r->p = p;
+        return PyLong_FromLongLong(neg ? -v : v);
+    }
+    if (len > JSON_NUMBER_MAX)
+        return json_error(r, PyExc_OverflowError, "number out of range (too many digits)");
+    char text[JSON_NUMBER_MAX + 1];
+    memcpy(text, first, (size_t)len);
+    text[len] = '\0';
+    PyObject *result = NULL;
+    if (is_float) {
+        double d = PyOS_string_to_double(text, NULL, NULL);
+        if (!(d == -1.0 && PyErr_Occurred())) {
+            if (Py_IS_INFINITY(d))
+                json_error(r, PyExc_OverflowError, "number out of range");
+            else
+                result = PyFloat_FromDouble(d);
+        }
+    } else {
+        result = PyLong_FromString(text, NULL, 10);
+    }
+    explicit_bzero(text, (size_t)len);
+    r->p = p;
+    return result;
+}
+
+static int
+json_literal(jreader *r, const char *word)
+{
+    size_t n = strlen(word);
+    if ((size_t)(r->end - r->p) >= n && memcmp(r->p, word, n) == 0) {
+        r->p += n;
+        return 1;
+    }
+    return 0;
+}
+
+static PyObject *json_value(jreader *r, int depth);
+
+static PyObject *
+json_container(jreader *r, int depth)
+{
+    int is_object = *r->p == '{';
+    unsigned char close = is_object ? '}' : ']';
+    if (depth > JSON_MAX_DEPTH)
+        return json_error(r, PyExc_RecursionError, "nested too deeply");
+    PyObject *out = is_object ? PyDict_New() : PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    r->p++;
+    json_skip_ws(r);
+    if (r->p < r->end && *r->p == close) {
+        r->p++;
+        return out;
+    }
+    for (;;) {
+        PyObject *key = NULL, *item;
+        if (is_object) {
+            if (r->p >= r->end || *r->p != '"') {
+                json_error(r, PyExc_ValueError,
+                           "Expecting property name enclosed in double quotes");
+                goto fail;
+            }
+            key = json_string(r);
+            if (key == NULL)
+                goto fail;
+            json_skip_ws(r);
+            if (r->p >= r->end || *r->p != ':') {
+                json_error(r, PyExc_ValueError, "Expecting ':' delimiter");
+                json_discard(key);
+                goto fail;
+            }
+            r->p++;
+        }
+        item = json_value(r, depth + 1);
+        if (item == NULL) {
+            json_discard(key);
+            goto fail;
+        }
+        int rc;
+        if (is_object) {
+            /* a duplicate key: the last value wins (as json.loads), the earlier is zeroed */
+            PyObject *old = PyDict_GetItemWithError(out, key);
+            Py_XINCREF(old);
+            rc = old == NULL && PyErr_Occurred() ? -1 : PyDict_SetItem(out, key, item);
+            json_discard(old);
+        } else {
+            rc = PyList_Append(out, item);
+        }
+        json_discard(key);   /* zeroed only if the dict kept an equal earlier key instead */
+        json_discard(item);  /* the container's reference remains */
+        if (rc != 0)
+            goto fail;
+        json_skip_ws(r);
+        if (r->p < r->end && *r->p == ',') {
+            r->p++;
+            json_skip_ws(r);
+            continue;
+        }
+        if (r->p < r->end && *r->p == close) {
+            r->p++;
+            return out;
+        }
+        json_error(r, PyExc_ValueError, "Expecting ',' delimiter");
+        goto fail;
+    }
+fail:
+    json_discard(out);
+    return NULL;
+}
+
+static PyObject *
+json_value(jreader *r, int depth)
+{
+    json_skip_ws(r);
+    if (r->p >= r->end)
+        return json_error(r, PyExc_ValueError, "Expecting value");
+    const unsigned char *at = r->p;
+    switch (*r->p) {
+    case '{':
+    case '[':
+        return json_container(r, depth);
+    case '"':
+        return json_string(r);
+    case 't':
+        if (json_literal(r, "true"))
+            Py_RETURN_TRUE;
+        break;
+    case 'f':
+        if (json_literal(r, "false"))
+            Py_RETURN_FALSE;
+        break;
+    case 'n':
+        if (json_literal(r, "null"))
+            Py_RETURN_NONE;
+        break;
+    case 'N':
+    case 'I':
+    case '-':
+        if (json_literal(r, "NaN") || json_literal(r, "Infinity")
+            || json_literal(r, "-Infinity")) {
+            r->p = at;
+            return json_error(r, PyExc_ValueError, "NaN and infinity are not valid JSON");
+        }
+        return json_number(r);
+    default:
+        return json_number(r);
+    }
+    return json_error(r, PyExc_ValueError, "Expecting value");
+}
+
+/* json_loads(buffer): the document's value. ValueError for malformed JSON, OverflowError
+ * for a number out of range, RecursionError for nesting beyond JSON_MAX_DEPTH, RuntimeError
+ * when the buffer changed under the parse; no message quotes the document. */
+static PyObject *
+json_loads(PyObject *module, PyObject *arg)
+{
+    Py_buffer in;
+    (void)module;
+    if (PyObject_GetBuffer(arg, &in, PyBUF_SIMPLE) != 0)
+        return NULL;
+    jreader r = {in.buf, in.buf, (const unsigned char *)in.buf + in.len};
+    PyObject *value = json_value(&r, 0);
+    if (value != NULL) {
+        json_skip_ws(&r);
+        if (r.p != r.end) {
+            json_discard(value);
+            value = json_error(&r, PyExc_ValueError, "Extra data");
+        }
+    }
+    PyBuffer_Release(&in);
+    return value;
+}
+
 static PyMethodDef module_methods[] = {
     {"wipe_bytes_owned", wipe_bytes_owned, METH_O,
      "Take the bytes out of a one-element list and zero it if that was its only reference."},
@@ -863,6 +1293,7 @@ static PyMethodDef module_methods[] = {
     {"json_quote_len", json_quote_len, METH_O, "Length of the JSON string form, UTF-8."},
     {"json_quote_into", json_quote_into, METH_VARARGS, "Write the JSON string form into a buffer."},
     {"decode_utf8", decode_utf8, METH_O, "Strict UTF-8 to str in one exact allocation."},
+    {"json_loads", json_loads, METH_O, "Parse JSON from a buffer, each str built once."},
     {NULL, NULL, 0, NULL},
 };
 

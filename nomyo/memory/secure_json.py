@@ -3,7 +3,8 @@
 `json.dumps` grows its output by reallocating, leaving prefixes of the whole document in
 freed heap memory; `bytes(...).decode()` leaves another copy. Here the document is sized
 first and written once into a SecureBuffer, strings escaped by the native glue directly
-from the caller's objects; parsing decodes into one exact str that is wiped afterwards.
+from the caller's objects; parsing (csrc/pyobjects.c json_loads) builds each str once at its
+exact size straight from the buffer, with no intermediate text.
 """
 from __future__ import annotations
 
@@ -116,8 +117,9 @@ def _fallback_dumps(obj: Any, alloc: Callable[[int], SecureBuffer]) -> SecureBuf
 
 
 def loads(data: Any) -> Any:
-    """Parse UTF-8 JSON from a buffer; the one transient str is wiped before returning.
-    NaN and infinities are refused, as dumps refuses them."""
+    """Parse UTF-8 JSON from a buffer (native: each str built once from it, nothing else).
+    NaN and infinities are refused, as dumps refuses them, and so are numbers out of the
+    float range (1e400), which json.loads would turn into infinity; PackageError for all."""
     glue = binding.pyobjects
     if glue is None:  # fallback backend: the decoded text cannot be wiped
         with memoryview(data) as view:
@@ -131,26 +133,32 @@ def loads(data: Any) -> Any:
             raise PackageError(error)
         return value
     try:
-        text = [glue.decode_utf8(data)]  # held by this list alone, for wipe_str_owned
-    except ValueError as exc:
-        raise PackageError(f"plaintext is not valid UTF-8: {exc}") from None
-    value, error = _parse(text[0])
-    glue.wipe_str_owned(text)  # the traceback that referenced it is gone: the list's is the one
-    if error is not None:
-        raise PackageError(error)
-    return value
+        return glue.json_loads(data)
+    except RecursionError:
+        error = "plaintext JSON is nested too deeply"
+    except (ValueError, OverflowError) as exc:  # messages name a position, never the text
+        error = f"plaintext is not valid JSON: {exc}"
+    raise PackageError(error)
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError("NaN and infinity are not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number out of range")
+    return value
+
+
 def _parse(text: str) -> tuple[Any, str | None]:
-    """(value, None) or (None, message). Errors are turned into a message here and raised by
-    the caller outside any except block: a JSONDecodeError's .doc is the plaintext, and it
-    would otherwise stay reachable through the new exception's __context__."""
+    """(value, None) or (None, message), for the fallback backend. Errors are turned into a
+    message here and raised by the caller outside any except block: a JSONDecodeError's .doc
+    is the plaintext, and it would otherwise stay reachable through the new exception's
+    __context__."""
     try:
-        return json.loads(text, parse_constant=_no_constant), None
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float), None
     except json.JSONDecodeError as exc:
         return None, (f"plaintext is not valid JSON: {exc.msg} "
                       f"(line {exc.lineno} column {exc.colno})")

@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from typing import Any, Protocol
 
-from nomyo.memory import SecureBuffer, secure_json, wipe_bytes_owned
+from nomyo.memory import SecureBuffer, secure_json
 from nomyo.memory.scrub import wipe_tree
 from nomyo.protocol.constants import DEFAULT_BACKEND_TIMEOUT
 
@@ -421,32 +421,40 @@ def _status_error(status: int, headers: dict[str, str], raw: SecureBuffer) -> Ba
 
 
 def _read_secure(response: http.client.HTTPResponse, limit: int) -> SecureBuffer:
-    """Read the (plaintext) backend answer into secure memory, wiping each transient chunk."""
-    chunks: list[SecureBuffer] = []
+    """Read the (plaintext) backend answer straight into secure memory with readinto: no
+    `bytes` of it is made. A Content-Length answer lands in one exact buffer; a chunked one
+    in a buffer that doubles (secure to secure, the old one wiped) and is cut to size. What
+    http.client's socket reader had buffered with the headers (up to 8 KiB of the answer's
+    start) stays in that reader's reused buffer until the connection closes."""
+    size = response.length  # None when chunked or read to EOF
+    if size is not None and size > limit:
+        raise BackendError(502, f"backend answer is larger than {limit} bytes")
+    buf = SecureBuffer(size or 65536)
+    filled = 0
     try:
-        total = 0
         while True:
-            chunk = response.read1(65536) if hasattr(response, "read1") else response.read(65536)
-            if not chunk:
+            if filled == len(buf):
+                if size is not None or filled >= limit + 1:
+                    break
+                bigger = SecureBuffer(min(2 * filled, limit + 1))
+                with memoryview(bigger) as out, memoryview(buf) as old:
+                    out[:filled] = old
+                buf.close()
+                buf = bigger
+            with memoryview(buf) as out:
+                n = response.readinto(out[filled:])
+            if not n:
                 break
-            total += len(chunk)
-            # http.client hands out `bytes`: copy each chunk into secure memory, then zero it
-            # (handed over in a list, our own name for it deleted first).
-            box = [chunk]
-            del chunk
-            if total > limit:
-                wipe_bytes_owned(box)
-                raise BackendError(502, f"backend answer is larger than {limit} bytes")
-            chunks.append(SecureBuffer.copy_of(box[0]))
-            wipe_bytes_owned(box)
-        joined = SecureBuffer(total)
-        with memoryview(joined) as out:
-            offset = 0
-            for part in chunks:
-                with memoryview(part) as view:
-                    out[offset : offset + len(view)] = view
-                offset += len(part)
-        return joined
+            filled += n
+        if filled > limit:
+            raise BackendError(502, f"backend answer is larger than {limit} bytes")
+        if filled == len(buf):
+            result, buf = buf, None
+            return result
+        exact = SecureBuffer(filled)
+        with memoryview(exact) as out, memoryview(buf) as view:
+            out[:] = view[:filled]
+        return exact
     finally:
-        for part in chunks:
-            part.close()
+        if buf is not None:
+            buf.close()

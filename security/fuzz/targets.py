@@ -7,8 +7,9 @@ a bounded number of examples), and by atheris, coverage-guided, for a bounded ti
 - b64: the native codec against `base64.b64decode(validate=True)`: same bytes or both
   refuse (ValueError); decode_into writes only [offset, end), and on refusal leaves only
   zeros where it had written.
-- json_loads / json_dumps: secure_json against the stdlib json (compact, UTF-8, NaN and
-  infinities refused, surrogates refused when writing).
+- json_loads / json_dumps: secure_json (its native reader, its writer) against the stdlib
+  json (compact, UTF-8, NaN, infinities and out-of-range numbers refused, surrogates refused
+  when writing).
 - envelope: open_package on mutations of valid packages: only PackageError or SecurityError.
 """
 from __future__ import annotations
@@ -66,6 +67,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("out of range")  # the contract: 1e400 is refused, not infinity
+    return value
+
+
 def _depth(value: Any) -> int:
     if isinstance(value, dict):
         return 1 + max((_depth(v) for v in value.values()), default=0)
@@ -75,8 +83,12 @@ def _depth(value: Any) -> int:
 
 
 def json_loads_target(data: bytes) -> None:
+    """The native reader (csrc/pyobjects.c json_loads) against json.loads with NaN,
+    infinities and out-of-range numbers refused: equal values of equal types, or both refuse
+    (deeper nesting than MAX_DEPTH is refused by the reader alone)."""
     try:
-        expected = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        expected = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant,
+                              parse_float=_finite_float)
         ok = True
     except (UnicodeDecodeError, ValueError, RecursionError):
         ok = False
@@ -87,10 +99,8 @@ def json_loads_target(data: bytes) -> None:
             f"secure_json.loads refused what json accepts: {data!r}")
         return
     assert ok, f"secure_json.loads accepted what json refuses: {data!r}"
-    # Found by this target: a literal that overflows (1e400) parses to inf in both, although
-    # secure_json's docstring says infinities are refused (only the NaN/Infinity names are);
-    # reported in issue 12 for the owner of secure_json, compared like json here meanwhile.
-    assert got == expected or (_has_nan(got) and repr(got) == repr(expected)), (
+    # repr tells 1 from 1.0 and True, -0.0 from 0.0, and compares key order
+    assert got == expected and repr(got) == repr(expected), (
         f"secure_json.loads differs on {data!r}")
 
 

@@ -67,3 +67,15 @@ def test_envelope_check_bites(monkeypatch) -> None:
     monkeypatch.setattr(targets.envelope, "open_package", broken)
     with pytest.raises(KeyError):
         targets.envelope_target(b"\x00")
+
+
+def test_json_loads_check_bites(monkeypatch) -> None:
+    """A reader that turns 1e400 into infinity, or 1.0 into 1, must fail the target."""
+    import json
+
+    monkeypatch.setattr(targets.secure_json, "loads", lambda data: json.loads(bytes(data)))
+    with pytest.raises(AssertionError):
+        targets.json_loads_target(b"[1e400]")
+    monkeypatch.setattr(targets.secure_json, "loads", lambda data: [1])
+    with pytest.raises(AssertionError):
+        targets.json_loads_target(b"[1.0]")

@@ -194,3 +194,84 @@ def test_surrogates_are_refused_by_both_writers_alike():
     assert proc.returncode == 0, proc.stderr
     expected = ["ValueError", secure_json.SURROGATES_REFUSED, True]
     assert [json.loads(line) for line in proc.stdout.splitlines()] == [expected] * 5
+
+
+# JSON text as a peer may write it: escapes of every kind (pairs, lone surrogates, \/),
+# whitespace between tokens, numbers in every form, duplicate keys; plus broken documents.
+_ws = st.sampled_from(["", " ", "\n", "\t", "\r\n  "])
+_escape = st.sampled_from(['\\"', "\\\\", "\\/", "\\b", "\\f", "\\n", "\\r", "\\t", "\\u00e9",
+                           "\\ud83d\\ude00", "\\ud800", "\\udc00x", "\\u0000", "\\uFFFF"])
+_string_text = st.lists(st.text(alphabet=st.characters(blacklist_categories=["Cs"],
+                                                       blacklist_characters='"\\'),
+                                 max_size=6) | _escape, max_size=8).map(
+    lambda parts: '"' + "".join(parts).replace("\x00", "") + '"')
+_number_text = st.from_regex(r"-?(0|[1-9][0-9]{0,24})(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?",
+                             fullmatch=True)
+_json_text = st.recursive(
+    _string_text | _number_text | st.sampled_from(["true", "false", "null"]),
+    lambda children: st.lists(st.tuples(_ws, children), max_size=4).map(
+        lambda items: "[" + ",".join(w + v for w, v in items) + "]")
+    | st.lists(st.tuples(_string_text | st.sampled_from(['"k"']), _ws, children),
+               max_size=4).map(lambda items: "{" + ",".join(f"{k}{w}:{v}" for k, w, v in items)
+                               + "}"),
+    max_leaves=12,
+)
+
+
+def _reference(text: bytes):
+    def finite(number: str) -> float:
+        value = float(number)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError("out of range")
+        return value
+    return json.loads(text.decode("utf-8"), parse_float=finite)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_json_text.map(lambda t: t.encode("utf-8", "surrogatepass")),
+       st.sampled_from([None, "cut", "byte"]), st.integers(0, 10**6))
+def test_native_reader_agrees_with_json_loads(raw, damage, where):
+    """Equal values of equal types (repr: 1 / 1.0 / True, -0.0, key order), or both refuse."""
+    if damage == "cut":
+        raw = raw[: where % (len(raw) + 1)]
+    elif damage == "byte":
+        i = where % len(raw)
+        raw = raw[:i] + bytes([where % 256]) + raw[i + 1:]
+    try:
+        expected, ok = _reference(raw), True
+    except (UnicodeDecodeError, ValueError):
+        ok = False
+    with SecureBuffer.copy_of(raw) if raw else SecureBuffer(1) as buf:
+        data = buf if raw else b""
+        if ok:
+            got = secure_json.loads(data)
+            assert got == expected and repr(got) == repr(expected)
+        else:
+            with pytest.raises(PackageError):
+                secure_json.loads(data)
+
+
+@pytest.mark.parametrize("raw", [b"1e400", b"[-1e400]", b'{"usage": 1.8e309}'])
+def test_out_of_range_numbers_are_refused_not_made_infinite(raw):
+    with SecureBuffer.copy_of(raw) as buf, pytest.raises(PackageError, match="out of range"):
+        secure_json.loads(buf)
+
+
+def test_reader_keeps_json_semantics_at_the_edges():
+    cases = {b'{"a": 1, "b": 2, "a": 3}': {"a": 3, "b": 2},
+             b"1e-400": 0.0, b"-0": 0, b"-0.0": -0.0,
+             b"12345678901234567890123": 12345678901234567890123,
+             b'"\\ud83d\\ude00\\ud800"': "\U0001f600\ud800", b' [] ': []}
+    for raw, expected in cases.items():
+        with SecureBuffer.copy_of(raw) as buf:
+            got = secure_json.loads(buf)
+        assert got == expected and repr(got) == repr(expected), raw
+    depth = secure_json.MAX_DEPTH + 1  # what dumps writes at its limit is read back
+    nested: list = []
+    for _ in range(depth - 1):
+        nested = [nested]
+    with secure_json.dumps(nested) as buf:
+        assert secure_json.loads(buf) == nested
+    with SecureBuffer.copy_of(b"[" * (depth + 1) + b"]" * (depth + 1)) as buf, \
+            pytest.raises(PackageError, match="nested too deeply"):
+        secure_json.loads(buf)
