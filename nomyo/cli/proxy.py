@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
                          "elsewhere must check its callers")
     harden_process()  # no core dumps, not dumpable: before any key or prompt exists
     try:
+        # Imported here, before granian forks the worker: a worker that imported requests
+        # itself was seen to hang on an import lock the fork had copied in the held state.
+        from nomyo.client import SecureChatCompletion
         from nomyo.openai.asgi import ProxyApp
         from nomyo.openai.gateway import Gateway
         from nomyo.server.policy import ApiKeys
@@ -112,8 +115,6 @@ def run(args: argparse.Namespace) -> int:
         return _fail(err)
 
     def make_client() -> Any:
-        from nomyo.client import SecureChatCompletion
-
         return SecureChatCompletion(
             base_url=args.upstream, allow_http=args.allow_http, api_key=upstream_key,
             key_dir=args.key_dir, key_password=key_password, max_retries=args.max_retries,
