@@ -3,7 +3,6 @@ to end encrypted through our client to a secure-completion endpoint (docs/openai
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 from typing import Any
 
@@ -61,14 +60,6 @@ def register(sub: Any) -> None:
     proxy.set_defaults(run=run)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def _upstream_key(args: argparse.Namespace) -> str | None:
     if args.api_key_file:
@@ -91,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if not production.available():
         return _fail("nomyo proxy runs on granian, which is not installed: "
                      "pip install 'nomyo[server]'")
-    if not _is_loopback(args.host):
+    from nomyo.server.policy import is_loopback
+
+    if not is_loopback(args.host):
         if not args.allow_remote:
             return _fail(f"--host {args.host} is not loopback: add --allow-remote (and "
                          "--proxy-api-key-file)")

@@ -40,22 +40,29 @@ class _Base:
     def _route(self, request: httpx.Request, body: bytes) -> Reply | Call:
         return self.gateway.route(*_request_parts(request, body))
 
+    def _answer(self, call: Call, request: httpx.Request, answer: Any,
+                error: Exception | None) -> httpx.Response:
+        """The call's request is wiped either way; a failure reaches the SDK as an OpenAI
+        error body."""
+        call.wipe()
+        if error is not None:
+            return _response(failure(error), request)
+        return _response(self.gateway.finish(call, answer), request)
+
 
 class NomyoTransport(_Base, httpx.BaseTransport):
     """Synchronous transport for `httpx.Client` (and so `openai.OpenAI`)."""
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         routed = self._route(request, request.read())
-        if isinstance(routed, Call):
-            try:
-                answer = self.client.create_sync(**routed.arguments(),
-                                                 security_tier=self.security_tier)
-            except Exception as err:  # every failure reaches the SDK as an OpenAI error
-                routed.wipe()
-                return _response(failure(err), request)
-            routed.wipe()
-            routed = self.gateway.finish(routed, answer)
-        return _response(routed, request)
+        if not isinstance(routed, Call):
+            return _response(routed, request)
+        try:
+            answer = self.client.create_sync(**routed.arguments(),
+                                             security_tier=self.security_tier)
+        except Exception as err:  # every failure reaches the SDK as an OpenAI error
+            return self._answer(routed, request, None, err)
+        return self._answer(routed, request, answer, None)
 
 
 class AsyncNomyoTransport(_Base, httpx.AsyncBaseTransport):
@@ -63,13 +70,11 @@ class AsyncNomyoTransport(_Base, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         routed = self._route(request, await request.aread())
-        if isinstance(routed, Call):
-            try:
-                answer = await self.client.create(**routed.arguments(),
-                                                  security_tier=self.security_tier)
-            except Exception as err:  # every failure reaches the SDK as an OpenAI error
-                routed.wipe()
-                return _response(failure(err), request)
-            routed.wipe()
-            routed = self.gateway.finish(routed, answer)
-        return _response(routed, request)
+        if not isinstance(routed, Call):
+            return _response(routed, request)
+        try:
+            answer = await self.client.create(**routed.arguments(),
+                                              security_tier=self.security_tier)
+        except Exception as err:  # every failure reaches the SDK as an OpenAI error
+            return self._answer(routed, request, None, err)
+        return self._answer(routed, request, answer, None)

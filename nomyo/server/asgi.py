@@ -29,6 +29,7 @@ from nomyo.server.app import (
     error_response,
     parse_content_length,
 )
+from nomyo.server.policy import is_loopback
 
 logger = logging.getLogger("nomyo.server")
 
@@ -117,7 +118,7 @@ class AsgiApp:
 
     def _client_address(self, peer: str, headers: dict[str, str]) -> str:
         """The caller's address: the proxy's header when the peer is the local proxy."""
-        if self.client_address_header is None or not _is_loopback(peer):
+        if self.client_address_header is None or not is_loopback(peer):
             return peer
         value = headers.get(self.client_address_header, "").strip()
         try:
@@ -184,13 +185,6 @@ class AsgiApp:
                     "headers": headers})
         body = b"" if method == "HEAD" else response.body
         await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def _headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], int | None]:

@@ -9,7 +9,6 @@ itself and listens on loopback addresses only; anything reachable by others runs
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import ssl
 import threading
@@ -18,6 +17,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from nomyo.server.app import SecureCompletionApp
+from nomyo.server.policy import is_loopback
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -42,7 +42,7 @@ class LoopbackServer(ThreadingMixIn, WSGIServer):
         self, address: tuple[str, int], app: SecureCompletionApp, *,
         timeout: float = DEFAULT_TIMEOUT, ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        if not _is_loopback(address[0]):
+        if not is_loopback(address[0]):
             raise ValueError(
                 f"the embedded endpoint listens on loopback only, not {address[0]!r}; "
                 "use `nomyo serve` (pip install 'nomyo[server]') for anything else"
@@ -112,11 +112,3 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.load_cert_chain(cert_file, key_file)
     return context
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

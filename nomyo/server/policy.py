@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import math
 import os
@@ -187,3 +188,14 @@ class AuthThrottle:
             if len(self._buckets) >= self.max_clients:
                 del self._buckets[next(iter(self._buckets))]
             self._buckets[client] = (tokens, now)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback (what the dev server, the
+    proxy and the trusted-forwarder check accept without further proof)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
