@@ -5,6 +5,7 @@ keep working. Messages never carry plaintext, key material or API keys.
 """
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 _CLASS_DEFAULT: Any = object()
@@ -143,3 +144,12 @@ class APIConnectionError(NomyoError, ConnectionError):
 class APITimeoutError(APIConnectionError, TimeoutError):
     """The endpoint did not answer (or accept the connection) in time. A timed-out request
     that was sent is not retried: the endpoint may have processed it."""
+
+
+def origin_of(err: BaseException) -> str:
+    """`Type at file:line` where `err` was raised: all a log may say of an unexpected error,
+    whose message may quote request or answer data."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return type(err).__name__
+    return f"{type(err).__name__} at {frames[-1].filename}:{frames[-1].lineno}"

@@ -29,6 +29,7 @@ from nomyo.errors import (
     NomyoError,
     PackageError,
     SecurityError,
+    origin_of,
 )
 from nomyo.memory import secure_json, wipe_str_owned
 from nomyo.memory.scrub import wipe_tree
@@ -231,7 +232,8 @@ def failure(err: BaseException) -> Reply:
         return error_reply(400, str(err))
     if isinstance(err, NomyoError):
         return error_reply(500, f"{type(err).__name__}: {err}", code="internal_error")
-    logger.error("internal error while forwarding", exc_info=err)
+    # its message (and a traceback's locals) may quote the request: type and place only
+    logger.error("internal error while forwarding: %s", origin_of(err))
     return error_reply(500, f"internal error ({type(err).__name__})", code="internal_error")
 
 

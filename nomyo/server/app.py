@@ -15,14 +15,13 @@ import json
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from nomyo.errors import ChatRequestError, PackageError, SecurityError
+from nomyo.errors import ChatRequestError, PackageError, SecurityError, origin_of
 from nomyo.memory import get_memory_protection_info
 from nomyo.memory.scrub import wipe_tree
 from nomyo.memory.secure_json import SURROGATES_REFUSED
@@ -215,15 +214,8 @@ class SecureCompletionApp:
             return error_response(err.status, err.detail, err.headers, err.fields)
         except Exception as err:  # last resort: a 500, and a log line without the message
             # An exception's message may quote request data: log its type and place only.
-            where = traceback.extract_tb(err.__traceback__)[-1]
-            logger.error(
-                "internal error handling %s %s: %s at %s:%d",
-                _printable(method, 16),
-                _printable(path, 200),
-                type(err).__name__,
-                where.filename,
-                where.lineno,
-            )
+            logger.error("internal error handling %s %s: %s", _printable(method, 16),
+                         _printable(path, 200), origin_of(err))
             return error_response(500, "internal server error")
 
     def _admit(self, method: str, path: str, headers: Mapping[str, str], length: int | None,

@@ -166,3 +166,18 @@ def test_httpx_is_imported_only_by_the_transport():
         assert "httpx" in sys.modules
     """)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_an_unexpected_error_is_logged_by_type_and_place_never_by_message(caplog):
+    """Old: the gateway logged the whole exception, whose message may quote the prompt."""
+    from nomyo.openai.gateway import failure
+
+    try:
+        raise ValueError("patient record: SECRET-7f3a")
+    except ValueError as err:
+        with caplog.at_level("ERROR", logger="nomyo"):
+            reply = failure(err)
+    assert reply.status == 500 and b"SECRET" not in reply.body
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert "ValueError at " in logged and "test_proxy.py" in logged
+    assert "SECRET" not in logged and not any(r.exc_info for r in caplog.records)
