@@ -8,6 +8,7 @@ import io
 import pytest
 
 from nomyo import ServerError
+from nomyo.client.core import MAX_IDLE_WORKSPACES
 from nomyo.client.http_pools import MAX_HEADERS, read_header_block
 from tests.helpers import wait_until
 
@@ -52,7 +53,8 @@ def test_async_requests_return_their_workspaces_and_close_releases_them(chat):
     # each worker hands its workspace back after the answer went to the loop: wait for it
     wait_until(lambda: len(_idle(chat)) >= 1, seconds=10)
     kept = list(_idle(chat))
-    assert 1 <= len(kept) <= 4
+    # four ran, at most MAX_IDLE_WORKSPACES are kept (fewer when the burst ran one at a time)
+    assert 1 <= len(kept) <= MAX_IDLE_WORKSPACES
     chat.close()
     assert _idle(chat) == []
     assert all(not work._slots for work in kept)
