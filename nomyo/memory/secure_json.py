@@ -78,7 +78,14 @@ def dumps(obj: Any, alloc: Callable[[int], SecureBuffer] = SecureBuffer) -> Secu
         return _fallback_dumps(obj, alloc)
     pieces: list = []
     _collect(obj, pieces, 0)
-    total = sum(len(p) if type(p) is bytes else glue.json_quote_len(p) for p in pieces)
+    try:
+        total = sum(len(p) if type(p) is bytes else glue.json_quote_len(p) for p in pieces)
+    except ValueError as exc:  # the C writer's twin of the message below
+        if str(exc) != SURROGATES_REFUSED:
+            raise
+        total = None
+    if total is None:  # raised outside the except block, as _fallback_dumps does
+        raise SurrogatesRefused(SURROGATES_REFUSED)
     buf = alloc(total)
     try:
         with memoryview(buf) as out:
@@ -102,6 +109,11 @@ SURROGATES_REFUSED = ("JSON strings must not contain surrogates (U+D800 to U+DFF
                       "they have no UTF-8 form")  # = SURROGATES_REFUSED in csrc/pyobjects.c
 
 
+class SurrogatesRefused(ValueError):
+    """A str holds a surrogate, so the document has no UTF-8 form; the message names no part
+    of it. A server told this of a backend's answer answers 502, not 500."""
+
+
 def _fallback_dumps(obj: Any, alloc: Callable[[int], SecureBuffer]) -> SecureBuffer:
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     try:
@@ -109,7 +121,7 @@ def _fallback_dumps(obj: Any, alloc: Callable[[int], SecureBuffer]) -> SecureBuf
     except UnicodeEncodeError:  # its .object is the whole document: raised outside, below
         data = None
     if data is None:
-        raise ValueError(SURROGATES_REFUSED)
+        raise SurrogatesRefused(SURROGATES_REFUSED)
     buf = alloc(len(data))
     with memoryview(buf) as out:
         out[:] = data

@@ -24,7 +24,7 @@ from urllib.parse import unquote
 from nomyo.errors import ChatRequestError, PackageError, SecurityError, origin_of
 from nomyo.memory import get_memory_protection_info
 from nomyo.memory.scrub import wipe_tree
-from nomyo.memory.secure_json import SURROGATES_REFUSED
+from nomyo.memory.secure_json import SurrogatesRefused
 from nomyo.protocol import envelope, keys
 from nomyo.protocol.chat_request import check_chat_request
 from nomyo.protocol.constants import (
@@ -308,11 +308,9 @@ class SecureCompletionApp:
                 try:
                     sealed = envelope.seal_json(result, client_key, tag_layout=info.tag_layout,
                                                 processed_at=processed_at, workspace=work)
-                except ValueError as err:
+                except SurrogatesRefused:
                     # Only the backend's text can hold a surrogate (the request was opened
                     # from UTF-8, the metadata is ours): a bad answer, not our failure.
-                    if str(err) != SURROGATES_REFUSED:
-                        raise
                     raise HttpError(502, "the backend's answer holds text with no UTF-8 "
                                          "form (a lone surrogate)") from None
             finally:

@@ -176,8 +176,9 @@ def test_surrogates_are_refused_by_both_writers_alike():
     for doc in _SURROGATE_DOCUMENTS:
         with pytest.raises(ValueError) as err:
             secure_json.dumps(doc)
-        assert type(err.value) is ValueError
+        assert type(err.value) is secure_json.SurrogatesRefused  # a ValueError
         assert str(err.value) == secure_json.SURROGATES_REFUSED
+        assert err.value.__context__ is None and err.value.__cause__ is None
     proc = run_python("""
         import json
         from nomyo.memory import secure_json
@@ -192,7 +193,7 @@ def test_surrogates_are_refused_by_both_writers_alike():
                 print(json.dumps("accepted"))
     """, NOMYO_MEMORY_BACKEND="fallback")
     assert proc.returncode == 0, proc.stderr
-    expected = ["ValueError", secure_json.SURROGATES_REFUSED, True]
+    expected = ["SurrogatesRefused", secure_json.SURROGATES_REFUSED, True]
     assert [json.loads(line) for line in proc.stdout.splitlines()] == [expected] * 5
 
 
