@@ -297,6 +297,7 @@ int nm_set_dumpable(int value)
  * first (so nothing spilled later carries the secret), then zeroes a bounded stretch of the
  * stack below its caller. It runs at the end of every operation that touched a secret. */
 
+#include <malloc.h>
 #include <pthread.h>
 
 #define NM_SCRUB_STACK_MAX (256u * 1024u)  /* the most nm_scrub ever zeroes */
@@ -435,4 +436,69 @@ int nm_copy_scrub(void *dst, const void *src, size_t n, size_t stack_bytes)
     memcpy(dst, src, n);
     nm_scrub(stack_bytes);
     return 0;
+}
+
+/* cryptography's RSA decrypt builds its result in a modulus-sized calloc'd buffer and frees it
+ * unwiped once the Python bytes is made, leaving the AES key in freed heap until something
+ * reuses that block. glibc's free puts a block either into the thread's small last-in-
+ * first-out cache for its size class (tcache: 7 blocks; only the first 16 bytes are
+ * overwritten) or, when that is full (OpenSSL's own temporaries of the same size often fill
+ * it during the decrypt), into the arena's bins, out of our reach.
+ * - nm_rinse_begin turns on glibc's free-time fill (M_PERTURB) for the call: every block freed
+ *   into the bins is overwritten. It is process-wide, so a count of calls in progress keeps it
+ *   on until the last one ends; it is left alone when the user set it (MALLOC_PERTURB_ or a
+ *   glibc.malloc.perturb tunable), and the fill byte is not zero, which would turn it off.
+ * - nm_rinse_end takes back every block the thread's cache holds for the class (the result
+ *   buffer, when it went there, is the first), zeroes each and frees them.
+ * The blocks are freed heap either way: a rinse that misses (another allocator, a tuned cache
+ * depth) leaves things as they were, and security/test_client_residue.py measures it. */
+#define NM_RINSE_BLOCKS 8      /* glibc's default tcache depth (7) and one more */
+#define NM_PERTURB_FILL 0xa5   /* any non-zero byte */
+
+#if defined(M_PERTURB)
+static pthread_mutex_t rinse_lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned long rinse_calls;  /* calls between begin and end, under rinse_lock */
+
+static int user_set_perturb(void)
+{
+    const char *tunables = getenv("GLIBC_TUNABLES");
+    return getenv("MALLOC_PERTURB_") != NULL
+        || (tunables != NULL && strstr(tunables, "glibc.malloc.perturb") != NULL);
+}
+
+static void rinse_count(int delta)
+{
+    static int hands_off = -1;
+    pthread_mutex_lock(&rinse_lock);
+    if (hands_off < 0)
+        hands_off = user_set_perturb();
+    if (!hands_off) {
+        if (delta > 0 && rinse_calls++ == 0)
+            mallopt(M_PERTURB, NM_PERTURB_FILL);
+        else if (delta < 0 && rinse_calls > 0 && --rinse_calls == 0)
+            mallopt(M_PERTURB, 0);
+    }
+    pthread_mutex_unlock(&rinse_lock);
+}
+#else
+static void rinse_count(int delta) { (void)delta; }
+#endif
+
+void nm_rinse_begin(void)
+{
+    rinse_count(1);
+}
+
+void nm_rinse_end(size_t n)
+{
+    void *blocks[NM_RINSE_BLOCKS];
+    size_t i;
+    rinse_count(-1);
+    for (i = 0; i < NM_RINSE_BLOCKS; i++) {
+        blocks[i] = malloc(n);
+        if (blocks[i] != NULL)
+            nm_wipe(blocks[i], n);
+    }
+    while (i-- > 0)
+        free(blocks[i]);
 }

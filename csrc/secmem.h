@@ -55,6 +55,11 @@ const char *nm_build_version(void);  /* the nomyo version this was built for */
 size_t nm_scrub(size_t stack_bytes);
 /* memcpy(dst, src, n), then nm_scrub(stack_bytes): a secret's copy that leaves no residue. */
 int nm_copy_scrub(void *dst, const void *src, size_t n, size_t stack_bytes);
+/* Around a third-party call that mallocs an n-byte result buffer for a secret and frees it
+ * unwiped (cryptography's RSA decrypt): nm_rinse_begin before it, nm_rinse_end(n) after it,
+ * on the same thread. See secmem.c for how that reaches the freed buffer. */
+void nm_rinse_begin(void);
+void nm_rinse_end(size_t n);
 /* cdef-end */
 
 #endif

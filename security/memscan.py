@@ -83,3 +83,10 @@ def scan_process(pid: int, needles: Iterable[bytes]) -> dict[bytes, int]:
                 tail = data[-(longest - 1):] if longest > 1 else b""
                 pos += len(chunk)
     return counts
+
+
+def aes_windows(keys_: list[bytes]) -> dict[bytes, str]:
+    """16-byte windows (offsets 0, 8, 16) of every AES key, named by key: a freed block keeps
+    all but its first 16 bytes, so whole-key needles miss that residue; every window was too
+    slow for Python's regex on a whole process."""
+    return {key[at:at + 16]: f"AES key {i}" for i, key in enumerate(keys_) for at in (0, 8, 16)}

@@ -6,12 +6,13 @@ and pauses. The peer server recorded every request and response plaintext exactl
 on the wire inside the encryption, and every AES key of both directions; this test then reads
 the child's memory through /proc/<pid>/mem and requires that none of them is there: no copy of
 a plaintext in its JSON form (windows with JSON syntax and the per-request random token), no
-AES key. A positive control proves the scan sees ordinary heap memory. The child's locked
-memory (VmLck) must be back to its baseline, measured before the client was created, once the
-client is closed; between requests the client may hold only its idle workspaces (wiped, at
-most MAX_IDLE_WORKSPACES of small exchanges). An async request hands its answer over first and
-releases its wiped buffers just after, so the child waits (at most two seconds) for VmLck to
-settle: memory that leaked would never come back.
+16-byte window of an AES key (cryptography's freed RSA result buffer kept the last 16 bytes of
+about one key in 30 before nm_rinse). A positive control proves the scan sees ordinary heap
+memory. The child's locked memory (VmLck) must be back to its baseline, measured before the
+client was created, once the client is closed; between requests the client may hold only its
+idle workspaces (wiped, at most MAX_IDLE_WORKSPACES of small exchanges). An async request hands
+its answer over first and releases its wiped buffers just after, so the child waits (at most
+two seconds) for VmLck to settle: memory that leaked would never come back.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from security.memscan import scan_process
+from security.memscan import aes_windows, scan_process
 from tests.helpers import ROOT
 from tests.peer_server import PeerServer
 
@@ -120,8 +121,7 @@ def test_no_plaintext_or_aes_key_left_in_the_client_process():
             for i, plaintext in enumerate(peer.response_plaintexts):
                 for w in windows(plaintext, find_token(plaintext)):
                     needles[w] = f"response {i} plaintext (JSON form)"
-            for i, key in enumerate(peer.aes_keys):
-                needles[key] = f"AES key {i}"
+            needles.update(aes_windows(peer.aes_keys))
             control = first["control"].encode()
             counts = scan_process(child.pid, [*needles, control])
             child.stdin.write("close\n")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from security.memscan import CHUNK, any_of, readable_regions
+from security.memscan import CHUNK, aes_windows, any_of, readable_regions
 from tests.helpers import ROOT
 
 SEQUENTIAL, CONCURRENT, THREADS = 50, 64, 16
@@ -89,12 +89,6 @@ def key_windows(private_pem: bytes) -> dict[bytes, str]:
             for at in range(0, size - 31, 32):
                 needles[raw[at:at + 32]] = f"{name} ({order} endian)"
     return needles
-
-
-def aes_windows(keys_: list[bytes]) -> dict[bytes, str]:
-    """Both 16-byte halves of every AES key, named by key (cryptography's freed result buffer
-    keeps bytes 16-31; every window was too slow for Python's regex on a whole process)."""
-    return {key[at:at + 16]: f"AES key {i}" for i, key in enumerate(keys_) for at in (0, 8, 16)}
 
 
 def _protected_ranges(pid: int) -> list[tuple[int, int]]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -159,6 +161,22 @@ def copy_scrub(dst: memoryview, src: Any) -> None:
                                        view.nbytes, SCRUB_STACK_BYTES),
                     "secure copy failed")
 
+
+
+@contextmanager
+def heap_rinsed(result_bytes: int) -> Iterator[None]:
+    """Around a third-party call that leaves a secret in a freed `result_bytes` malloc block
+    (cryptography's RSA decrypt): freed heap is overwritten during the call and that size's
+    cached free blocks zeroed after it (nm_rinse_begin/end in csrc/secmem.c). Nothing is done
+    on the fallback backend."""
+    if _lib is None:
+        yield
+        return
+    _lib.nm_rinse_begin()
+    try:
+        yield
+    finally:
+        _lib.nm_rinse_end(result_bytes)
 
 # -- RSA private keys in OpenSSL's secure heap (nomyo._osslkey) --------------------------------
 # One mlocked, guarded, dump-excluded arena for every private key number OpenSSL allocates

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nomyo.errors import PackageError, SecurityError
 from nomyo.memory import SecureBuffer, adopt_bytes, secure_json, wipe_bytes_owned
-from nomyo.memory.binding import scrub
+from nomyo.memory.binding import heap_rinsed, scrub
 from nomyo.protocol import b64, keys
 from nomyo.protocol.constants import MAX_PACKAGE_BYTES, MAX_PLAINTEXT_BYTES
 from nomyo.protocol.workspace import FRESH, Workspace
@@ -224,7 +224,9 @@ def _rsa_decrypt(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
     """cryptography's ValueError from decrypt is its verdict on the wrapped key, the one error
     turned into an integrity failure; errors of ours after it (copying, wiping) are not."""
     try:
-        return private_key.decrypt(wrapped, _OAEP)
+        # its modulus-sized result buffer, the AES key at its start, is freed unwiped
+        with heap_rinsed(private_key.key_size // 8):
+            return private_key.decrypt(wrapped, _OAEP)
     except ValueError:
         raise SecurityError(AUTH_FAILED) from None
 
@@ -242,9 +244,9 @@ def _unwrap_key(wrapped: bytes, private_key: keys.PrivateKey, workspace: Workspa
             workspace.done(key)
             raise
     else:
-        # cryptography returns an immutable `bytes` (and leaves its modulus-sized result
-        # buffer in freed heap): handed over in a list (no local keeps it) to adopt_bytes,
-        # which moves it into secure memory and zeroes the original.
+        # cryptography returns an immutable `bytes` (its freed result buffer is rinsed in
+        # _rsa_decrypt): handed over in a list (no local keeps it) to adopt_bytes, which
+        # moves it into secure memory and zeroes the original.
         key = adopt_bytes([_rsa_decrypt(wrapped, private_key)], workspace.key)
         size = len(key)
     if size != AES_KEY_BYTES:
