@@ -256,7 +256,7 @@ class HttpBackend:
     def _call(
         self, method: str, path: str, body: Any, deadline: float,
         cancel: threading.Event | None,
-    ) -> tuple[int, dict[str, str], SecureBuffer]:
+    ) -> tuple[int, dict[str, str], SecureBuffer | None]:
         """`_exchange`, once more on a fresh connection when a kept-alive one turns out to
         have been closed by the backend before it answered (nothing was processed)."""
         reused = getattr(self._local, "conn", None) is not None
@@ -321,8 +321,11 @@ class HttpBackend:
                 finally:
                     response.close()  # read to the end: the connection may serve the next call
                 if fired:  # the watchdog cut the answer short: what we have is not it
-                    raw.close()
+                    if raw is not None:
+                        raw.close()
                     raise OSError("backend call cut off")
+                if raw is None and status == 200:
+                    raise BackendError(502, "backend answered 200 with an empty body")
                 if response.will_close:
                     self._drop(conn)
                 return status, reply_headers, raw
@@ -355,9 +358,9 @@ class HttpBackend:
         with secure_json.dumps(request) as body, memoryview(body) as view:
             status, headers, raw = self._call("POST", "/v1/chat/completions", view, deadline,
                                               cancel)
+        if status != 200:
+            raise _status_error(status, headers, raw)
         with raw:
-            if status != 200:
-                raise _status_error(status, headers, raw)
             try:
                 result = secure_json.loads(raw)
             except (ValueError, RecursionError):
@@ -374,7 +377,8 @@ class HttpBackend:
                                         None)
         except BackendError as err:
             return f"backend: {err.detail}"
-        raw.close()
+        if raw is not None:
+            raw.close()
         return None if status == 200 else f"backend: GET /v1/models answered HTTP {status}"
 
     def close(self) -> None:
@@ -385,18 +389,23 @@ class HttpBackend:
             conn.close()
 
 
-def _status_error(status: int, headers: dict[str, str], raw: SecureBuffer) -> BackendError:
+def _status_error(status: int, headers: dict[str, str], raw: SecureBuffer | None
+                  ) -> BackendError:
     """The error our caller gets for a backend's non-200 answer.
 
     A 4xx that is about the request (400, 404 unknown model, 413, 422, 429, ...) keeps its
     status and the machine fields of the OpenAI error object (`type`, `code`, `param`); the
     free-text `message`, which may quote the prompt, is dropped (docs/protocol.md). Other
-    answers after forwarding are 502, except a 503 that says when to retry."""
+    answers after forwarding are 502, except a 503 that says when to retry. The body (None
+    when empty) is closed here."""
     fields: dict[str, str] = {}
-    try:
-        obj = secure_json.loads(raw) if len(raw) else None
-    except (ValueError, RecursionError):
-        obj = None
+    obj = None
+    if raw is not None:
+        with raw:
+            try:
+                obj = secure_json.loads(raw)
+            except (ValueError, RecursionError):
+                obj = None
     error = obj.get("error") if isinstance(obj, dict) else None
     if isinstance(error, dict):
         for name in ("type", "code", "param"):
@@ -420,12 +429,13 @@ def _status_error(status: int, headers: dict[str, str], raw: SecureBuffer) -> Ba
     return BackendError(502, f"backend answered HTTP {status}")
 
 
-def _read_secure(response: http.client.HTTPResponse, limit: int) -> SecureBuffer:
+def _read_secure(response: http.client.HTTPResponse, limit: int) -> SecureBuffer | None:
     """Read the (plaintext) backend answer straight into secure memory with readinto: no
-    `bytes` of it is made. A Content-Length answer lands in one exact buffer; a chunked one
-    in a buffer that doubles (secure to secure, the old one wiped) and is cut to size. What
-    http.client's socket reader had buffered with the headers (up to 8 KiB of the answer's
-    start) stays in that reader's reused buffer until the connection closes."""
+    `bytes` of it is made; None for an empty body. A Content-Length answer lands in one exact
+    buffer; a chunked one in a buffer that doubles (secure to secure, the old one wiped) and
+    is cut to size. What http.client's socket reader had buffered with the headers (up to
+    8 KiB of the answer's start) stays in that reader's reused buffer until the connection
+    closes."""
     size = response.length  # None when chunked or read to EOF
     if size is not None and size > limit:
         raise BackendError(502, f"backend answer is larger than {limit} bytes")
@@ -448,6 +458,8 @@ def _read_secure(response: http.client.HTTPResponse, limit: int) -> SecureBuffer
             filled += n
         if filled > limit:
             raise BackendError(502, f"backend answer is larger than {limit} bytes")
+        if filled == 0:
+            return None
         if filled == len(buf):
             result, buf = buf, None
             return result

@@ -100,6 +100,15 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
         elif self.mode == "surrogate":  # valid JSON whose text has no UTF-8 form
             self._reply(200, b'{"choices": [{"index": 0, "finish_reason": "stop", "message": '
                              b'{"role": "assistant", "content": "half \\ud800 a pair"}}]}')
+        elif self.mode == "empty":
+            self._reply(200, b"")
+        elif self.mode == "empty_error":
+            self._reply(500, b"")
+        elif self.mode == "empty_chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"0\r\n\r\n")
         elif self.mode == "notchat":
             self._reply(200, b'{"echo": "to the backend"}')
         elif self.mode in ("stall_body", "cut_body"):
@@ -181,7 +190,8 @@ def test_forwards_to_openai_compatible_backend(fake_backend) -> None:
 @pytest.mark.parametrize(
     ("mode", "status"),
     [("error", 502), ("unavailable", 503), ("garbage", 502), ("slow", 504), ("nan", 502),
-     ("notchat", 502), ("stall_body", 504), ("cut_body", 502), ("surrogate", 502)],
+     ("notchat", 502), ("stall_body", 504), ("cut_body", 502), ("surrogate", 502),
+     ("empty", 502), ("empty_error", 502), ("empty_chunked", 502)],
 )
 def test_backend_failures_become_json_5xx(fake_backend, mode, status) -> None:
     _FakeOpenAI.mode = mode
