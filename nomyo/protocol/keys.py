@@ -12,6 +12,9 @@ import hashlib
 import logging
 import os
 import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +37,16 @@ Password = str | bytes | bytearray | memoryview | SecureBuffer | None
 
 class SecureRsaKey:
     """An RSA private key held by OpenSSL in its secure heap (nomyo._osslkey): d, p, q and the
-    CRT numbers never enter the ordinary heap, and neither does a decrypted key."""
+    CRT numbers never enter the ordinary heap, and neither does a decrypted key.
+
+    Its operations run in C without the GIL, so `close()` may come while another thread is
+    inside one: each operation holds a lease, and the last lease out frees the key."""
 
     def __init__(self, handle: Any) -> None:
         self._handle: Any = handle
+        self._lock = threading.Lock()
+        self._leases = 0
+        self._closing = False
         self.key_size = binding.rsa_bits(handle)
         self._public = serialization.load_der_public_key(binding.rsa_public_der(handle))
 
@@ -46,22 +55,45 @@ class SecureRsaKey:
 
     def decrypt_into(self, wrapped: Any, out: memoryview) -> int:
         """RSA-OAEP-SHA256 decrypt into `out`; the length, or negative when refused."""
-        return binding.rsa_decrypt_into(self._live(), wrapped, out)
+        with self._lease() as handle:
+            return binding.rsa_decrypt_into(handle, wrapped, out)
 
     def private_pem(self, password: memoryview | None) -> SecureBuffer:
         """PKCS#8 PEM (PBES2 AES-256-CBC with a password), in secure memory only."""
-        return binding.rsa_private_pem(self._live(), password, SecureBuffer)
+        with self._lease() as handle:
+            return binding.rsa_private_pem(handle, password, SecureBuffer)
 
     def close(self) -> None:
-        """Free the key now; OpenSSL clears its numbers."""
-        handle, self._handle = self._handle, None
+        """Free the key (OpenSSL clears its numbers): now, or when the last running
+        operation ends; no new one starts."""
+        with self._lock:
+            self._closing = True
+            handle = self._take_if_unused()
         if handle is not None:
             binding.rsa_release(handle)
 
-    def _live(self) -> Any:
-        if self._handle is None:
-            raise DisposedError("key pair is closed")
-        return self._handle
+    @contextmanager
+    def _lease(self) -> Iterator[Any]:
+        with self._lock:
+            if self._closing:
+                raise DisposedError("key pair is closed")
+            self._leases += 1
+            handle = self._handle
+        try:
+            yield handle
+        finally:
+            with self._lock:
+                self._leases -= 1
+                last = self._take_if_unused() if self._closing else None
+            if last is not None:
+                binding.rsa_release(last)
+
+    def _take_if_unused(self) -> Any:
+        """The handle to free once closing and no lease is out (under the lock), else None."""
+        if self._leases:
+            return None
+        handle, self._handle = self._handle, None
+        return handle
 
 
 PrivateKey = SecureRsaKey | rsa.RSAPrivateKey

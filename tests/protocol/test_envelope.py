@@ -309,6 +309,7 @@ def test_a_refused_wipe_of_the_unwrapped_key_surfaces_as_itself() -> None:
     class KeepsItsAnswers:
         def __init__(self, key: rsa.RSAPrivateKey) -> None:
             self.key, self.kept = key, []
+            self.key_size = key.key_size
 
         def decrypt(self, ciphertext: bytes, pad: object) -> bytes:
             plain = self.key.decrypt(ciphertext, pad)

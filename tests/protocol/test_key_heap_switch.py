@@ -70,3 +70,47 @@ def test_fail_closed_refuses_an_ordinary_heap_key_when_secure_keys_were_asked_fo
         NOMYO_REQUIRE_SECURE_MEMORY="1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("refused:") and "secure heap" in proc.stdout, proc.stdout
+
+
+def test_closing_a_key_while_other_threads_decrypt_never_frees_it_under_them():
+    """close() during decrypts in other threads: each decrypt either completes with the right
+    answer or is refused with DisposedError; the key is freed by the last user (before this,
+    OpenSSL freed it under a running decrypt: a use-after-free)."""
+    _osslkey_built()
+    proc = run_python("""
+        import threading, time
+        from nomyo.errors import DisposedError
+        from nomyo.protocol import envelope
+        from nomyo.protocol.keys import KeyPair
+        from tests.peer_server import seal_for
+        outcomes = {"opened": 0, "disposed": 0, "wrong": 0}
+        lock = threading.Lock()
+        for round_ in range(12):
+            pair = KeyPair.generate(2048)
+            package, _ = seal_for(pair.public_key, b'{"probe": 1}')
+            start = threading.Barrier(5)
+
+            def decrypt_many():
+                start.wait()
+                for _ in range(40):
+                    try:
+                        got = envelope.open_json(package, pair)[0]
+                        kind = "opened" if got == {"probe": 1} else "wrong"
+                    except DisposedError:
+                        kind = "disposed"
+                    with lock:
+                        outcomes[kind] += 1
+            threads = [threading.Thread(target=decrypt_many) for _ in range(4)]
+            for t in threads:
+                t.start()
+            start.wait()
+            time.sleep(0.0005 * round_)  # close while decrypts are inside OpenSSL
+            pair.close()
+            for t in threads:
+                t.join()
+        print(outcomes)
+    """, NOMYO_SECURE_PRIVATE_KEYS="1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcomes = eval(proc.stdout.strip().splitlines()[-1])  # a dict literal printed above
+    assert outcomes["wrong"] == 0 and outcomes["disposed"] > 0, outcomes
+    assert sum(outcomes.values()) == 12 * 4 * 40, outcomes
