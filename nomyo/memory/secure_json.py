@@ -176,18 +176,21 @@ def text_into(data: Any, span: Span, alloc: Callable[[int], SecureBuffer] = Secu
     glue = _glue("text_into")
     start, end, size = span
     buf = alloc(size)
+    error = None
     try:
         with memoryview(buf) as out:
             glue.json_unescape_into(data, start, end, out)
     except ValueError as exc:
-        buf.close()
-        if str(exc) == SURROGATES_REFUSED:
-            raise SurrogatesRefused(SURROGATES_REFUSED) from None
-        raise PackageError(f"not a string of this document: {exc}") from None
+        error = str(exc)
     except BaseException:
         buf.close()
         raise
-    return buf
+    if error is None:
+        return buf
+    buf.close()  # raised outside the except block, as dumps does: no exception chain
+    if error == SURROGATES_REFUSED:
+        raise SurrogatesRefused(SURROGATES_REFUSED)
+    raise PackageError(f"not a string of this document: {error}")
 
 
 def _glue(name: str) -> Any:

@@ -31,8 +31,8 @@ def test_b64(data: bytes) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", [targets.json_loads_target, targets.json_dumps_target],
-                         ids=["loads", "dumps"])
+@pytest.mark.parametrize("target", [targets.json_loads_target, targets.json_dumps_target,
+                                    targets.json_spans_target], ids=["loads", "dumps", "spans"])
 @_SETTINGS
 @given(data=st.binary(max_size=128) | _JSONISH)
 def test_json(target, data: bytes) -> None:
@@ -79,3 +79,13 @@ def test_json_loads_check_bites(monkeypatch) -> None:
     monkeypatch.setattr(targets.secure_json, "loads", lambda data: [1])
     with pytest.raises(AssertionError):
         targets.json_loads_target(b"[1.0]")
+
+
+def test_json_spans_check_bites(monkeypatch) -> None:
+    """A span reader whose size is off by one, or that builds a str, must fail the target."""
+    monkeypatch.setattr(targets.secure_json, "spans", lambda data: [(2, 3, 2)])
+    with pytest.raises(AssertionError):
+        targets.json_spans_target(b'["a"]')
+    monkeypatch.setattr(targets.secure_json, "spans", targets.secure_json.loads)
+    with pytest.raises(AssertionError):
+        targets.json_spans_target(b'["ab"]')
