@@ -8,6 +8,7 @@ fail closed unless it is really locked and excluded from dumps.
 """
 from __future__ import annotations
 
+import mmap
 from typing import Any
 
 from nomyo.memory import SecureBuffer
@@ -70,9 +71,10 @@ class Workspace:
 
     def hand_over(self, buf: SecureBuffer) -> SecureBuffer:
         """A secret of this workspace that the caller keeps for good (a secure answer): the
-        slot itself, forgotten here, when it is not much larger than the secret; else an
-        exact copy made in C, the slot wiped and kept. Its next plaintext gets a new slot."""
-        if buf.capacity > len(buf) + self.headroom:
+        slot itself, forgotten here, unless the slot's room beyond the secret is more than
+        the headroom and a page (a large request's slot, a small answer): then an exact copy
+        made in C, the slot wiped and kept. Its next plaintext gets a new slot."""
+        if buf.capacity - len(buf) > self.headroom + mmap.PAGESIZE:
             copy = SecureBuffer(len(buf), require=self.require)
             try:
                 with memoryview(copy) as dst, memoryview(buf) as src:
