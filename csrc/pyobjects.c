@@ -14,6 +14,9 @@
  * - decode_utf8: build a str from UTF-8 in a secure buffer in one exact allocation, so no
  *   partial copy is left behind in freed memory by a growing decoder.
  * - json_loads: parse JSON from a secure buffer with each str built the same way.
+ * - json_spans / json_unescape_into: the same reader leaving string values where they are
+ *   (their offsets instead of a str), and a string's unescaped text written into another
+ *   secure buffer: the secure answer's views (nomyo/client/secure_answer.py).
  */
 #define PY_SSIZE_T_CLEAN
 #ifndef NOMYO_BUILD_VERSION
@@ -639,6 +642,28 @@ json_quote_len(PyObject *module, PyObject *s)
     return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
+/* The UTF-8 form of c (never a surrogate: the callers refuse those). */
+static unsigned char *
+write_utf8(unsigned char *o, Py_UCS4 c)
+{
+    if (c < 0x80) {
+        *o++ = (unsigned char)c;
+    } else if (c < 0x800) {
+        *o++ = (unsigned char)(0xC0 | (c >> 6));
+        *o++ = (unsigned char)(0x80 | (c & 0x3F));
+    } else if (c < 0x10000) {
+        *o++ = (unsigned char)(0xE0 | (c >> 12));
+        *o++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
+        *o++ = (unsigned char)(0x80 | (c & 0x3F));
+    } else {
+        *o++ = (unsigned char)(0xF0 | (c >> 18));
+        *o++ = (unsigned char)(0x80 | ((c >> 12) & 0x3F));
+        *o++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
+        *o++ = (unsigned char)(0x80 | (c & 0x3F));
+    }
+    return o;
+}
+
 static unsigned char *
 write_escaped(unsigned char *o, Py_UCS4 c)
 {
@@ -657,22 +682,9 @@ write_escaped(unsigned char *o, Py_UCS4 c)
         *o++ = '\\'; *o++ = 'u';
         *o++ = hex[(c >> 12) & 0xF]; *o++ = hex[(c >> 8) & 0xF];
         *o++ = hex[(c >> 4) & 0xF]; *o++ = hex[c & 0xF];
-    } else if (c < 0x80) {
-        *o++ = (unsigned char)c;
-    } else if (c < 0x800) {
-        *o++ = (unsigned char)(0xC0 | (c >> 6));
-        *o++ = (unsigned char)(0x80 | (c & 0x3F));
-    } else if (c < 0x10000) {
-        *o++ = (unsigned char)(0xE0 | (c >> 12));
-        *o++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
-        *o++ = (unsigned char)(0x80 | (c & 0x3F));
-    } else {
-        *o++ = (unsigned char)(0xF0 | (c >> 18));
-        *o++ = (unsigned char)(0x80 | ((c >> 12) & 0x3F));
-        *o++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
-        *o++ = (unsigned char)(0x80 | (c & 0x3F));
+        return o;
     }
-    return o;
+    return write_utf8(o, c);
 }
 
 /* Latin-1 strings (the common case): copy runs that need no escaping in one memcpy. */
@@ -872,6 +884,7 @@ decode_utf8(PyObject *module, PyObject *arg)
 
 typedef struct {
     const unsigned char *start, *p, *end;
+    int spans;  /* json_spans: string values become (start, end, size), see json_span */
 } jreader;
 
 /* Zero the strings of a partly built value that nothing else references, then drop it. */
@@ -1075,6 +1088,26 @@ json_string(jreader *r)
     return s;
 }
 
+/* json_spans mode: the string value whose opening quote is at r->p, as (start, end, size):
+ * the byte offsets of its body between the quotes, and the UTF-8 length of its text once
+ * unescaped (a lone surrogate counted as its 3-byte form; json_unescape_into refuses it).
+ * No str is built: the text stays where it is, in the caller's buffer. */
+static PyObject *
+json_span(jreader *r)
+{
+    const unsigned char *body = r->p + 1, *q = body;
+    const char *what = NULL;
+    Py_ssize_t size = 0;
+    Py_UCS4 c = 0;
+    int k;
+    while ((k = json_str_next(&q, r->end, &c, &what)) == 1)
+        size += c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
+    r->p = q;
+    if (k < 0)
+        return json_error(r, PyExc_ValueError, what);
+    return Py_BuildValue("(nnn)", body - r->start, q - 1 - r->start, size);
+}
+
 static PyObject *
 json_number(jreader *r)
 {
@@ -1234,7 +1267,7 @@ json_value(jreader *r, int depth)
     case '[':
         return json_container(r, depth);
     case '"':
-        return json_string(r);
+        return r->spans ? json_span(r) : json_string(r);
     case 't':
         if (json_literal(r, "true"))
             Py_RETURN_TRUE;
@@ -1262,17 +1295,13 @@ json_value(jreader *r, int depth)
     return json_error(r, PyExc_ValueError, "Expecting value");
 }
 
-/* json_loads(buffer): the document's value. ValueError for malformed JSON, OverflowError
- * for a number out of range, RecursionError for nesting beyond JSON_MAX_DEPTH, RuntimeError
- * when the buffer changed under the parse; no message quotes the document. */
 static PyObject *
-json_loads(PyObject *module, PyObject *arg)
+json_parse(PyObject *arg, int spans)
 {
     Py_buffer in;
-    (void)module;
     if (PyObject_GetBuffer(arg, &in, PyBUF_SIMPLE) != 0)
         return NULL;
-    jreader r = {in.buf, in.buf, (const unsigned char *)in.buf + in.len};
+    jreader r = {in.buf, in.buf, (const unsigned char *)in.buf + in.len, spans};
     PyObject *value = json_value(&r, 0);
     if (value != NULL) {
         json_skip_ws(&r);
@@ -1285,6 +1314,77 @@ json_loads(PyObject *module, PyObject *arg)
     return value;
 }
 
+/* json_loads(buffer): the document's value. ValueError for malformed JSON, OverflowError
+ * for a number out of range, RecursionError for nesting beyond JSON_MAX_DEPTH, RuntimeError
+ * when the buffer changed under the parse; no message quotes the document. */
+static PyObject *
+json_loads(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    return json_parse(arg, 0);
+}
+
+/* json_spans(buffer): json_loads's value with every string value (not the object keys) as
+ * a (start, end, size) tuple, see json_span; the same checks and errors. */
+static PyObject *
+json_spans(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    return json_parse(arg, 1);
+}
+
+/* json_unescape_into(buffer, start, end, out) -> bytes written: the UTF-8 text of the JSON
+ * string body at buffer[start:end] (a span of json_spans), unescaped, written to the start
+ * of out. ValueError for a span that is not a string body, for an out too small, and
+ * (SURROGATES_REFUSED) for a lone surrogate escape, which has no UTF-8 form; RuntimeError
+ * when the buffer changed since it was parsed. On any error what was written is zeroed. */
+static PyObject *
+json_unescape_into(PyObject *module, PyObject *args)
+{
+    Py_buffer in, out;
+    Py_ssize_t start, end;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y*nnw*:json_unescape_into", &in, &start, &end, &out))
+        return NULL;
+    const unsigned char *base = in.buf;
+    unsigned char *o = out.buf, *o_end = o + out.len;
+    const char *what = NULL, *error = NULL;
+    PyObject *type = PyExc_ValueError;
+    if (start < 1 || end < start || end >= in.len || base[start - 1] != '"') {
+        error = "json_unescape_into: not a string span of this buffer";
+    } else {
+        const unsigned char *q = base + start;
+        Py_UCS4 c = 0;
+        int k;
+        while ((k = json_str_next(&q, base + in.len, &c, &what)) == 1) {
+            Py_ssize_t n = c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
+            if (c >= 0xD800 && c <= 0xDFFF) {
+                error = SURROGATES_REFUSED;
+                break;
+            }
+            if (o_end - o < n) {
+                error = "json_unescape_into: buffer too small";
+                break;
+            }
+            o = write_utf8(o, c);
+        }
+        if (error == NULL && (k < 0 || q != base + end + 1)) {
+            type = PyExc_RuntimeError;
+            error = "buffer changed since it was parsed";
+        }
+    }
+    Py_ssize_t written = o - (unsigned char *)out.buf;
+    if (error != NULL)
+        explicit_bzero(out.buf, (size_t)written);
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    if (error != NULL) {
+        PyErr_SetString(type, error);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(written);
+}
+
 static PyMethodDef module_methods[] = {
     {"wipe_bytes_owned", wipe_bytes_owned, METH_O,
      "Take the bytes out of a one-element list and zero it if that was its only reference."},
@@ -1294,6 +1394,9 @@ static PyMethodDef module_methods[] = {
     {"json_quote_into", json_quote_into, METH_VARARGS, "Write the JSON string form into a buffer."},
     {"decode_utf8", decode_utf8, METH_O, "Strict UTF-8 to str in one exact allocation."},
     {"json_loads", json_loads, METH_O, "Parse JSON from a buffer, each str built once."},
+    {"json_spans", json_spans, METH_O, "Parse JSON, string values as (start, end, size)."},
+    {"json_unescape_into", json_unescape_into, METH_VARARGS,
+     "Write a string span's unescaped UTF-8 text into a buffer."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,6 +21,7 @@ _EXPORTS = {
     "SecureMemoryUnavailable": "nomyo.errors",
     "PackageError": "nomyo.errors",
     "DisposedError": "nomyo.errors",
+    "AnswerFieldError": "nomyo.errors",
     "APIError": "nomyo.errors",
     "InvalidRequestError": "nomyo.errors",
     "ChatRequestError": "nomyo.errors",
@@ -45,6 +46,8 @@ _EXPORTS = {
     # client
     "SecureCompletionClient": "nomyo.client.core",
     "SecureChatCompletion": "nomyo.client.facade",
+    "SecureAnswer": "nomyo.client.secure_answer",
+    "SecureToolCall": "nomyo.client.secure_answer",
     # attestation
     "verify_tpm_attestation": "nomyo.attestation",
     "AttestationResult": "nomyo.attestation",

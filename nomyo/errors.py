@@ -41,7 +41,13 @@ class WipeRefusedError(NomyoError, ValueError):
 
 
 class DisposedError(NomyoError, RuntimeError):
-    """A client was used after `close()` / `dispose()`."""
+    """A client, or a secure answer, was used after `close()` / `dispose()`."""
+
+
+class AnswerFieldError(NomyoError, LookupError):
+    """A secure answer was asked for a field it does not have (a missing key, a choice out of
+    range) or for a view of a field that is not a string; the message names the field's
+    path, never its value."""
 
 
 class APIError(NomyoError):

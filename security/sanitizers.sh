@@ -21,7 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-python3}
 root=.venv-asan
-tests=(tests/memory tests/protocol/test_b64.py)
+# the secure answer's tests: its views of native buffers, released on close, GC and re-export
+tests=(tests/memory tests/protocol/test_b64.py tests/client/test_secure_answer.py)
 left_out="not test_wipe_owned_zeroes_the_data_its_caches_and_its_hash
  and not test_secret_is_absent_from_a_gcore_dump
  and not test_closed_buffer_leaves_no_residue_in_process_memory

@@ -92,11 +92,15 @@ def open_with(private_key: rsa.RSAPrivateKey, body: bytes) -> tuple[bytes, bytes
     return plaintext, key
 
 
-def echo_completion(request: dict[str, Any], payload_id: str, tier: str | None) -> dict[str, Any]:
-    """An OpenAI chat.completion answering with the last user message (tool call if tools)."""
+def echo_completion(request: dict[str, Any], payload_id: str, tier: str | None,
+                    reply: Any = None) -> dict[str, Any]:
+    """An OpenAI chat.completion answering with the last user message (tool call if tools),
+    or with what `reply(message)` makes of it."""
     messages = request.get("messages") or []
     last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
     content = last.get("content", "")
+    if reply is not None:
+        content = reply(content)
     message: dict[str, Any] = {"role": "assistant", "content": content}
     finish = "stop"
     if request.get("tools"):
@@ -139,6 +143,9 @@ class PeerServer:
         self.delay = 0.0  # seconds each POST is held before it is answered
         self.key_delay = 0.0  # seconds each public-key GET is held
         self.attestation: dict[str, Any] | None = None  # served as _metadata.tpm_attestation
+        # the answer's text made from the user's message instead of the echo (e.g. text the
+        # client never saw, for residue scans)
+        self.reply: Any = None
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -204,7 +211,7 @@ class PeerServer:
             raise ProtocolFault(400, "Streaming is not supported")
         if tier == "maximum" and str(request.get("model", "")).startswith("forbidden"):
             raise ProtocolFault(403, "Model not allowed for the requested security tier")
-        completion = echo_completion(request, payload_id, tier)
+        completion = echo_completion(request, payload_id, tier, self.reply)
         if self.attestation is not None:
             completion["_metadata"]["tpm_attestation"] = self.attestation
         answer = json.dumps(completion).encode()

@@ -25,6 +25,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nomyo.client.keyring import KeyRing
+from nomyo.client.secure_answer import SecureAnswer, require_span_reader
 from nomyo.client.transport import USE_DEFAULT, Prepared, RetryPolicy, Transport
 from nomyo.errors import (
     APIConnectionError,
@@ -369,10 +370,12 @@ class SecureCompletionClient:
         *,
         base_url: str | None = None,
         options: CallOptions = DEFAULT_OPTIONS,
-    ) -> dict[str, Any]:
+        secure_response: bool = False,
+    ) -> Any:
         """Encrypt, POST (with retries), decrypt, verify: the whole round trip in one worker
         trip, off the event loop. `options` (CallOptions.check) sets this call's timeout,
-        retries, extra headers and query.
+        retries, extra headers and query. The answer is a dict, or with `secure_response`
+        a SecureAnswer whose text stays in secure memory (the caller closes it).
 
         The answer is handed to the loop as soon as it is ready; the exchange's workspace,
         wiped by then, is unmapped afterwards in the worker, off the answer's path
@@ -382,8 +385,8 @@ class SecureCompletionClient:
         answer = loop.create_future()
         pool = self._pool()  # the one "closed?" of an async request: DisposedError once closed
         try:
-            pool.submit(self._exchange_for, loop, answer,
-                        payload, payload_id, api_key, security_tier, base_url, options)
+            pool.submit(self._exchange_for, loop, answer, payload, payload_id, api_key,
+                        security_tier, base_url, options, secure_response)
         except RuntimeError:  # the pool was shut down by a concurrent close()
             raise DisposedError("This client has been closed") from None
         return await answer
@@ -419,13 +422,14 @@ class SecureCompletionClient:
         *,
         base_url: str | None = None,
         options: CallOptions = DEFAULT_OPTIONS,
-    ) -> dict[str, Any]:
+        secure_response: bool = False,
+    ) -> Any:
         """Blocking `send_secure_request`; `base_url` overrides the endpoint for this call."""
         self._check_open()
         work, clean = self._workspaces.take(self._require_secure_memory or None), False
         try:
             response = self._exchange(work, payload, payload_id, api_key, security_tier,
-                                      base_url, options)
+                                      base_url, options, secure_response)
             clean = True
             return response
         finally:
@@ -444,6 +448,7 @@ class SecureCompletionClient:
             loop.call_soon_threadsafe(_settle, answer, *outcome)
         except RuntimeError:  # the caller's loop closed while the request ran
             logger.debug("event loop closed before the answer arrived")
+            _discard(outcome[0])
         try:
             self._workspaces.give(work, outcome[1] is None)
         except Exception:  # nobody awaits this any more: say it instead of dropping it
@@ -452,12 +457,15 @@ class SecureCompletionClient:
     def _exchange(
         self, work: Workspace, payload: dict[str, Any], payload_id: str,
         api_key: str | None, security_tier: str | None, base_url: str | None,
-        options: CallOptions = DEFAULT_OPTIONS,
-    ) -> dict[str, Any]:
+        options: CallOptions = DEFAULT_OPTIONS, secure_response: bool = False,
+    ) -> Any:
         """One round trip in `work`, whose slots are all wiped again when it returns: the
-        request's key and plaintext before any byte is sent, the answer's as it is parsed."""
+        request's key and plaintext before any byte is sent, the answer's as it is parsed
+        (or, `secure_response`, handed over to the SecureAnswer returned)."""
         check_security_tier(security_tier)
         check_chat_request(payload)
+        if secure_response:
+            require_span_reader()
         url = base_url.rstrip("/") if base_url else self.router_url
         headers = dict(options.headers) if options.headers else {}
         headers[PAYLOAD_ID_HEADER] = str(payload_id)
@@ -474,11 +482,16 @@ class SecureCompletionClient:
             if err.payload_id is None:
                 err.payload_id = str(payload_id)
             raise
+        opener = _open_secure_answer if secure_response else _open_response
         with self._keyring.lease() as pair:
             content = self._post_sealed(post, url, server_key, payload, pair, work, options)
-            response = _open_response(content, pair, str(payload_id), work)
+            response = opener(content, pair, str(payload_id), work)
         if self._attestation is not None:
-            self._attest(response, str(payload_id))
+            try:
+                self._attest(response, str(payload_id))
+            except BaseException:
+                _discard(response)
+                raise
         return response
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -601,19 +614,23 @@ class SecureCompletionClient:
         body = envelope.seal_json(payload, fresh.public_key, workspace=work)
         return self._transport.send(post, body, generated, **limits)
 
-    def _attest(self, response: dict[str, Any], payload_id: str) -> None:
+    def _attest(self, response: dict[str, Any] | SecureAnswer, payload_id: str) -> None:
         """Verify the TPM attestation into `_metadata.attestation_verification`; `require`
         refuses an unverified answer."""
         from nomyo.attestation import verify_tpm_attestation  # only clients that ask load it
 
-        metadata = response["_metadata"]
+        secure = isinstance(response, SecureAnswer)
+        metadata = response.metadata if secure else response["_metadata"]
         block = metadata.get("tpm_attestation")
         if isinstance(block, dict) and block.get("is_available"):
             result = verify_tpm_attestation(block, payload_id, expected_pcrs=self._expected_pcrs)
             verdict = result.to_dict()
         else:
             verdict = {"valid": False, "reasons": ["not_available"]}
-        metadata["attestation_verification"] = verdict
+        if secure:
+            response._note(attestation_verification=verdict)
+        else:
+            metadata["attestation_verification"] = verdict
         if self._attestation == "require" and not verdict["valid"]:
             raise SecurityError(
                 "TPM attestation required but not verified: " + ", ".join(verdict["reasons"])
@@ -629,6 +646,7 @@ def _quoted(public_pem: str) -> str:
 def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
     """Complete `future` on its loop, unless the awaiting task was cancelled meanwhile."""
     if future.done():
+        _discard(result)
         return
     if exc is not None:
         future.set_exception(exc)
@@ -642,6 +660,18 @@ def _server_could_not_open(err: InvalidRequestError) -> bool:
     return isinstance(detail, str) and "decrypt" in detail.lower()
 
 
+def _discard(result: Any) -> None:
+    """Close a SecureAnswer nobody will receive (a cancelled call, a closed loop)."""
+    if isinstance(result, SecureAnswer):
+        result.close()
+
+
+def _client_metadata(info: envelope.PackageInfo, payload_id: str) -> dict[str, Any]:
+    """The fields the client adds to an answer's `_metadata`."""
+    return {"payload_id": payload_id, "processed_at": info.processed_at, "is_encrypted": True,
+            "encryption_algorithm": info.algorithm}
+
+
 def _open_response(content: bytes, pair: keys.KeyPair, payload_id: str,
                    work: Workspace) -> dict[str, Any]:
     """Open and parse a response package; merge the client-side `_metadata` fields."""
@@ -651,13 +681,21 @@ def _open_response(content: bytes, pair: keys.KeyPair, payload_id: str,
     metadata = response.get("_metadata")
     if not isinstance(metadata, dict):
         metadata = response["_metadata"] = {}
-    metadata.update(
-        payload_id=payload_id,
-        processed_at=info.processed_at,
-        is_encrypted=True,
-        encryption_algorithm=info.algorithm,
-    )
+    metadata.update(_client_metadata(info, payload_id))
     return response
+
+
+def _open_secure_answer(content: bytes, pair: keys.KeyPair, payload_id: str,
+                        work: Workspace) -> SecureAnswer:
+    """Open a response package into a SecureAnswer, which keeps the plaintext buffer (the
+    workspace hands it over) and closes it."""
+    opened = envelope.open_package(content, pair, workspace=work)
+    try:
+        plaintext = work.hand_over(opened.plaintext)
+    except BaseException:
+        opened.close()
+        raise
+    return SecureAnswer(plaintext, _client_metadata(opened.info, payload_id))
 
 
 def _check_expected_pcrs(pcrs: Mapping[str, Mapping[Any, str]] | None,

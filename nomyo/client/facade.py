@@ -8,15 +8,20 @@ and which this one has no use for are refused with a TypeError rather than encry
 payload by mistake. `NOMYO_BASE_URL` and `NOMYO_API_KEY` stand in for arguments not given.
 Key generation starts when the object is built, so the first request does not pay for an
 RSA-4096 key on its critical path.
+
+`secure_response=True` (a per-call option, never sent) returns a `SecureAnswer` instead of the
+dict: the answer's text stays in secure memory, handed out as read-only views, until the
+caller closes it (nomyo/client/secure_answer.py).
 """
 from __future__ import annotations
 
 import os
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from nomyo.client.core import CallOptions, SecureCompletionClient
+from nomyo.client.secure_answer import SecureAnswer
 from nomyo.client.transport import USE_DEFAULT
 from nomyo.protocol.constants import DEFAULT_KEY_BITS, DEFAULT_TIMEOUT
 from nomyo.protocol.keys import Password
@@ -72,27 +77,43 @@ class SecureChatCompletion:
         self.api_key = api_key
         self.client.prepare_keys()
 
-    async def create(self, model: str, messages: list[dict[str, Any]], **kwargs: Any
-                     ) -> ChatCompletion:
-        """Create an encrypted chat completion; returns the response dict with `_metadata`."""
+    @overload
+    async def create(self, model: str, messages: list[dict[str, Any]], *,
+                     secure_response: Literal[True], **kwargs: Any) -> SecureAnswer: ...
+
+    @overload
+    async def create(self, model: str, messages: list[dict[str, Any]], *,
+                     secure_response: Literal[False] = ..., **kwargs: Any) -> ChatCompletion: ...
+
+    async def create(self, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        """Create an encrypted chat completion; returns the response dict with `_metadata`,
+        or with `secure_response=True` a SecureAnswer (close it, or use `with`)."""
         payload, options = self._prepare(model, messages, kwargs)
-        return await self.client.send_secure_request(  # type: ignore[return-value]
+        return await self.client.send_secure_request(
             payload, options["payload_id"], options["api_key"], options["security_tier"],
             base_url=options["base_url"], options=options["call"],
+            secure_response=options["secure_response"],
         )
 
-    async def acreate(self, model: str, messages: list[dict[str, Any]], **kwargs: Any
-                      ) -> ChatCompletion:
+    async def acreate(self, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
         """Alias of `create` (OpenAI naming)."""
         return await self.create(model, messages, **kwargs)
 
-    def create_sync(self, model: str, messages: list[dict[str, Any]], **kwargs: Any
-                    ) -> ChatCompletion:
+    @overload
+    def create_sync(self, model: str, messages: list[dict[str, Any]], *,
+                    secure_response: Literal[True], **kwargs: Any) -> SecureAnswer: ...
+
+    @overload
+    def create_sync(self, model: str, messages: list[dict[str, Any]], *,
+                    secure_response: Literal[False] = ..., **kwargs: Any) -> ChatCompletion: ...
+
+    def create_sync(self, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
         """Blocking `create` for synchronous code (no event loop needed)."""
         payload, options = self._prepare(model, messages, kwargs)
-        return self.client.send_secure_request_sync(  # type: ignore[return-value]
+        return self.client.send_secure_request_sync(
             payload, options["payload_id"], options["api_key"], options["security_tier"],
             base_url=options["base_url"], options=options["call"],
+            secure_response=options["secure_response"],
         )
 
     def close(self) -> None:
@@ -138,6 +159,9 @@ class SecureChatCompletion:
         """Split per-call options from the payload. The client checks tier, stream and
         closed state itself (the protocol's one chat-request check), before any work."""
         options: dict[str, Any] = {name: kwargs.pop(name, None) for name in _CALL_OPTIONS}
+        options["secure_response"] = kwargs.pop("secure_response", False)
+        if not isinstance(options["secure_response"], bool):
+            raise TypeError("secure_response must be True or False")
         transport = {name: kwargs.pop(name) for name in _TRANSPORT_OPTIONS if name in kwargs}
         extra_body = kwargs.pop("extra_body", None)
         if not isinstance(messages, list):  # a TypeError, as the published signature implies

@@ -144,13 +144,60 @@ def loads(data: Any) -> Any:
         if error is not None:
             raise PackageError(error)
         return value
+    return _native(glue.json_loads, data)
+
+
+def _native(reader: Callable[[Any], Any], data: Any) -> Any:
+    """A native reader's value; its errors as PackageError (they name a position only)."""
     try:
-        return glue.json_loads(data)
+        return reader(data)
     except RecursionError:
         error = "plaintext JSON is nested too deeply"
     except (ValueError, OverflowError) as exc:  # messages name a position, never the text
         error = f"plaintext is not valid JSON: {exc}"
     raise PackageError(error)
+
+
+Span = tuple[int, int, int]  # a string value left in place: body start, body end, text size
+
+
+def spans(data: Any) -> Any:
+    """Parse UTF-8 JSON from a buffer as `loads` does, except that each string value (object
+    keys excepted) is a Span, the offsets of its body in `data` and the UTF-8 size of its
+    unescaped text, instead of a str: no secret text leaves the buffer. Native helper only."""
+    return _native(_glue("spans").json_spans, data)
+
+
+def text_into(data: Any, span: Span, alloc: Callable[[int], SecureBuffer] = SecureBuffer
+              ) -> SecureBuffer:
+    """The unescaped UTF-8 text of a string Span of `data`, written in C into `alloc(size)`
+    (a new SecureBuffer by default, the caller's to close). SurrogatesRefused for a lone
+    surrogate escape (no UTF-8 form), PackageError when the span is not one of `data`."""
+    glue = _glue("text_into")
+    start, end, size = span
+    buf = alloc(size)
+    error = None
+    try:
+        with memoryview(buf) as out:
+            glue.json_unescape_into(data, start, end, out)
+    except ValueError as exc:
+        error = str(exc)
+    except BaseException:
+        buf.close()
+        raise
+    if error is None:
+        return buf
+    buf.close()  # raised outside the except block, as dumps does: no exception chain
+    if error == SURROGATES_REFUSED:
+        raise SurrogatesRefused(SURROGATES_REFUSED)
+    raise PackageError(f"not a string of this document: {error}")
+
+
+def _glue(name: str) -> Any:
+    glue = binding.pyobjects
+    if glue is None:
+        raise RuntimeError(f"secure_json.{name} needs the native helper (nomyo._pyobjects)")
+    return glue
 
 
 def _no_constant(name: str) -> Any:

@@ -8,9 +8,11 @@ fail closed unless it is really locked and excluded from dumps.
 """
 from __future__ import annotations
 
+import mmap
 from typing import Any
 
 from nomyo.memory import SecureBuffer
+from nomyo.memory.binding import copy_scrub
 
 ANSWER_HEADROOM = 4096  # see Workspace
 
@@ -66,6 +68,27 @@ class Workspace:
             buf.close()
         elif not buf.closed:
             buf.wipe()
+
+    def hand_over(self, buf: SecureBuffer) -> SecureBuffer:
+        """A secret of this workspace that the caller keeps for good (a secure answer): the
+        slot itself, forgotten here, unless the slot's room beyond the secret is more than
+        the headroom and a page (a large request's slot, a small answer): then an exact copy
+        made in C, the slot wiped and kept. Its next plaintext gets a new slot."""
+        if buf.capacity - len(buf) > self.headroom + mmap.PAGESIZE:
+            copy = SecureBuffer(len(buf), require=self.require)
+            try:
+                with memoryview(copy) as dst, memoryview(buf) as src:
+                    copy_scrub(dst, src)
+            except BaseException:
+                copy.close()
+                raise
+            finally:
+                self.done(buf)
+            return copy
+        for slot, held in list(self._slots.items()):
+            if held is buf:
+                del self._slots[slot]
+        return buf
 
     def close(self) -> None:
         """Wipe and release every slot."""

@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
     name, seconds = argv[1], argv[2]
     if name == "all":
         status = 0
-        for each in ("b64", "json_loads", "json_dumps", "envelope"):
+        for each in ("b64", "json_loads", "json_dumps", "json_spans", "envelope"):
             # one process each: atheris.Fuzz never returns
             rc = subprocess.call([sys.executable, "-m", "security.fuzz.run", each, seconds])
             status = status or rc

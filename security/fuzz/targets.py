@@ -10,6 +10,9 @@ a bounded number of examples), and by atheris, coverage-guided, for a bounded ti
 - json_loads / json_dumps: secure_json (its native reader, its writer) against the stdlib
   json (compact, UTF-8, NaN, infinities and out-of-range numbers refused, surrogates refused
   when writing).
+- json_spans: the span reader (what a SecureAnswer reads) against json.loads: each string
+  value's span, unescaped by json_unescape_into, is json.loads's str in UTF-8 (a lone
+  surrogate refused, its size counted as its 3-byte form), and both refuse the same documents.
 - envelope: open_package on mutations of valid packages: only PackageError or SecurityError.
 """
 from __future__ import annotations
@@ -104,6 +107,64 @@ def json_loads_target(data: bytes) -> None:
         f"secure_json.loads differs on {data!r}")
 
 
+_SURROGATE = "<lone surrogate: refused>"
+
+
+def _unescaped(data: bytes, node: Any) -> Any:
+    """The spans tree with every span replaced by its text, through json_unescape_into."""
+    from nomyo.memory import binding
+
+    if type(node) is tuple:
+        start, end, size = node
+        out = bytearray(size + 1)  # one byte spare: the writer must stop at `size`
+        try:
+            written = binding.pyobjects.json_unescape_into(data, start, end, out)
+        except ValueError as exc:
+            assert str(exc) == secure_json.SURROGATES_REFUSED, exc
+            assert not any(out), "json_unescape_into left text behind a refusal"
+            return _SURROGATE, size
+        assert written == size and out[size] == 0, f"wrote {written} of {size} bytes"
+        return out[:size].decode("utf-8"), size
+    if isinstance(node, dict):
+        return {k: _unescaped(data, v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unescaped(data, v) for v in node]
+    return node
+
+
+def _as_spans(value: Any) -> Any:
+    """json.loads's value in _unescaped's form: each str as (text, UTF-8 size)."""
+    if isinstance(value, str):
+        size = len(value.encode("utf-8", "surrogatepass"))
+        has_surrogate = any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+        return (_SURROGATE if has_surrogate else value), size
+    if isinstance(value, dict):
+        return {k: _as_spans(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_spans(v) for v in value]
+    return value
+
+
+def json_spans_target(data: bytes) -> None:
+    """secure_json.spans against json.loads (see the module docstring)."""
+    try:
+        expected = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant,
+                              parse_float=_finite_float)
+        ok = True
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        ok = False
+    try:
+        tree = secure_json.spans(data)
+    except PackageError:
+        assert not ok or _depth(expected) > secure_json.MAX_DEPTH, (
+            f"secure_json.spans refused what json accepts: {data!r}")
+        return
+    assert ok, f"secure_json.spans accepted what json refuses: {data!r}"
+    got = _unescaped(data, tree)
+    assert got == _as_spans(expected) and repr(got) == repr(_as_spans(expected)), (
+        f"secure_json.spans differs on {data!r}")
+
+
 def _has_nan(value: Any) -> bool:
     if isinstance(value, float):
         return not math.isfinite(value)
@@ -184,5 +245,6 @@ TARGETS = {
     "b64": b64_target,
     "json_loads": json_loads_target,
     "json_dumps": json_dumps_target,
+    "json_spans": json_spans_target,
     "envelope": envelope_target,
 }

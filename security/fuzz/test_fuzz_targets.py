@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nomyo.memory import binding
 from security.fuzz import targets
 
 EXAMPLES = int(os.environ.get("NOMYO_FUZZ_EXAMPLES", "300"))
@@ -19,6 +20,8 @@ _SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
                      suppress_health_check=[HealthCheck.too_slow])
 _B64ISH = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/= \n-_",
                   max_size=64).map(str.encode)
+_NEEDS_NATIVE = pytest.mark.skipif(binding.pyobjects is None,
+                                   reason="the span reader needs the native helper")
 _JSONISH = st.text(alphabet='{}[]":,0123456789.eE+-truefalsnul\\ \u00e9\u2028\ud800x',
                    max_size=64).map(lambda s: s.encode("utf-8", "surrogatepass"))
 
@@ -31,8 +34,9 @@ def test_b64(data: bytes) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", [targets.json_loads_target, targets.json_dumps_target],
-                         ids=["loads", "dumps"])
+@pytest.mark.parametrize("target", [
+    targets.json_loads_target, targets.json_dumps_target,
+    pytest.param(targets.json_spans_target, marks=_NEEDS_NATIVE)], ids=["loads", "dumps", "spans"])
 @_SETTINGS
 @given(data=st.binary(max_size=128) | _JSONISH)
 def test_json(target, data: bytes) -> None:
@@ -79,3 +83,14 @@ def test_json_loads_check_bites(monkeypatch) -> None:
     monkeypatch.setattr(targets.secure_json, "loads", lambda data: [1])
     with pytest.raises(AssertionError):
         targets.json_loads_target(b"[1.0]")
+
+
+@_NEEDS_NATIVE
+def test_json_spans_check_bites(monkeypatch) -> None:
+    """A span reader whose size is off by one, or that builds a str, must fail the target."""
+    monkeypatch.setattr(targets.secure_json, "spans", lambda data: [(2, 3, 2)])
+    with pytest.raises(AssertionError):
+        targets.json_spans_target(b'["a"]')
+    monkeypatch.setattr(targets.secure_json, "spans", targets.secure_json.loads)
+    with pytest.raises(AssertionError):
+        targets.json_spans_target(b'["ab"]')

@@ -143,3 +143,21 @@ def test_a_failed_server_key_fetch_names_the_request_payload_id(peer):
         with pytest.raises(APIConnectionError) as info:
             chat.create_sync("m", MESSAGES)
     assert info.value.payload_id  # the completion's id, though the GET carried none
+
+
+def test_secure_response_without_the_native_helper_is_refused_before_sending(peer):
+    """The fallback backend cannot read an answer in place: ConfigurationError, nothing sent."""
+    from tests.helpers import run_python
+
+    before = len(peer.received)
+    proc = run_python(f"""
+        from nomyo import SecureChatCompletion
+        from nomyo.errors import ConfigurationError
+        with SecureChatCompletion(base_url={peer.url!r}, allow_http=True, key_size=2048) as c:
+            try:
+                c.create_sync("m", [{{"role": "user", "content": "x"}}], secure_response=True)
+            except ConfigurationError as exc:
+                print("refused:", exc)
+    """, NOMYO_MEMORY_BACKEND="fallback", check=True)
+    assert "refused: secure_response=True needs the native helper" in proc.stdout
+    assert len(peer.received) == before

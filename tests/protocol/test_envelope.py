@@ -329,3 +329,30 @@ def _cryptography_key(role: str) -> object:
 
     return serialization.load_pem_private_key(
         vector_keys()[f"{role}_private_pem"].encode("ascii"), None)
+
+
+def test_hand_over_gives_the_slot_away_or_an_exact_copy_of_a_much_larger_one():
+    """A kept secret (a SecureAnswer's plaintext) leaves the workspace: the slot itself when
+    it fits the secret, else an exact copy made in C, the slot wiped and kept for reuse."""
+    from nomyo.protocol.workspace import Workspace
+
+    with Workspace() as work:
+        slot = work.plaintext(100)
+        with memoryview(slot) as v:
+            v[:] = b"s" * 100
+        kept = work.hand_over(slot)
+        assert kept is slot and work.plaintext(100) is not slot  # forgotten by the workspace
+        kept.close()
+        big = work.plaintext(20_000)
+        small = work.plaintext(10)  # refit: the 20 KB slot now holds 10 bytes
+        assert small is big
+        with memoryview(small) as v:
+            v[:] = b"0123456789"
+        copy = work.hand_over(small)
+        assert copy is not small and len(copy) == 10 and copy.capacity < small.capacity
+        with memoryview(copy) as v:
+            assert bytes(v) == b"0123456789"
+        with memoryview(small) as v:
+            assert bytes(v) == bytes(10)  # the slot was wiped
+        assert work.plaintext(10) is small  # and kept for reuse
+        copy.close()
