@@ -125,6 +125,8 @@ def echo_completion(request: dict[str, Any], payload_id: str, tier: str | None,
     }
 
 
+HOLD_LIMIT = 30.0  # seconds a held POST waits for the others at most
+
 class PeerServer:
     """The peer endpoint on a loopback ephemeral port, served from a background thread."""
 
@@ -148,7 +150,11 @@ class PeerServer:
         self.reply: Any = None
         self.in_flight = 0
         self.max_in_flight = 0
+        # POSTs wait until this many have been in flight at once (or HOLD_LIMIT seconds
+        # pass): a test of concurrency that counts, rather than races a delay
+        self.hold_until = 0
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self.rotate_key()
         # nodelay=False: the stock http.server behaviour (head and body in two sends, Nagle
         # on), which many real servers share and which a client must not stall on.
@@ -250,9 +256,12 @@ class PeerServer:
                 self._reply(200, {"Content-Type": "text/plain"}, peer.public_pem)
 
             def do_POST(self) -> None:
-                with peer._lock:
+                with peer._arrived:
                     peer.in_flight += 1
                     peer.max_in_flight = max(peer.max_in_flight, peer.in_flight)
+                    peer._arrived.notify_all()
+                    peer._arrived.wait_for(lambda: peer.max_in_flight >= peer.hold_until,
+                                           HOLD_LIMIT)
                 try:
                     self._post()
                 finally:
