@@ -7,7 +7,12 @@ import os
 from typing import Any
 
 from nomyo.cli.messages import password_from_env
-from nomyo.protocol.constants import DEFAULT_TIMEOUT, SECURITY_TIERS
+from nomyo.protocol.constants import (
+    DEFAULT_KEY_BITS,
+    DEFAULT_TIMEOUT,
+    GENERATE_KEY_BITS,
+    SECURITY_TIERS,
+)
 
 DEFAULT_PORT = 12435
 
@@ -50,6 +55,9 @@ def register(sub: Any) -> None:
                        "ephemeral)")
     proxy.add_argument("--key-password-env", metavar="VAR",
                        help="password of the --key-dir private key, from this variable")
+    proxy.add_argument("--key-size", type=int, choices=GENERATE_KEY_BITS,
+                       default=DEFAULT_KEY_BITS,
+                       help="bits of a generated client key pair (default %(default)s)")
     proxy.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT,
                        help="upstream timeout in seconds (default %(default)s)")
     proxy.add_argument("--max-retries", type=int, default=2)
@@ -110,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     def make_client() -> Any:
         return SecureChatCompletion(
             base_url=args.upstream, allow_http=args.allow_http, api_key=upstream_key,
-            key_dir=args.key_dir, key_password=key_password, max_retries=args.max_retries,
+            key_dir=args.key_dir, key_size=args.key_size, key_password=key_password,
+            max_retries=args.max_retries,
             timeout=args.timeout, ca_bundle=args.ca_bundle,
             server_key_fingerprint=args.server_key_fingerprint, attestation=args.attestation,
             require_secure_memory=args.require_secure_memory,
