@@ -6,16 +6,20 @@ import argparse
 import os
 from typing import Any
 
+from nomyo.cli.common import bind_check, configure_logging, fail, port_number, positive_float
 from nomyo.cli.messages import password_from_env
-from nomyo.protocol.constants import DEFAULT_TIMEOUT, SECURITY_TIERS
+from nomyo.protocol.constants import (
+    DEFAULT_KEY_BITS,
+    DEFAULT_TIMEOUT,
+    GENERATE_KEY_BITS,
+    SECURITY_TIERS,
+)
 
 DEFAULT_PORT = 12435
 
 
 def register(sub: Any) -> None:
     """Add `proxy` to the command's subparsers."""
-    from nomyo.cli.serve import _port, _positive_float
-
     proxy = sub.add_parser("proxy", help="serve the OpenAI API on loopback, forwarded end to "
                            "end encrypted", description=__doc__)
     proxy.add_argument("--upstream", required=True, metavar="URL",
@@ -23,7 +27,7 @@ def register(sub: Any) -> None:
     proxy.add_argument("--host", default="127.0.0.1",
                        help="listen address (default 127.0.0.1); any other needs "
                        "--allow-remote and --proxy-api-key-file")
-    proxy.add_argument("--port", type=_port, default=DEFAULT_PORT,
+    proxy.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                        help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
     proxy.add_argument("--allow-remote", action="store_true",
                        help="allow a non-loopback --host (plaintext reaches the proxy: put TLS "
@@ -50,7 +54,10 @@ def register(sub: Any) -> None:
                        "ephemeral)")
     proxy.add_argument("--key-password-env", metavar="VAR",
                        help="password of the --key-dir private key, from this variable")
-    proxy.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT,
+    proxy.add_argument("--key-size", type=int, choices=GENERATE_KEY_BITS,
+                       default=DEFAULT_KEY_BITS,
+                       help="bits of a generated client key pair (default %(default)s)")
+    proxy.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
                        help="upstream timeout in seconds (default %(default)s)")
     proxy.add_argument("--max-retries", type=int, default=2)
     proxy.add_argument("--require-secure-memory", action="store_true",
@@ -58,7 +65,6 @@ def register(sub: Any) -> None:
     proxy.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     proxy.set_defaults(run=run)
-
 
 
 def _upstream_key(args: argparse.Namespace) -> str | None:
@@ -73,24 +79,23 @@ def _upstream_key(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit status."""
-    from nomyo.cli.serve import _bind_check, _configure_logging, _fail
     from nomyo.errors import NomyoError
     from nomyo.memory import harden_process
     from nomyo.server import production
 
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     if not production.available():
-        return _fail("nomyo proxy runs on granian, which is not installed: "
-                     "pip install 'nomyo[server]'")
+        return fail("proxy", "nomyo proxy runs on granian, which is not installed: "
+                    "pip install 'nomyo[server]'")
     from nomyo.server.policy import is_loopback
 
     if not is_loopback(args.host):
         if not args.allow_remote:
-            return _fail(f"--host {args.host} is not loopback: add --allow-remote (and "
-                         "--proxy-api-key-file)")
+            return fail("proxy", f"--host {args.host} is not loopback: add --allow-remote "
+                        "(and --proxy-api-key-file)")
         if not args.proxy_api_key_file:
-            return _fail("--allow-remote needs --proxy-api-key-file: a proxy reachable from "
-                         "elsewhere must check its callers")
+            return fail("proxy", "--allow-remote needs --proxy-api-key-file: a proxy reachable "
+                        "from elsewhere must check its callers")
     harden_process()  # no core dumps, not dumpable: before any key or prompt exists
     try:
         # Imported here, before granian forks the worker: a worker that imported requests
@@ -103,14 +108,15 @@ def run(args: argparse.Namespace) -> int:
         keys = ApiKeys.from_file(args.proxy_api_key_file) if args.proxy_api_key_file else None
         upstream_key = _upstream_key(args)
         key_password = password_from_env(args.key_password_env)
-        port = _bind_check(args.host, args.port)
+        port = bind_check(args.host, args.port)
     except (NomyoError, ValueError, OSError) as err:
-        return _fail(err)
+        return fail("proxy", err)
 
     def make_client() -> Any:
         return SecureChatCompletion(
             base_url=args.upstream, allow_http=args.allow_http, api_key=upstream_key,
-            key_dir=args.key_dir, key_password=key_password, max_retries=args.max_retries,
+            key_dir=args.key_dir, key_size=args.key_size, key_password=key_password,
+            max_retries=args.max_retries,
             timeout=args.timeout, ca_bundle=args.ca_bundle,
             server_key_fingerprint=args.server_key_fingerprint, attestation=args.attestation,
             require_secure_memory=args.require_secure_memory,

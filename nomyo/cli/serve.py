@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shlex
-import socket
-import sys
-from collections.abc import Callable
 from typing import Any
 
-from nomyo.cli.parser import EXIT_USAGE, OneLineParser
+from nomyo.cli.common import (
+    bind_check,
+    configure_logging,
+    fail,
+    port_number,
+    positive_float,
+    positive_int,
+)
+from nomyo.cli.parser import OneLineParser
 from nomyo.errors import NomyoError
 from nomyo.protocol.constants import (
     DEFAULT_BACKEND_TIMEOUT,
@@ -26,26 +30,6 @@ DEFAULT_PORT = 12434
 DEFAULT_MAX_CONNECTIONS = 4096
 
 
-def _checked(convert: Callable[[str], Any], noun: str, valid: Callable[[Any], bool],
-             rule: str) -> Callable[[str], Any]:
-    """An argparse type: `convert` the text, then require `valid(value)`, else say `rule`."""
-    def check(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        if not valid(value):
-            raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
-        return value
-    return check
-
-
-_positive_float = _checked(float, "a number", lambda v: v > 0 and math.isfinite(v),
-                           "must be a positive number")
-_port = _checked(int, "a port number", lambda v: 0 <= v <= 65535, "port must be 0..65535")
-_positive_int = _checked(int, "a whole number", lambda v: v > 0, "must be positive")
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `nomyo serve` options to `parser`."""
     net = parser.add_argument_group("listening")
@@ -56,7 +40,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     net.add_argument(
         "--port",
-        type=_port,
+        type=port_number,
         default=DEFAULT_PORT,
         help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)",
     )
@@ -64,21 +48,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     net.add_argument(
         "--header-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=5.0,
         metavar="SECONDS",
         help="a request head, and keep-alive idling, must arrive within this (default 5)",
     )
     net.add_argument(
         "--body-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="SECONDS",
         help="a request body must arrive within this in total (default 30)",
     )
     net.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="server processes sharing the port and key (default 1); a worker that dies is "
@@ -86,14 +70,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     net.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=16,
         metavar="N",
         help="requests decrypted or waiting for the backend at once, per worker (default 16)",
     )
     net.add_argument(
         "--max-connections",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
         help=f"open connections per worker (default {DEFAULT_MAX_CONNECTIONS}); an idle one "
@@ -119,7 +103,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     inference.add_argument(
         "--backend-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_BACKEND_TIMEOUT,
         metavar="SECONDS",
         help="total deadline of one backend call; when it passes the backend connection is "
@@ -155,13 +139,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     policy.add_argument(
         "--rate-limit",
-        type=_positive_float,
+        type=positive_float,
         metavar="N",
         help="requests per second per API key (or client address)",
     )
     policy.add_argument(
         "--max-request-bytes",
-        type=_positive_int,
+        type=positive_int,
         metavar="BYTES",
         help="largest request body accepted (413 above; default fits 10 MiB of plaintext)",
     )
@@ -196,23 +180,23 @@ def run_serve(args: argparse.Namespace) -> int:
     from nomyo.server.asgi import AsgiApp
     from nomyo.server.factory import create_app
 
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     if not production.available():
-        return _fail("nomyo serve runs on granian, which is not installed: "
-                     "pip install 'nomyo[server]'")
+        return fail("serve", "nomyo serve runs on granian, which is not installed: "
+                    "pip install 'nomyo[server]'")
     harden_process()  # no core dumps, not dumpable: before any key exists
     _raise_open_files_limit(args.max_connections * args.workers + 256)
     if (args.tls_cert is None) != (args.tls_key is None):
-        return _fail("--tls-cert and --tls-key go together")
+        return fail("serve", "--tls-cert and --tls-key go together")
     if args.tls_key:
         try:
             _check_tls_key(args.tls_key)
         except (ValueError, OSError) as err:
-            return _fail(err)
+            return fail("serve", err)
     try:
-        port = _bind_check(args.host, args.port)  # a busy port is found before the key is made
+        port = bind_check(args.host, args.port)  # a busy port is found before the key is made
     except OSError as err:
-        return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+        return fail("serve", f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
     try:
         options: dict[str, Any] = {}
         if args.max_request_bytes is not None:
@@ -231,7 +215,7 @@ def run_serve(args: argparse.Namespace) -> int:
             **options,
         )
     except (NomyoError, ValueError, TypeError, OSError, ssl.SSLError) as err:
-        return _fail(err)
+        return fail("serve", err)
     problem = getattr(app.backend, "ready", lambda: None)()
     if problem:
         logging.getLogger("nomyo.server").warning(
@@ -298,14 +282,6 @@ def _raise_open_files_limit(wanted: int) -> None:
             resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
-def _bind_check(host: str, port: int) -> int:
-    """Bind `host:port` once (port 0: pick a free port) and return the port; OSError if busy."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, port))
-        return probe.getsockname()[1]
-
-
 def _attestor(tcti: str | None, pcrs: str) -> Any:
     if not tcti:
         return None
@@ -316,21 +292,6 @@ def _attestor(tcti: str | None, pcrs: str) -> Any:
             "--tpm needs nomyo.attestation.quote, which this installation does not have"
         ) from None
     return TpmQuoter(tcti, pcrs)
-
-
-def _configure_logging(level: str) -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("nomyo").setLevel(level)
-
-
-def _fail(err: object) -> int:
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if isinstance(err, OSError) and err.filename and err.strerror:
-        message = f"{err.filename}: {err.strerror}"
-    print(f"nomyo serve: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 _DESCRIPTION = (

@@ -91,6 +91,19 @@ def llama_server() -> tuple[subprocess.Popen, str]:
     raise AssertionError("llama.cpp server did not start")
 
 
+def reference(llama_url: str, body: dict) -> dict:
+    """llama.cpp's own answer to `body`, asked twice: the second answer is the reference.
+
+    llama.cpp reuses the cached prefix shared with the previous prompt, and a prompt continued
+    from that cache gives slightly different floats than one evaluated fresh (greedy answers
+    then differ). After the first ask the cache holds this very prompt, which is the state
+    every request compared with the reference then meets as well."""
+    for _ in range(2):
+        status, answer = post_json(llama_url, "/v1/chat/completions", body)
+        assert status == 200, answer
+    return answer
+
+
 def get_json(url: str, path: str) -> tuple[int, Any]:
     return _exchange(url, "GET", path, None)
 

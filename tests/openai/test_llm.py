@@ -39,38 +39,8 @@ CASES = {
 OVERFLOW = {"messages": [{"role": "user", "content": "word " * 2000}], "max_tokens": 5}
 
 
-@pytest.fixture(scope="module")
-def llm():
-    """(llama.cpp URL, nomyo serve URL, nomyo proxy URL), all real processes."""
-    procs = []
-    try:
-        llama, llama_url = stack.llama_server()
-        procs.append(llama)
-        server, server_url = stack.serve(llama_url)
-        procs.append(server)
-        proxy, proxy_url = stack.proxy(server_url)
-        procs.append(proxy)
-        yield llama_url, server_url, proxy_url
-    finally:
-        for proc in reversed(procs):
-            stack.stop(proc)
-
-
 def request(case: str) -> dict:
     return copy.deepcopy({"model": "smollm2", **BASE, **CASES[case]})
-
-
-def direct(llama_url: str, body: dict) -> dict:
-    """llama.cpp's own answer to `body`, asked twice: the second answer is the reference.
-
-    llama.cpp reuses the cached prefix shared with the previous prompt, and a prompt continued
-    from that cache gives slightly different floats than one evaluated fresh (greedy answers
-    then differ). After the first ask the cache holds this very prompt, which is the state
-    every request compared with the reference then meets as well."""
-    for _ in range(2):
-        status, answer = stack.post_json(llama_url, "/v1/chat/completions", copy.deepcopy(body))
-        assert status == 200, answer
-    return answer
 
 
 def comparable(answer: dict) -> dict:
@@ -94,7 +64,7 @@ def test_our_client_matches_llama_cpp(llm, case):
 
     llama_url, server_url, _ = llm
     body = request(case)
-    expected = direct(llama_url, copy.deepcopy(body))
+    expected = stack.reference(llama_url, copy.deepcopy(body))
     with SecureChatCompletion(base_url=server_url, allow_http=True, key_size=2048) as client:
         answer = client.create_sync(**body)
     assert answer["_metadata"]["is_encrypted"] is True
@@ -110,7 +80,7 @@ def test_our_client_matches_llama_cpp(llm, case):
 def test_openai_sdk_through_the_proxy_matches_llama_cpp(llm, case):
     llama_url, _, proxy_url = llm
     body = request(case)
-    expected = direct(llama_url, copy.deepcopy(body))
+    expected = stack.reference(llama_url, copy.deepcopy(body))
     sdk = openai.OpenAI(base_url=proxy_url, api_key="unused", max_retries=0)
     answer = sdk.chat.completions.create(**body)
     assert comparable(sdk_dump(answer)) == comparable(expected)
@@ -123,7 +93,7 @@ def test_openai_sdk_through_the_proxy_matches_llama_cpp(llm, case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_async_sdk_matches_llama_cpp(llm, case):
     llama_url, _, proxy_url = llm
-    expected = comparable(direct(llama_url, request(case)))
+    expected = comparable(stack.reference(llama_url, request(case)))
 
     async def main():
         async with openai.AsyncOpenAI(base_url=proxy_url, api_key="unused", max_retries=0) as sdk:
@@ -134,9 +104,9 @@ def test_async_sdk_matches_llama_cpp(llm, case):
 
 def test_16_at_once_match_llama_cpp(llm):
     # one case 16 times: llama.cpp takes them one by one, each after the same prompt (see
-    # `direct`), so each must equal the reference
+    # `stack.reference`), so each must equal the reference
     llama_url, _, proxy_url = llm
-    expected = comparable(direct(llama_url, request("length")))
+    expected = comparable(stack.reference(llama_url, request("length")))
 
     async def main():
         async with openai.AsyncOpenAI(base_url=proxy_url, api_key="unused", max_retries=0) as sdk:
@@ -154,7 +124,7 @@ def test_httpx_transport_matches_llama_cpp(llm, case):
     from nomyo.openai import AsyncNomyoTransport, NomyoTransport
 
     llama_url, server_url, _ = llm
-    expected = comparable(direct(llama_url, request(case)))
+    expected = comparable(stack.reference(llama_url, request(case)))
     with SecureChatCompletion(base_url=server_url, allow_http=True, key_size=2048) as client:
         sdk = openai.OpenAI(base_url="http://nomyo.invalid/v1", api_key="unused",
                             http_client=httpx.Client(transport=NomyoTransport(client)))
@@ -193,7 +163,7 @@ def test_context_overflow_is_a_400_with_the_backends_code_everywhere(llm):
 
 def test_stream_through_the_proxy_is_the_whole_answer_in_one_chunk(llm):
     llama_url, _, proxy_url = llm
-    expected = direct(llama_url, request("plain"))
+    expected = stack.reference(llama_url, request("plain"))
     sdk = openai.OpenAI(base_url=proxy_url, api_key="unused", max_retries=0)
     chunks = list(sdk.chat.completions.create(**request("plain"), stream=True,
                                               stream_options={"include_usage": True}))

@@ -130,6 +130,7 @@ def test_binding_beyond_loopback_needs_the_flag_and_a_key(extra):
                                       "--host", "0.0.0.0", *extra),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
+    assert proc.stderr.startswith("nomyo proxy: error: ")  # its own name, not serve's
     assert ("--allow-remote" if not extra else "--proxy-api-key-file") in proc.stderr
 
 
