@@ -56,10 +56,12 @@ size_t nm_scrub(size_t stack_bytes);
 /* memcpy(dst, src, n), then nm_scrub(stack_bytes): a secret's copy that leaves no residue. */
 int nm_copy_scrub(void *dst, const void *src, size_t n, size_t stack_bytes);
 /* Around a third-party call that mallocs an n-byte result buffer for a secret and frees it
- * unwiped (cryptography's RSA decrypt): nm_rinse_begin before it, nm_rinse_end(n) after it,
- * on the same thread. See secmem.c for how that reaches the freed buffer. */
-void nm_rinse_begin(void);
-void nm_rinse_end(size_t n);
+ * unwiped (cryptography's RSA decrypt): nm_rinse_begin(held, n) before it, nm_rinse_end(held,
+ * n) after it, on the same thread, `held` an array of NM_RINSE_BLOCKS pointers. See secmem.c. */
+#define NM_RINSE_BLOCKS 8
+#define NM_RINSE_DRAIN 16
+void nm_rinse_begin(void **held, size_t n);
+void nm_rinse_end(void **held, size_t n);
 /* cdef-end */
 
 #endif

@@ -6,13 +6,14 @@ and pauses. The peer server recorded every request and response plaintext exactl
 on the wire inside the encryption, and every AES key of both directions; this test then reads
 the child's memory through /proc/<pid>/mem and requires that none of them is there: no copy of
 a plaintext in its JSON form (windows with JSON syntax and the per-request random token), no
-16-byte window of an AES key (cryptography's freed RSA result buffer kept the last 16 bytes of
-about one key in 30 before nm_rinse). A positive control proves the scan sees ordinary heap
-memory. The child's locked memory (VmLck) must be back to its baseline, measured before the
-client was created, once the client is closed; between requests the client may hold only its
-idle workspaces (wiped, at most MAX_IDLE_WORKSPACES of small exchanges). An async request hands
-its answer over first and releases its wiped buffers just after, so the child waits (at most
-two seconds) for VmLck to settle: memory that leaked would never come back.
+16-byte window of an AES key (cryptography's freed RSA result buffer kept the last 16 bytes
+of 1 to 7 keys in 100 per run before binding.heap_rinsed). A positive control proves the
+scan sees ordinary heap memory. The child's locked memory (VmLck) must be back to its
+baseline, measured before the client was created, once the client is closed; between
+requests the client may hold only its idle workspaces (wiped, at most MAX_IDLE_WORKSPACES of
+small exchanges). An async request hands its answer over first and releases its wiped buffers
+just after, so the child waits (at most two seconds) for VmLck to settle: memory that leaked
+would never come back.
 """
 from __future__ import annotations
 

@@ -166,17 +166,18 @@ def copy_scrub(dst: memoryview, src: Any) -> None:
 @contextmanager
 def heap_rinsed(result_bytes: int) -> Iterator[None]:
     """Around a third-party call that leaves a secret in a freed `result_bytes` malloc block
-    (cryptography's RSA decrypt): freed heap is overwritten during the call and that size's
-    cached free blocks zeroed after it (nm_rinse_begin/end in csrc/secmem.c). Nothing is done
-    on the fallback backend."""
+    (cryptography's RSA decrypt): this thread's cached free blocks of that size are emptied
+    before the call and zeroed after it (nm_rinse_begin/end in csrc/secmem.c). Nothing is
+    done on the fallback backend."""
     if _lib is None:
         yield
         return
-    _lib.nm_rinse_begin()
+    held = _ffi.new("void *[]", _lib.NM_RINSE_BLOCKS)  # all NULL: an interrupted begin is safe
     try:
+        _lib.nm_rinse_begin(held, result_bytes)
         yield
     finally:
-        _lib.nm_rinse_end(result_bytes)
+        _lib.nm_rinse_end(held, result_bytes)
 
 # -- RSA private keys in OpenSSL's secure heap (nomyo._osslkey) --------------------------------
 # One mlocked, guarded, dump-excluded arena for every private key number OpenSSL allocates

@@ -273,8 +273,9 @@ class HttpBackend:
     def _exchange(
         self, method: str, path: str, body: Any, deadline: float,
         cancel: threading.Event | None,
-    ) -> tuple[int, dict[str, str], SecureBuffer]:
-        """One exchange within `deadline` (monotonic): (status, headers, body in secure memory).
+    ) -> tuple[int, dict[str, str], SecureBuffer | None]:
+        """One exchange within `deadline` (monotonic): (status, headers, body in secure memory,
+        None when empty).
 
         A watchdog shuts the socket down at the deadline or when `cancel` is set."""
         conn = self._connection()
@@ -324,8 +325,6 @@ class HttpBackend:
                     if raw is not None:
                         raw.close()
                     raise OSError("backend call cut off")
-                if raw is None and status == 200:
-                    raise BackendError(502, "backend answered 200 with an empty body")
                 if response.will_close:
                     self._drop(conn)
                 return status, reply_headers, raw
@@ -360,6 +359,8 @@ class HttpBackend:
                                               cancel)
         if status != 200:
             raise _status_error(status, headers, raw)
+        if raw is None:
+            raise BackendError(502, "backend answered 200 with an empty body")
         with raw:
             try:
                 result = secure_json.loads(raw)
@@ -416,7 +417,7 @@ def _status_error(status: int, headers: dict[str, str], raw: SecureBuffer | None
                 fields[name] = value
     wipe_tree(obj)
     retry_after = headers.get("retry-after", "")
-    wait = int(retry_after) if retry_after.isdigit() else None
+    wait = int(retry_after) if retry_after.isascii() and retry_after.isdigit() else None
     if status in _MIRRORED_4XX:
         named = ", ".join(f"{k}={v}" for k, v in fields.items())
         detail = f"backend refused the request: HTTP {status}" + (f" ({named})" if named else "")

@@ -88,7 +88,7 @@ def test_closing_a_key_while_other_threads_decrypt_never_frees_it_under_them():
         for round_ in range(12):
             pair = KeyPair.generate(2048)
             package, _ = seal_for(pair.public_key, b'{"probe": 1}')
-            start = threading.Barrier(5)
+            start = threading.Barrier(5, timeout=30)
 
             def decrypt_many():
                 start.wait()

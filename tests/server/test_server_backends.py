@@ -109,6 +109,12 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             self.wfile.write(b"0\r\n\r\n")
+        elif self.mode == "odd_retry":  # a digit that is not ASCII: int() refuses it
+            self.send_response(429)
+            self.send_header("Retry-After", "\u00b2")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
         elif self.mode == "notchat":
             self._reply(200, b'{"echo": "to the backend"}')
         elif self.mode in ("stall_body", "cut_body"):
@@ -191,7 +197,7 @@ def test_forwards_to_openai_compatible_backend(fake_backend) -> None:
     ("mode", "status"),
     [("error", 502), ("unavailable", 503), ("garbage", 502), ("slow", 504), ("nan", 502),
      ("notchat", 502), ("stall_body", 504), ("cut_body", 502), ("surrogate", 502),
-     ("empty", 502), ("empty_error", 502), ("empty_chunked", 502)],
+     ("empty", 502), ("empty_error", 502), ("empty_chunked", 502), ("odd_retry", 429)],
 )
 def test_backend_failures_become_json_5xx(fake_backend, mode, status) -> None:
     _FakeOpenAI.mode = mode
