@@ -77,9 +77,11 @@ class Hit:
     address: int
     mapping: str
     context: str  # hex of the 16 bytes before and after the run, for the report
+    pid: int = 0
 
     def __str__(self) -> str:
-        return (f"{self.label} [{self.form}] {self.characters} chars at {self.address:#x} "
+        return (f"{self.label} [{self.form}] {self.characters} chars at pid {self.pid} "
+                f"{self.address:#x} "
                 f"({self.mapping or 'anonymous'}) around {self.context}")
 
 
@@ -249,7 +251,7 @@ def _common(equal, limit: int) -> int:
     return good
 
 
-def _hits(matcher: _Matcher, read, name_of) -> list[Hit]:
+def _hits(matcher: _Matcher, read, name_of, pid: int) -> list[Hit]:
     """Merge the runs on each diagonal and keep those holding a whole window."""
     hits = []
     for number, diagonal, start, end in _merged(matcher.runs):
@@ -257,7 +259,7 @@ def _hits(matcher: _Matcher, read, name_of) -> list[Hit]:
         chars = secret.characters(start - diagonal, end - diagonal)
         if chars >= secret.window:
             hits.append(Hit(secret.label, secret.form, chars, start, name_of(start),
-                            read(start - 16, 16).hex() + "|" + read(end, 16).hex()))
+                            read(start - 16, 16).hex() + "|" + read(end, 16).hex(), pid))
     return hits
 
 
@@ -353,7 +355,7 @@ def scan_live(pid: int, needles: Needles) -> Scan:
                 if not buffer:
                     break
                 matcher.feed(buffer, pos)
-            found = _hits(matcher, read, regions.name_of)
+            found = _hits(matcher, read, regions.name_of, pid)
             (scan.secure if region.protected else scan.ordinary).extend(found)
     return scan
 
@@ -385,7 +387,7 @@ def scan_core(pid: int, needles: Needles, folder: str | os.PathLike) -> Scan:
                 for pos in range(0, filesz, CHUNK):
                     f.seek(offset + pos)
                     matcher.feed(f.read(min(CHUNK + OVERLAP, filesz - pos)), vaddr + pos)
-                scan.ordinary.extend(_hits(matcher, read, regions.name_of))
+                scan.ordinary.extend(_hits(matcher, read, regions.name_of, pid))
     finally:
         core.unlink()
     return scan
@@ -406,6 +408,22 @@ def _load_segments(f) -> list[tuple[int, int, int]]:
         if p_type == 1 and filesz:
             segments.append((vaddr, offset, filesz))
     return segments
+
+
+def family(pid: int) -> list[int]:
+    """pid and its descendants (a server's workers), parents first."""
+    found, i = [pid], 0
+    while i < len(found):
+        for task in Path(f"/proc/{found[i]}/task").iterdir():
+            children = (task / "children").read_text().split()
+            found += [int(c) for c in children if int(c) not in found]
+        i += 1
+    return found
+
+
+def merged(scans: list[Scan]) -> Scan:
+    """One Scan of several (the processes of one server)."""
+    return Scan([h for s in scans for h in s.ordinary], [h for s in scans for h in s.secure])
 
 
 @contextmanager

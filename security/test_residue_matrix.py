@@ -36,7 +36,18 @@ from typing import Any
 
 import pytest
 
-from security.residue import CONTROL, Needles, Scan, child_process, hear, say, scan_core, scan_live
+from security.residue import (
+    CONTROL,
+    Needles,
+    Scan,
+    child_process,
+    family,
+    hear,
+    merged,
+    say,
+    scan_core,
+    scan_live,
+)
 from security.residue_cases import CASES, CONCURRENCY, TOOLS, content, messages
 from tests.helpers import ROOT, child_env
 
@@ -158,8 +169,11 @@ def request_contents(needles: Needles, seed: str) -> dict[str, str]:
 
 
 def scan_both(pid: int, needles: Needles, folder: str) -> dict[str, Scan | None]:
-    return {"live": scan_live(pid, needles),
-            "core": scan_core(pid, needles, folder) if shutil.which("gcore") else None}
+    """Live and core scans of pid and its descendants (a server's workers)."""
+    pids = family(pid)
+    return {"live": merged([scan_live(p, needles) for p in pids]),
+            "core": merged([scan_core(p, needles, folder) for p in pids])
+            if shutil.which("gcore") else None}
 
 
 def label_of_answer(text: str, known: dict[str, str]) -> tuple[str, str]:
@@ -292,11 +306,12 @@ def server_run(folder: str, backend: str) -> dict[str, Any]:
                 needles.add_aes_key(f"any aes {i}", key)
             add_rsa(needles, vectors["server_private_pem"].encode(), None)
             scans = scan_both(served.proc.pid, needles, folder)
+            processes = len(family(served.proc.pid))
     finally:
         if backend_proc is not None:
             backend_proc.kill()
             backend_proc.wait()
-    return {"scans": scans, "statuses": statuses, "keys": len(aes)}
+    return {"scans": scans, "statuses": statuses, "keys": len(aes), "processes": processes}
 
 
 def _require_scanner() -> None:
@@ -325,9 +340,16 @@ def run_of(process: str) -> dict[str, Any]:
 
 PROCESSES = ("client", "server-echo", "server-http")
 # Known gap (SECURITY.md): OpenSSL's Montgomery contexts keep one ordinary-heap copy of p and
-# of q after the first private operation.
+# of q after the first private operation (in the client, and in the server's worker).
 MONTGOMERY = pytest.mark.xfail(strict=True, reason="p and q in OpenSSL's cached Montgomery "
                                "contexts (ordinary heap), SECURITY.md")
+# Finding (SECURITY.md): a forked `nomyo serve` worker inherits OpenSSL's secure-heap arena
+# without its mlock (locks are not inherited across fork): d, p and q sit in memory that is
+# dump-excluded (absent from the core) but not locked, so swappable; the live scan finds them.
+FORKED_WORKER = pytest.mark.xfail(strict=True, reason="server worker: secure-heap arena "
+                                  "inherited across fork without mlock (VmFlags dd, no lo)")
+SERVERS = [pytest.param(p, marks=FORKED_WORKER) if p.startswith("server") else p
+           for p in PROCESSES]
 
 
 def _report(scans: dict[str, Scan | None], prefix: str) -> dict[str, list[str]]:
@@ -358,7 +380,13 @@ def test_no_content_or_aes_key_of_a_case_is_left(process: str, case: str) -> Non
         assert run["ready"]["failures"] == [
             ["errors", i, name] for i, name in enumerate(
                 ("ServerError", "InvalidRequestError", "RateLimitError", "PackageError",
-                 "PackageError", "PackageError"))], run["ready"]
+                 "PackageError", "SecurityError"))], run["ready"]
+    else:
+        assert run["statuses"]["errors"] == (
+            [400, 400, 400, 200, 200, 400] if process == "server-echo"
+            else [400, 400, 400, 502, 502, 400]), run["statuses"]
+        assert {s for case, got in run["statuses"].items() if case != "errors"
+                for s in got} == {200}, run["statuses"]
     found = _report(run["scans"], f"{case} ")
     assert found == {}, f"residues of the {case} case in the {process} process: {found}"
 
@@ -370,7 +398,7 @@ def test_no_aes_key_window_is_left(process: str) -> None:
     assert found == {}, f"{run['keys']} AES keys; windows found: {found}"
 
 
-@pytest.mark.parametrize("process", PROCESSES)
+@pytest.mark.parametrize("process", SERVERS)
 def test_no_window_of_d_is_left(process: str) -> None:
     found = _report(run_of(process)["scans"], "rsa d")
     assert found == {}, found
