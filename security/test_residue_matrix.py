@@ -230,10 +230,13 @@ def client_run(folder: str) -> dict[str, Any]:
             needles.add_aes_key(f"{'errors' if i >= len(peer.aes_keys) else 'any'} aes {i}", key)
         add_rsa(needles, (keys / "private_key.pem").read_bytes(), PASSWORD.encode())
         wire = b"\n".join(peer.request_plaintexts)
+        unseen = [label for text, label in known.items()
+                  if not any(json.dumps(text, ensure_ascii=ascii_only)[1:-1].encode() in wire
+                             for ascii_only in (True, False))]
         scans = scan_both(child.pid, needles, folder)
         say(child, "exit")
         assert child.wait(timeout=60) == 0
-    return {"ready": ready, "scans": scans, "wire": wire, "seed": seed,
+    return {"ready": ready, "scans": scans, "unseen": unseen, "seed": seed,
             "keys": len(peer.aes_keys) + len(sealed)}
 
 
@@ -370,6 +373,11 @@ def test_positive_controls_are_found_live_and_in_the_core(process: str) -> None:
             continue
         heap = {h.label for h in scan.controls if h.mapping != "[stack]"}
         assert heap == {f"{CONTROL} aes", f"{CONTROL} rsa", f"{CONTROL} text"}, (where, heap)
+
+
+def test_the_needles_have_the_form_on_the_wire() -> None:
+    """Each request content's JSON form, as indexed, is what the client put in its package."""
+    assert run_of("client")["unseen"] == []
 
 
 @pytest.mark.parametrize("case", list(CASES))
