@@ -41,7 +41,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 CHUNK = 1 << 18
 OVERLAP = 256  # chunks overlap so that no word is cut; runs are merged across them
 MEMORY_STEP = 4
@@ -363,10 +362,7 @@ def scan_live(pid: int, needles: Needles) -> Scan:
 def scan_core(pid: int, needles: Needles, folder: str | os.PathLike) -> Scan:
     """Write a core of pid with gcore (which leaves dump-excluded memory out) and scan it."""
     regions = _Regions(pid)
-    prefix = os.path.join(folder, "core")
-    subprocess.run(["gcore", "-o", prefix, str(pid)], check=True, capture_output=True,
-                   timeout=300)
-    core = Path(f"{prefix}.{pid}")
+    core = write_core(pid, folder)
     scan = Scan()
     try:
         with core.open("rb") as f:
@@ -391,6 +387,14 @@ def scan_core(pid: int, needles: Needles, folder: str | os.PathLike) -> Scan:
     finally:
         core.unlink()
     return scan
+
+
+def write_core(pid: int, folder: str | os.PathLike) -> Path:
+    """A core of the running pid, written by gcore into folder (the caller deletes it)."""
+    prefix = os.path.join(folder, "core")
+    subprocess.run(["gcore", "-o", prefix, str(pid)], check=True, capture_output=True,
+                   timeout=300)
+    return Path(f"{prefix}.{pid}")
 
 
 def _load_segments(f) -> list[tuple[int, int, int]]:
