@@ -176,12 +176,13 @@ def scan_both(pid: int, needles: Needles, folder: str) -> dict[str, Scan | None]
             if shutil.which("gcore") else None}
 
 
-def label_of_answer(text: str, known: dict[str, str]) -> tuple[str, str]:
-    """(case label, request content) of an echoed answer text."""
-    for request, label in known.items():
-        if request in text or json.dumps(request)[1:-1] in text:
+def label_of_answer(text: str, known: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    """(case label, request content) of an echoed answer text; known maps each request
+    content to its label and its JSON-escaped form (a tool call's arguments carry that)."""
+    for request, (label, escaped) in known.items():
+        if request in text or escaped in text:
             return label, request
-    return "unknown 0", ""
+    raise AssertionError(f"an answer that echoes no request: {text[:40]!r}")
 
 
 def client_run(folder: str) -> dict[str, Any]:
@@ -221,9 +222,10 @@ def client_run(folder: str) -> dict[str, Any]:
         say(child, "go")
         ready = hear(child)
         known = request_contents(needles, seed)
+        escaped = {text: (label, json.dumps(text)[1:-1]) for text, label in known.items()}
         for plaintext in peer.response_plaintexts:
             for text in answer_texts(plaintext):
-                label, request = label_of_answer(text, known)
+                label, request = label_of_answer(text, escaped)
                 add_answer(needles, f"{label.split()[0]} answer {label.split()[1]}", text,
                            request)
         for i, key in enumerate(peer.aes_keys + sealed):
