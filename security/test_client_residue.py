@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from security.memscan import aes_windows, scan_process
+from security.residue import child_process, hear, say
 from tests.helpers import ROOT
 from tests.peer_server import PeerServer
 
@@ -105,36 +105,27 @@ def test_no_plaintext_or_aes_key_left_in_the_client_process():
     if not Path("/proc/self/mem").exists():
         pytest.skip("needs /proc/<pid>/mem (Linux procfs) to scan a process")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with PeerServer(record=True) as peer:
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, peer.url, str(REQUESTS),
-             ",".join(map(str, SIZES))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        try:
-            first = json.loads(child.stdout.readline())
-            ready = json.loads(child.stdout.readline())
-            assert ready.get("ready"), ready
-            assert len(peer.request_plaintexts) == REQUESTS
-            needles: dict[bytes, str] = {}
-            for i, plaintext in enumerate(peer.request_plaintexts):
-                for w in windows(plaintext, find_token(plaintext)):
-                    needles[w] = f"request {i} plaintext (JSON form)"
-            for i, plaintext in enumerate(peer.response_plaintexts):
-                for w in windows(plaintext, find_token(plaintext)):
-                    needles[w] = f"response {i} plaintext (JSON form)"
-            needles.update(aes_windows(peer.aes_keys))
-            control = first["control"].encode()
-            counts = scan_process(child.pid, [*needles, control])
-            child.stdin.write("close\n")
-            child.stdin.flush()
-            closed = json.loads(child.stdout.readline())
-            child.stdin.write("exit\n")
-            child.stdin.flush()
-            assert child.wait(timeout=60) == 0
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    with PeerServer(record=True) as peer, child_process(
+            [sys.executable, "-c", CHILD, peer.url, str(REQUESTS), ",".join(map(str, SIZES))],
+            env=env) as child:
+        first = hear(child)
+        ready = hear(child)
+        assert ready.get("ready"), ready
+        assert len(peer.request_plaintexts) == REQUESTS
+        needles: dict[bytes, str] = {}
+        for i, plaintext in enumerate(peer.request_plaintexts):
+            for w in windows(plaintext, find_token(plaintext)):
+                needles[w] = f"request {i} plaintext (JSON form)"
+        for i, plaintext in enumerate(peer.response_plaintexts):
+            for w in windows(plaintext, find_token(plaintext)):
+                needles[w] = f"response {i} plaintext (JSON form)"
+        needles.update(aes_windows(peer.aes_keys))
+        control = first["control"].encode()
+        counts = scan_process(child.pid, [*needles, control])
+        say(child, "close")
+        closed = hear(child)
+        say(child, "exit")
+        assert child.wait(timeout=60) == 0
     assert counts.pop(control) >= 1, "positive control not found: the scan did not work"
     found = sorted({needles[n] for n, c in counts.items() if c})
     assert found == [], f"residues in the client process: {found[:10]}"

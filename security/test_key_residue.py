@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from security.memscan import CHUNK, aes_windows, any_of, readable_regions
+from security.residue import child_process, hear, mappings, say, write_core
 from tests.helpers import ROOT
 
 SEQUENTIAL, CONCURRENT, THREADS = 50, 64, 16
@@ -91,21 +91,6 @@ def key_windows(private_pem: bytes) -> dict[bytes, str]:
     return needles
 
 
-def _protected_ranges(pid: int) -> list[tuple[int, int]]:
-    """Mappings both locked and excluded from dumps (VmFlags lo and dd)."""
-    ranges, current = [], None
-    with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as smaps:
-        for line in smaps:
-            head = line.split(maxsplit=1)[0]
-            if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head):
-                current = tuple(int(x, 16) for x in head.split("-"))
-            elif head == "VmFlags:" and current is not None:
-                flags = line.split()[1:]
-                if "lo" in flags and "dd" in flags:
-                    ranges.append(current)
-    return ranges
-
-
 def _count(pattern: re.Pattern, data: bytes, counts: dict[bytes, int], skip: int) -> None:
     for match in pattern.finditer(data):
         if match.end() > skip:
@@ -115,7 +100,7 @@ def _count(pattern: re.Pattern, data: bytes, counts: dict[bytes, int], skip: int
 def scan_live(pid: int, needles: list[bytes]) -> tuple[dict[bytes, int], dict[bytes, int]]:
     """(counts in ordinary memory, counts in locked dump-excluded memory) of a live process."""
     pattern = re.compile(any_of(needles))
-    protected = _protected_ranges(pid)
+    protected = {(m.start, m.end) for m in mappings(pid) if m.protected}
     ordinary: dict[bytes, int] = {}
     secure: dict[bytes, int] = {}
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
@@ -138,10 +123,7 @@ def scan_live(pid: int, needles: list[bytes]) -> tuple[dict[bytes, int], dict[by
 
 def scan_core(pid: int, needles: list[bytes], folder: str) -> dict[bytes, int]:
     """Counts in a core of the process written by gcore (which honours dump exclusion)."""
-    prefix = os.path.join(folder, "core")
-    subprocess.run(["gcore", "-o", prefix, str(pid)], check=True, capture_output=True,
-                   timeout=300)
-    core = Path(f"{prefix}.{pid}")
+    core = write_core(pid, folder)
     pattern = re.compile(any_of(needles))
     counts: dict[bytes, int] = {}
     try:
@@ -163,11 +145,9 @@ def run(mode: str) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "NOMYO_SECURE_PRIVATE_KEYS": "1" if mode == "native" else "0"}
     with tempfile.TemporaryDirectory() as folder:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, mode, folder, PASSWORD],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 env=env)
-        try:
-            kind = json.loads(child.stdout.readline())["kind"]
+        with child_process([sys.executable, "-c", CHILD, mode, folder, PASSWORD],
+                           env=env) as child:
+            kind = hear(child)["kind"]
             from cryptography.hazmat.primitives import serialization
 
             public = serialization.load_pem_public_key(
@@ -181,19 +161,13 @@ def run(mode: str) -> dict[str, object]:
             secrets_.update(aes_windows(aes_keys))
             controls = [next(iter(secrets_)), os.urandom(16)]
             secrets_[controls[1]] = "control"
-            child.stdin.write("end\n" + "".join(c.hex() + "\n" for c in controls) + "end\n")
-            child.stdin.flush()
-            assert json.loads(child.stdout.readline()).get("ready")
+            say(child, "end\n" + "".join(c.hex() + "\n" for c in controls) + "end")
+            assert hear(child).get("ready")
             needles = list(secrets_)
             ordinary, secure = scan_live(child.pid, needles)
             core = scan_core(child.pid, needles, folder) if shutil.which("gcore") else None
-            child.stdin.write("exit\n")
-            child.stdin.flush()
+            say(child, "exit")
             assert child.wait(timeout=60) == 0
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
 
     def hits(counts: dict[bytes, int] | None) -> dict[str, int] | None:
         if counts is None:

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from security.memscan import scan_process
+from security.residue import family
 from tests.server_fixtures import (
     COMPLETION,
     chat_request,
@@ -61,7 +62,12 @@ def test_no_plaintext_residue_in_server_memory(tools: bool) -> None:
                 )
         time.sleep(0.5)  # let the connection's worker thread finish and exit
         control = pem.splitlines()[1].encode()
-        counts = scan_process(proc.pid, [prefix.encode(), prefix.encode("utf-16-le"), control])
+        # the requests are served by the worker processes: scan each of them
+        counts = {}
+        for pid in family(proc.pid):
+            for needle, n in scan_process(pid, [prefix.encode(), prefix.encode("utf-16-le"),
+                                                control]).items():
+                counts[needle] = counts.get(needle, 0) + n
     finally:
         proc.terminate()
         proc.communicate(timeout=30)

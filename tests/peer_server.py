@@ -175,12 +175,15 @@ class PeerServer:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def inject(self, status: int, headers: dict[str, str] | None = None,
-               body: bytes | dict | None = None, times: int = 1) -> None:
-        """Answer the next `times` POSTs with this reply instead of processing them."""
+               body: bytes | dict | None = None, times: int = 1,
+               after_open: bool = False) -> None:
+        """Answer the next `times` POSTs with this reply instead of processing them;
+        after_open: open and record the request first (its plaintext and AES key)."""
         if isinstance(body, dict):
             body = json.dumps(body).encode()
         for _ in range(times):
-            self.faults.append((status, headers or {}, body if body is not None else b"{}"))
+            self.faults.append((status, headers or {}, body if body is not None else b"{}",
+                                after_open))
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -277,11 +280,16 @@ class PeerServer:
                 if urlsplit(self.path).path != "/v1/chat/secure_completion":
                     return self._reply(404, {}, b'{"detail": "Secure inference not enabled"}')
                 if peer.faults:
-                    fault = peer.faults.popleft()
+                    *fault, after_open = peer.faults.popleft()
                     if fault[0] == "drop":
                         self.close_connection = True
                         self.connection.shutdown(socket.SHUT_RDWR)
                         return None
+                    if after_open:
+                        plaintext, key = open_with(peer.private_key, body)
+                        with peer._lock:
+                            peer.request_plaintexts.append(plaintext)
+                            peer.aes_keys.append(key)
                     return self._reply(*fault)
                 try:
                     self._reply(*peer.handle_post(headers, body))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import logging
 import re
 import socket
@@ -242,6 +243,7 @@ class HttpBackend:
                 conn = http.client.HTTPConnection(
                     self._host, self._port, timeout=self.connect_timeout
                 )
+            conn.response_class = _DirectResponse
             self._local.conn = conn
             with self._lock:
                 self._connections.add(conn)
@@ -430,13 +432,44 @@ def _status_error(status: int, headers: dict[str, str], raw: SecureBuffer | None
     return BackendError(502, f"backend answered HTTP {status}")
 
 
+class _SocketReader(io.RawIOBase):
+    """http.client's response reader without a read buffer, so that no copy of an answer's
+    start stays in a buffer (http.client's own reader reads 8 KiB with the headers and keeps
+    them, found by security/test_residue_matrix.py). The head is read a byte at a time (a few
+    hundred recv calls); `readinto` fills the caller's buffer or reaches EOF, as the buffered
+    reader http.client expects does."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        with memoryview(buffer) as whole, whole.cast("B") as view:
+            filled = 0
+            while filled < len(view):
+                got = self._sock.recv_into(view[filled:])
+                if not got:
+                    break
+                filled += got
+            return filled
+
+
+class _DirectResponse(http.client.HTTPResponse):
+    """An HTTPResponse that reads through `_SocketReader`."""
+
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the buffered reader made by http.client, nothing read from it yet
+        self.fp = _SocketReader(sock)
+
+
 def _read_secure(response: http.client.HTTPResponse, limit: int) -> SecureBuffer | None:
     """Read the (plaintext) backend answer straight into secure memory with readinto: no
     `bytes` of it is made; None for an empty body. A Content-Length answer lands in one exact
     buffer; a chunked one in a buffer that doubles (secure to secure, the old one wiped) and
-    is cut to size. What http.client's socket reader had buffered with the headers (up to
-    8 KiB of the answer's start) stays in that reader's reused buffer until the connection
-    closes."""
+    is cut to size. The response reads the socket unbuffered (`_SocketReader`)."""
     size = response.length  # None when chunked or read to EOF
     if size is not None and size > limit:
         raise BackendError(502, f"backend answer is larger than {limit} bytes")
