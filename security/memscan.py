@@ -90,3 +90,24 @@ def aes_windows(keys_: list[bytes]) -> dict[bytes, str]:
     all but its first 16 bytes, so whole-key needles miss that residue; every window was too
     slow for Python's regex on a whole process."""
     return {key[at:at + 16]: f"AES key {i}" for i, key in enumerate(keys_) for at in (0, 8, 16)}
+
+
+# Helpers a residue test's child script starts with (after importing gc, json, sys, time):
+# its locked memory (VmLck), waiting for it to settle, and one JSON line per report.
+CHILD_HELPERS = """
+def vmlck():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmLck:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+def settled(target, within=2.0):
+    deadline = time.monotonic() + within
+    while (now := vmlck()) != target and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return now
+
+def say(**kw):
+    print(json.dumps(kw), flush=True)
+"""

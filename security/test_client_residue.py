@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from security.memscan import aes_windows, scan_process
+from security.memscan import CHILD_HELPERS, aes_windows, scan_process
 from security.residue import child_process, hear, say
 from tests.helpers import ROOT
 from tests.peer_server import PeerServer
@@ -34,22 +34,7 @@ SIZES = (40, 700, 5_000, 40_000, 300_000, 1_500_000)
 
 CHILD = r"""
 import asyncio, gc, json, secrets, sys, time
-
-def vmlck():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmLck:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-def settled(target, within=2.0):
-    deadline = time.monotonic() + within
-    while (now := vmlck()) != target and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return now
-
-def say(**kw):
-    print(json.dumps(kw), flush=True)
+""" + CHILD_HELPERS + r"""
 
 from nomyo import SecureChatCompletion
 url, count, sizes = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]

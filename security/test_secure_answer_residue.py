@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from security.memscan import scan_process
+from security.memscan import CHILD_HELPERS, scan_process
 from tests.helpers import ROOT
 from tests.peer_server import PeerServer
 
@@ -38,22 +38,7 @@ WINDOW = 24
 
 CHILD = r"""
 import asyncio, gc, json, sys, time
-
-def vmlck():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmLck:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-def settled(target, within=2.0):
-    deadline = time.monotonic() + within
-    while (now := vmlck()) != target and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return now
-
-def say(**kw):
-    print(json.dumps(kw), flush=True)
+""" + CHILD_HELPERS + r"""
 
 from nomyo import SecureChatCompletion
 url, count, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]

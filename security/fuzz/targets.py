@@ -85,16 +85,21 @@ def _depth(value: Any) -> int:
     return 0
 
 
+def _json_reference(data: bytes) -> tuple[bool, Any]:
+    """What json.loads makes of `data` with NaN, infinities and out-of-range numbers refused:
+    (True, value), or (False, None) when it refuses."""
+    try:
+        return True, json.loads(data.decode("utf-8"), parse_constant=_refuse_constant,
+                                parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False, None
+
+
 def json_loads_target(data: bytes) -> None:
     """The native reader (csrc/pyobjects.c json_loads) against json.loads with NaN,
     infinities and out-of-range numbers refused: equal values of equal types, or both refuse
     (deeper nesting than MAX_DEPTH is refused by the reader alone)."""
-    try:
-        expected = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant,
-                              parse_float=_finite_float)
-        ok = True
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        ok = False
+    ok, expected = _json_reference(data)
     try:
         got = secure_json.loads(data)
     except PackageError:
@@ -147,12 +152,7 @@ def _as_spans(value: Any) -> Any:
 
 def json_spans_target(data: bytes) -> None:
     """secure_json.spans against json.loads (see the module docstring)."""
-    try:
-        expected = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant,
-                              parse_float=_finite_float)
-        ok = True
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        ok = False
+    ok, expected = _json_reference(data)
     try:
         tree = secure_json.spans(data)
     except PackageError:
