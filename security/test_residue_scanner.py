@@ -21,6 +21,15 @@ sys.stdin.readline()
 """
 
 
+def _fenced(key: bytes, at: int, size: int) -> bytes:
+    """key[at:at + size] between two bytes that differ from the key's own neighbours of that
+    slice: planted bare, memory next to it (bytearray's trailing NUL, a header byte) matched the
+    key's next byte by chance in about one run in ten, and made a 15-byte slice a hit."""
+    around = {key[at - 1] if at > 0 else None, key[at + size] if at + size < len(key) else None}
+    fence = next(b for b in range(256) if b not in around)
+    return bytes([fence]) + key[at:at + size] + bytes([fence])
+
+
 def test_every_offset_and_form_is_found_and_nothing_shorter(tmp_path: Path) -> None:
     if not Path("/proc/self/mem").exists():
         pytest.skip("needs /proc/<pid>/mem (Linux procfs) to scan a process")
@@ -32,7 +41,7 @@ def test_every_offset_and_form_is_found_and_nothing_shorter(tmp_path: Path) -> N
         want.add(f"key {at}")
         short = os.urandom(32)
         needles.add_aes_key(f"short key {at}", short)
-        planted.append(short[at:at + 15])
+        planted.append(_fenced(short, at, 15))
     number = int.from_bytes(os.urandom(256), "big")
     needles.add_rsa_number("rsa", number)
     planted.append(number.to_bytes(256, "little")[37:69])
@@ -41,7 +50,8 @@ def test_every_offset_and_form_is_found_and_nothing_shorter(tmp_path: Path) -> N
     needles.add_content("text", text)
     for at, encoding in enumerate(("utf-8", "utf-16-le", "utf-32-le")):
         planted.append(text[at + 20:at + 44].encode(encoding))  # 24 characters
-    planted.append(text[30:53].encode("utf-16-le"))  # 23 characters: not a hit
+    # 23 characters, fenced by U+FFFF (not in the text): not a hit
+    planted.append(b"\xff\xff" + text[30:53].encode("utf-16-le") + b"\xff\xff")
     planted.append(text[25:50].encode("utf-8").replace(b"\n", b"\\n").replace(b'"', b'\\"'))
     want.add("text")
     with child_process([sys.executable, "-c", CHILD], env=child_env()) as child:
