@@ -43,18 +43,19 @@ def test_a_failed_exchange_does_not_keep_its_workspace(chat, peer):
     assert _idle(chat) == []
 
 
-def test_async_requests_return_their_workspaces_and_close_releases_them(chat):
+def test_async_requests_return_their_workspaces_and_close_releases_them(chat, peer):
     import asyncio
 
     async def burst():
         await asyncio.gather(*[chat.create("m", MESSAGES) for _ in range(4)])
 
+    peer.hold_until = 4  # all four in flight at once: four workspaces, none reused
     asyncio.run(burst())
     # each worker hands its workspace back after the answer went to the loop: wait for it
-    wait_until(lambda: len(_idle(chat)) >= 1, seconds=10)
+    wait_until(lambda: len(_idle(chat)) >= MAX_IDLE_WORKSPACES, seconds=10)
     kept = list(_idle(chat))
-    # four ran, at most MAX_IDLE_WORKSPACES are kept (fewer when the burst ran one at a time)
-    assert 1 <= len(kept) <= MAX_IDLE_WORKSPACES
+    # four were handed back, exactly the pool's cap is kept, the rest released
+    assert len(kept) == MAX_IDLE_WORKSPACES
     chat.close()
     assert _idle(chat) == []
     assert all(not work._slots for work in kept)
