@@ -42,7 +42,8 @@ ffi.cdef(_cdef_from_header(os.path.join(HERE, "secmem.h")))
 ffi.set_source(
     "nomyo._secmem",
     '#include "secmem.h"',
-    sources=[os.path.relpath(os.path.join(HERE, name)) for name in ("secmem.c", "wipe.c")],
+    sources=[os.path.relpath(os.path.join(HERE, name))
+             for name in ("secmem.c", "freewipe.c", "wipe.c")],
     include_dirs=[os.path.relpath(HERE)],
     define_macros=VERSION_MACROS + ([("NM_PORTABLE_GLIBC", "1")] if PORTABLE_GLIBC == "1" else []),
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-fstack-protector-strong"],

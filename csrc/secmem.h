@@ -55,13 +55,14 @@ const char *nm_build_version(void);  /* the nomyo version this was built for */
 size_t nm_scrub(size_t stack_bytes);
 /* memcpy(dst, src, n), then nm_scrub(stack_bytes): a secret's copy that leaves no residue. */
 int nm_copy_scrub(void *dst, const void *src, size_t n, size_t stack_bytes);
-/* Around a third-party call that mallocs an n-byte result buffer for a secret and frees it
- * unwiped (cryptography's RSA decrypt): nm_rinse_begin(held, n) before it, nm_rinse_end(held,
- * n) after it, on the same thread, `held` an array of NM_RINSE_BLOCKS pointers. See secmem.c. */
-#define NM_RINSE_BLOCKS 8
-#define NM_RINSE_DRAIN 16
-void nm_rinse_begin(void **held, size_t n);
-void nm_rinse_end(void **held, size_t n);
+/* Point the GOT slots for free and realloc of the loaded shared object at `path` (matched
+ * by device and inode) at nm_wiping_free / nm_wiping_realloc, so every block that object
+ * releases is zeroed first (freewipe.c). The number of slots changed (0 when already done),
+ * -ENOENT when the object is not loaded, -ENOTSUP on an architecture it does not know, or
+ * -errno of the failed stat or mprotect. */
+int nm_wipe_frees_of(const char *path);
+void nm_wiping_free(void *p);
+void *nm_wiping_realloc(void *p, size_t n);
 /* cdef-end */
 
 #endif

@@ -7,7 +7,7 @@ on the wire inside the encryption, and every AES key of both directions; this te
 the child's memory through /proc/<pid>/mem and requires that none of them is there: no copy of
 a plaintext in its JSON form (windows with JSON syntax and the per-request random token), no
 16-byte window of an AES key (cryptography's freed RSA result buffer kept the last 16 bytes
-of 1 to 7 keys in 100 per run before binding.heap_rinsed). A positive control proves the
+of 1 to 7 keys in 100 per run before nomyo.memory.foreign_frees). A positive control proves the
 scan sees ordinary heap memory. The child's locked memory (VmLck) must be back to its
 baseline, measured before the client was created, once the client is closed; between
 requests the client may hold only its idle workspaces (wiped, at most MAX_IDLE_WORKSPACES of

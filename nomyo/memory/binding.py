@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -163,21 +161,16 @@ def copy_scrub(dst: memoryview, src: Any) -> None:
 
 
 
-@contextmanager
-def heap_rinsed(result_bytes: int) -> Iterator[None]:
-    """Around a third-party call that leaves a secret in a freed `result_bytes` malloc block
-    (cryptography's RSA decrypt): this thread's cached free blocks of that size are emptied
-    before the call and zeroed after it (nm_rinse_begin/end in csrc/secmem.c). Nothing is
-    done on the fallback backend."""
+def wipe_frees_of(path: str) -> int:
+    """Make the loaded shared object at `path` zero every block it frees or moves with
+    realloc (nm_wipe_frees_of, csrc/freewipe.c): the GOT slots changed, 0 when already done.
+    OSError when it cannot (not loaded, an unknown architecture, mprotect refused)."""
     if _lib is None:
-        yield
-        return
-    held = _ffi.new("void *[]", _lib.NM_RINSE_BLOCKS)  # all NULL: an interrupted begin is safe
-    try:
-        _lib.nm_rinse_begin(held, result_bytes)
-        yield
-    finally:
-        _lib.nm_rinse_end(held, result_bytes)
+        raise OSError(f"needs the native backend ({FALLBACK_REASON})")
+    rc = int(_lib.nm_wipe_frees_of(os.fsencode(path)))
+    check_errno(min(rc, 0), f"cannot make {os.path.basename(path)} wipe what it frees")
+    return rc
+
 
 # -- RSA private keys in OpenSSL's secure heap (nomyo._osslkey) --------------------------------
 # One mlocked, guarded, dump-excluded arena for every private key number OpenSSL allocates

@@ -7,7 +7,7 @@ import sys
 from enum import Enum
 from typing import Any
 
-from nomyo.memory import binding, limits, settings
+from nomyo.memory import binding, foreign_frees, limits, settings
 
 log = logging.getLogger("nomyo.memory")
 
@@ -87,6 +87,9 @@ def get_memory_protection_info() -> dict[str, Any]:
         # (a cryptography object; private_key_heap says why)
         "private_key_storage": "openssl_secure_heap" if binding.RSA_NATIVE else "ordinary_heap",
         "private_key_heap": binding.secure_heap_info(),
+        # blocks cryptography's extension frees are zeroed first (its RSA decrypt result,
+        # the AES key, among them): {"module", "wiped", "reason" when not}
+        "third_party_frees_wiped": foreign_frees.report(),
     }
     if not native:
         report["fallback_reason"] = binding.FALLBACK_REASON

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nomyo.errors import PackageError, SecurityError
-from nomyo.memory import SecureBuffer, adopt_bytes, secure_json, wipe_bytes_owned
-from nomyo.memory.binding import heap_rinsed, scrub
+from nomyo.memory import SecureBuffer, adopt_bytes, foreign_frees, secure_json, wipe_bytes_owned
+from nomyo.memory.binding import scrub
 from nomyo.protocol import b64, keys
 from nomyo.protocol.constants import MAX_PACKAGE_BYTES, MAX_PLAINTEXT_BYTES
 from nomyo.protocol.workspace import FRESH, Workspace
@@ -54,6 +53,9 @@ _OAEP = padding.OAEP(
 )
 
 PublicKeyLike = rsa.RSAPublicKey | str | bytes
+
+# before any key is unwrapped: cryptography's RSA decrypt leaves it in a block it frees
+foreign_frees.wipe_cryptography_frees()
 
 
 @dataclass(frozen=True)
@@ -223,38 +225,13 @@ def _wrap_key(key_view: memoryview, public_key: rsa.RSAPublicKey) -> bytes:
 
 def _rsa_decrypt(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
     """cryptography's ValueError from decrypt is its verdict on the wrapped key, the one error
-    turned into an integrity failure; errors of ours after it (copying, wiping) are not."""
-    _absorb_blinding_setup(private_key)
+    turned into an integrity failure; errors of ours after it (copying, wiping) are not.
+    Its modulus-sized result buffer, the AES key at its start, is zeroed when freed
+    (nomyo.memory.foreign_frees)."""
     try:
-        # its modulus-sized result buffer, the AES key at its start, is freed unwiped
-        with heap_rinsed(private_key.key_size // 8):
-            return private_key.decrypt(wrapped, _OAEP)
+        return private_key.decrypt(wrapped, _OAEP)
     except ValueError:
         raise SecurityError(AUTH_FAILED) from None
-
-
-_blinding_uses = threading.local()
-# OpenSSL makes a key's blinding in a thread at its first private operation there and makes it
-# again every 32nd (BN_BLINDING_COUNTER): 30 and 23 allocations of the result buffer's size
-# against 13 otherwise (traced), enough to push that buffer out of the cache the rinse reaches.
-BLINDING_REFRESH = 32
-
-
-def _absorb_blinding_setup(private_key: rsa.RSAPrivateKey) -> None:
-    """Let the decrypts that set up blinding open a throwaway key of random bytes (no secret)
-    instead of a real one: one extra RSA decrypt in 32 per key and thread. Keys are told apart
-    by id(): a new key that reuses a freed one's id starts out of phase, which only makes a
-    residue likelier, and the rinse still runs."""
-    counts = getattr(_blinding_uses, "counts", None)
-    if counts is None:
-        counts = _blinding_uses.counts = {}
-    used = counts.get(id(private_key), 0)
-    if used % BLINDING_REFRESH == 0:
-        throwaway = private_key.public_key().encrypt(os.urandom(AES_KEY_BYTES), _OAEP)
-        with heap_rinsed(private_key.key_size // 8):
-            private_key.decrypt(throwaway, _OAEP)
-        used += 1
-    counts[id(private_key)] = used + 1  # the real decrypt, whatever its verdict
 
 
 def _unwrap_key(wrapped: bytes, private_key: keys.PrivateKey, workspace: Workspace
@@ -270,7 +247,7 @@ def _unwrap_key(wrapped: bytes, private_key: keys.PrivateKey, workspace: Workspa
             workspace.done(key)
             raise
     else:
-        # cryptography returns an immutable `bytes` (its freed result buffer is rinsed in
+        # cryptography returns an immutable `bytes` (its freed result buffer is zeroed, see
         # _rsa_decrypt): handed over in a list (no local keeps it) to adopt_bytes, which
         # moves it into secure memory and zeroes the original.
         key = adopt_bytes([_rsa_decrypt(wrapped, private_key)], workspace.key)
