@@ -6,7 +6,8 @@
  * symbols); nm_wipe_frees_of points those slots of that one object at the wrappers below,
  * so every block it releases is zeroed first, whatever the allocator's caching does. Nothing
  * else in the process changes: no allocator setting, no other object's slots.
- * x86-64 and AArch64 (ELF RELA); elsewhere it reports -ENOTSUP and patches nothing.
+ * The object is matched by its canonical path (realpath). x86-64 and AArch64 (ELF RELA);
+ * elsewhere it reports -ENOTSUP and patches nothing.
  */
 #define _GNU_SOURCE
 #include "secmem.h"
@@ -18,7 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "compat.h"
@@ -63,10 +63,9 @@ void *nm_wiping_realloc(void *p, size_t n)
 #ifdef NM_R_JUMP_SLOT
 
 struct target {
-    dev_t dev;
-    ino_t ino;
+    const char *path;  /* canonical (realpath) */
     int found;
-    int result;  /* slots patched, or -errno */
+    int result;        /* slots patched, or -errno */
 };
 
 /* Store fn in one GOT slot; the RELRO page it sits in is writable only for the store. */
@@ -159,9 +158,12 @@ static int visit(struct dl_phdr_info *info, size_t size, void *arg)
 {
     (void)size;
     struct target *t = arg;
-    struct stat st;
-    if (info->dlpi_name == NULL || info->dlpi_name[0] == '\0' || stat(info->dlpi_name, &st) != 0
-        || st.st_dev != t->dev || st.st_ino != t->ino)
+    if (info->dlpi_name == NULL || info->dlpi_name[0] == '\0')
+        return 0;
+    char *name = realpath(info->dlpi_name, NULL);
+    int same = name != NULL && strcmp(name, t->path) == 0;
+    free(name);
+    if (!same)
         return 0;
     t->found = 1;
     t->result = patch_object(info);
@@ -170,11 +172,14 @@ static int visit(struct dl_phdr_info *info, size_t size, void *arg)
 
 int nm_wipe_frees_of(const char *path)
 {
-    struct stat st;
-    if (stat(path, &st) != 0)
+    /* realpath rather than stat: glibc's stat is a GLIBC_2.33 symbol, past the portable
+     * wheels' 2.17 baseline (compat.h) */
+    char *canonical = realpath(path, NULL);
+    if (canonical == NULL)
         return -errno;
-    struct target t = {st.st_dev, st.st_ino, 0, 0};
+    struct target t = {canonical, 0, 0};
     dl_iterate_phdr(visit, &t);
+    free(canonical);
     return t.found ? t.result : -ENOENT;
 }
 

@@ -56,7 +56,7 @@ size_t nm_scrub(size_t stack_bytes);
 /* memcpy(dst, src, n), then nm_scrub(stack_bytes): a secret's copy that leaves no residue. */
 int nm_copy_scrub(void *dst, const void *src, size_t n, size_t stack_bytes);
 /* Point the GOT slots for free and realloc of the loaded shared object at `path` (matched
- * by device and inode) at nm_wiping_free / nm_wiping_realloc, so every block that object
+ * by canonical path) at nm_wiping_free / nm_wiping_realloc, so every block that object
  * releases is zeroed first (freewipe.c). The number of slots changed (0 when already done),
  * -ENOENT when the object is not loaded, -ENOTSUP on an architecture it does not know, or
  * -errno of the failed stat or mprotect. */
