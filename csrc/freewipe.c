@@ -5,7 +5,9 @@
  * free and realloc go through its GOT (GLOB_DAT and JUMP_SLOT relocations against libc's
  * symbols); nm_wipe_frees_of points those slots of that one object at the wrappers below,
  * so every block it releases is zeroed first, whatever the allocator's caching does. Nothing
- * else in the process changes: no allocator setting, no other object's slots.
+ * else in the process changes: no allocator setting, no other object's slots. Not covered: a
+ * copy of free's address the object took before the patch, and, in an object without
+ * BIND_NOW, a lazy PLT resolution racing the patch (cryptography's wheels are BIND_NOW).
  * The object is matched by its canonical path (realpath). x86-64 and AArch64 (ELF RELA);
  * elsewhere it reports -ENOTSUP and patches nothing.
  */
@@ -15,6 +17,7 @@
 #include <errno.h>
 #include <link.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,23 +68,29 @@ void *nm_wiping_realloc(void *p, size_t n)
 struct target {
     const char *path;  /* canonical (realpath) */
     int found;
-    int result;        /* slots patched, or -errno */
+    int result;        /* slots pointing at the wrappers, or -errno */
 };
 
-/* Store fn in one GOT slot; the RELRO page it sits in is writable only for the store. */
-static int patch_slot(void **slot, void *fn, uintptr_t relro_start, uintptr_t relro_end)
+/* The pages the loader made read-only after relocation: PT_GNU_RELRO with both ends rounded
+ * down to the page, as glibc's _dl_protect_relro and musl do. A last partial page stays
+ * writable (it holds .data), so a slot there is stored without mprotect. */
+struct relro {
+    uintptr_t start, end;
+};
+
+/* Point one GOT slot at fn; a read-only RELRO page is writable only for the store. */
+static int patch_slot(void **slot, void *fn, struct relro ro, uintptr_t page)
 {
     if (*slot == fn)
         return 0;
-    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     void *start = (void *)((uintptr_t)slot & ~(page - 1));
-    int relro = (uintptr_t)slot >= relro_start && (uintptr_t)slot < relro_end;
-    if (relro && mprotect(start, page, PROT_READ | PROT_WRITE) != 0)
+    int protect = (uintptr_t)slot >= ro.start && (uintptr_t)slot < ro.end;
+    if (protect && mprotect(start, page, PROT_READ | PROT_WRITE) != 0)
         return -errno;
     __atomic_store_n(slot, fn, __ATOMIC_SEQ_CST);
-    if (relro && mprotect(start, page, PROT_READ) != 0)
+    if (protect && mprotect(start, page, PROT_READ) != 0)
         return -errno;
-    return 1;
+    return 0;
 }
 
 /* A dynamic-section address: glibc relocates them in place, other loaders may not. */
@@ -91,10 +100,12 @@ static uintptr_t dyn_ptr(const ElfW(Dyn) *d, uintptr_t base)
     return p < base ? p + base : p;
 }
 
+/* Patch the free and realloc slots of one relocation table; *frees counts the free slots.
+ * The slots pointing at the wrappers afterwards, or -errno. */
 static int patch_table(const ElfW(Rela) *rela, size_t bytes, const ElfW(Sym) *symtab,
-                       const char *strtab, uintptr_t base, uintptr_t relro_start,
-                       uintptr_t relro_end)
+                       const char *strtab, uintptr_t base, struct relro ro, int *frees)
 {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     int patched = 0;
     for (size_t i = 0; rela != NULL && i < bytes / sizeof(*rela); i++) {
         unsigned long type = ELF64_R_TYPE(rela[i].r_info);
@@ -105,25 +116,27 @@ static int patch_table(const ElfW(Rela) *rela, size_t bytes, const ElfW(Sym) *sy
                    : strcmp(name, "realloc") == 0 ? (void *)nm_wiping_realloc : NULL;
         if (fn == NULL)
             continue;
-        int rc = patch_slot((void **)(base + rela[i].r_offset), fn, relro_start, relro_end);
+        int rc = patch_slot((void **)(base + rela[i].r_offset), fn, ro, page);
         if (rc < 0)
             return rc;
-        patched += rc;
+        patched++;
+        *frees += fn == (void *)nm_wiping_free;
     }
     return patched;
 }
 
 static int patch_object(const struct dl_phdr_info *info)
 {
-    uintptr_t base = (uintptr_t)info->dlpi_addr, relro_start = 0, relro_end = 0;
+    uintptr_t base = (uintptr_t)info->dlpi_addr, page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    struct relro ro = {0, 0};
     const ElfW(Dyn) *dyn = NULL;
     for (int i = 0; i < info->dlpi_phnum; i++) {
         const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
         if (ph->p_type == PT_DYNAMIC)
             dyn = (const ElfW(Dyn) *)(base + ph->p_vaddr);
         else if (ph->p_type == PT_GNU_RELRO) {
-            relro_start = base + ph->p_vaddr;
-            relro_end = relro_start + ph->p_memsz;
+            ro.start = (base + ph->p_vaddr) & ~(page - 1);
+            ro.end = (base + ph->p_vaddr + ph->p_memsz) & ~(page - 1);
         }
     }
     if (dyn == NULL)
@@ -147,11 +160,16 @@ static int patch_object(const struct dl_phdr_info *info)
     }
     if (symtab == NULL || strtab == NULL || pltrel != DT_RELA)
         return -ENOEXEC;
-    int a = patch_table(rela, rela_bytes, symtab, strtab, base, relro_start, relro_end);
+    int frees = 0;
+    int a = patch_table(rela, rela_bytes, symtab, strtab, base, ro, &frees);
     if (a < 0)
         return a;
-    int b = patch_table(jmprel, jmprel_bytes, symtab, strtab, base, relro_start, relro_end);
-    return b < 0 ? b : a + b;
+    int b = patch_table(jmprel, jmprel_bytes, symtab, strtab, base, ro, &frees);
+    if (b < 0)
+        return b;
+    /* no free slot: the object frees some other way (a static allocator, a pointer in data),
+     * so nothing it frees would be wiped */
+    return frees > 0 ? a + b : -ENOSYS;
 }
 
 static int visit(struct dl_phdr_info *info, size_t size, void *arg)
@@ -170,6 +188,8 @@ static int visit(struct dl_phdr_info *info, size_t size, void *arg)
     return 1;
 }
 
+static pthread_mutex_t patch_lock = PTHREAD_MUTEX_INITIALIZER;
+
 int nm_wipe_frees_of(const char *path)
 {
     /* realpath rather than stat: glibc's stat is a GLIBC_2.33 symbol, past the portable
@@ -178,7 +198,9 @@ int nm_wipe_frees_of(const char *path)
     if (canonical == NULL)
         return -errno;
     struct target t = {canonical, 0, 0};
+    pthread_mutex_lock(&patch_lock);  /* two callers must not interleave their mprotects */
     dl_iterate_phdr(visit, &t);
+    pthread_mutex_unlock(&patch_lock);
     free(canonical);
     return t.found ? t.result : -ENOENT;
 }

@@ -57,9 +57,9 @@ size_t nm_scrub(size_t stack_bytes);
 int nm_copy_scrub(void *dst, const void *src, size_t n, size_t stack_bytes);
 /* Point the GOT slots for free and realloc of the loaded shared object at `path` (matched
  * by canonical path) at nm_wiping_free / nm_wiping_realloc, so every block that object
- * releases is zeroed first (freewipe.c). The number of slots changed (0 when already done),
- * -ENOENT when the object is not loaded, -ENOTSUP on an architecture it does not know, or
- * -errno of the failed stat or mprotect. */
+ * releases is zeroed first (freewipe.c); safe to call again. The number of slots pointing at
+ * the wrappers, -ENOENT when the object is not loaded, -ENOSYS when it has no free slot,
+ * -ENOTSUP on an architecture it does not know, or -errno of a failed realpath or mprotect. */
 int nm_wipe_frees_of(const char *path);
 void nm_wiping_free(void *p);
 void *nm_wiping_realloc(void *p, size_t n);

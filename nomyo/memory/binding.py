@@ -163,12 +163,15 @@ def copy_scrub(dst: memoryview, src: Any) -> None:
 
 def wipe_frees_of(path: str) -> int:
     """Make the loaded shared object at `path` zero every block it frees or moves with
-    realloc (nm_wipe_frees_of, csrc/freewipe.c): the GOT slots changed, 0 when already done.
-    OSError when it cannot (not loaded, an unknown architecture, mprotect refused)."""
+    realloc (nm_wipe_frees_of, csrc/freewipe.c); safe to call again. The GOT slots pointing
+    at the wrappers. OSError (every failure, ENOMEM too) when it cannot: not loaded, no free
+    slot, an unknown architecture, mprotect refused."""
     if _lib is None:
         raise OSError(f"needs the native backend ({FALLBACK_REASON})")
     rc = int(_lib.nm_wipe_frees_of(os.fsencode(path)))
-    check_errno(min(rc, 0), f"cannot make {os.path.basename(path)} wipe what it frees")
+    if rc < 0:
+        raise OSError(-rc, f"cannot make {os.path.basename(path)} wipe what it frees: "
+                      f"{os.strerror(-rc)}")
     return rc
 
 

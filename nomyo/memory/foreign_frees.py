@@ -27,7 +27,10 @@ def wipe_cryptography_frees() -> bool:
         state: dict[str, Any] = {"module": f"cryptography {cryptography.__version__} "
                                  "(its _rust extension)", "wiped": True}
         try:
-            binding.wipe_frees_of(rust.__file__)
+            path = getattr(rust, "__file__", None)
+            if path is None:  # linked into the interpreter: no object of its own to patch
+                raise OSError("cryptography's _rust extension has no file of its own")
+            state["slots"] = binding.wipe_frees_of(path)
         except OSError as exc:
             log.warning("blocks cryptography frees are not wiped (an unwrapped AES key may stay "
                         "in freed memory): %s", exc)
@@ -37,7 +40,8 @@ def wipe_cryptography_frees() -> bool:
 
 
 def report() -> dict[str, Any]:
-    """The report's entry: {"module", "wiped", "reason" when not}; wiped is None until the
+    """The report's entry: {"module", "wiped", "slots" (GOT slots pointing at the zeroing
+    wrappers) when it is, "reason" when not}; wiped is None until the
     protocol layer has loaded cryptography (nothing can have been decrypted before)."""
     if _state is None:
         return {"module": "cryptography", "wiped": None,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from nomyo.memory import binding, foreign_frees
-from tests.helpers import run_python
+from tests.helpers import require_tool, run_python
 
 # A child decrypts 40 fresh AES keys with cryptography, each followed by eight mallocs of the
 # result buffer's size: the allocator hands the just-freed block back first. It counts the
@@ -38,6 +38,49 @@ PROBE = """
 """
 
 
+# Builds a lazily bound test object (its free slot in .got.plt, the first page after RELRO,
+# shared with .data), moves its PT_GNU_RELRO end to the end of .got.plt, loads it, patches
+# it and writes its global. The loader rounds that end down, so the page stays writable; a
+# patch that made it read-only again would crash the write.
+RELRO_TAIL_PROBE = """
+    import ctypes, os, struct, subprocess, sys, tempfile
+    from nomyo.memory import binding
+    work = tempfile.mkdtemp()
+    src, so = os.path.join(work, "tail.c"), os.path.join(work, "libtail.so")
+    with open(src, "w") as f:
+        # the volatile pointer keeps the compiler from eliding the malloc/free pair
+        f.write("#include <stdlib.h>\\nint counter;\\n"
+                "void *(*volatile alloc)(size_t) = malloc;\\n"
+                "int bump(void) { void *p = alloc(32); free(p); return ++counter; }\\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wl,-z,relro,-z,lazy", "-o", so, src],
+                   check=True)
+    elf = bytearray(open(so, "rb").read())
+    phoff, shoff = struct.unpack_from("<QQ", elf, 0x20)
+    phentsize, phnum, shentsize, shnum, shstrndx = struct.unpack_from("<HHHHH", elf, 0x36)
+    section = lambda i: struct.unpack_from("<IIQQQQ", elf, shoff + i * shentsize)
+    names = section(shstrndx)[4]
+    def name(i):
+        start = names + section(i)[0]
+        return bytes(elf[start:elf.index(0, start)]).decode()
+    got_plt = next(section(i) for i in range(shnum) if name(i) == ".got.plt")
+    end = got_plt[3] + got_plt[5]
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        if struct.unpack_from("<I", elf, at)[0] == 0x6474E552:  # PT_GNU_RELRO
+            vaddr = struct.unpack_from("<Q", elf, at + 16)[0]
+            was = vaddr + struct.unpack_from("<Q", elf, at + 40)[0]
+            struct.pack_into("<QQ", elf, at + 32, end - vaddr, end - vaddr)
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert was % page == 0 and was < end and end % page != 0, ("layout", was, end)
+    open(so, "wb").write(elf)
+    lib = ctypes.CDLL(so)
+    lib.bump()
+    assert binding.wipe_frees_of(so) >= 1
+    assert lib.bump() == 2
+    print("written")
+"""
+
+
 def _native() -> None:
     if binding.BACKEND != "native":
         pytest.skip(f"needs the native backend: {binding.FALLBACK_REASON}")
@@ -64,9 +107,11 @@ def test_the_report_says_cryptographys_frees_are_wiped():
     entry = __import__("nomyo").get_memory_protection_info()["third_party_frees_wiped"]
     assert entry["wiped"] is True and "reason" not in entry, entry
     assert entry["module"].startswith("cryptography "), entry
-    # done once per process: a second call finds every slot already pointing at the wrappers
+    # free and realloc, each as a call slot and an address slot (cryptography 50's wheel)
+    assert entry["slots"] >= 2, entry
+    # safe to call again: the same slots, already pointing at the wrappers
     assert foreign_frees.wipe_cryptography_frees() is True
-    assert binding.wipe_frees_of(rust.__file__) == 0
+    assert binding.wipe_frees_of(rust.__file__) == entry["slots"]
 
 
 def test_before_cryptography_is_loaded_the_report_says_so():
@@ -101,6 +146,27 @@ def test_an_object_that_is_not_loaded_is_refused_by_name(tmp_path):
     assert info.value.errno == 2  # ENOENT: no such object in this process
     with pytest.raises(FileNotFoundError):
         binding.wipe_frees_of(str(tmp_path / "missing.so"))
+
+
+def test_an_object_without_a_free_slot_is_refused_not_reported_as_wiped():
+    """_bisect calls neither free nor realloc: patching nothing must not count as wiping."""
+    _native()
+    import _bisect
+
+    with pytest.raises(OSError, match="_bisect") as info:
+        binding.wipe_frees_of(_bisect.__file__)
+    assert info.value.errno == 38  # ENOSYS
+
+
+def test_a_slot_at_the_end_of_relro_leaves_the_data_page_writable():
+    """The loader rounds PT_GNU_RELRO's end down to the page: a GOT slot in the last partial
+    page shares it with .data. A test object whose RELRO ends 16 bytes into that page (the
+    layout a 16K or 64K-page kernel gives 4K-linked objects) keeps its data writable."""
+    _native()
+    require_tool("gcc", "gcc")
+    proc = run_python(RELRO_TAIL_PROBE, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "written", proc.stdout
 
 
 def test_the_wrappers_keep_the_data_and_zero_every_block_they_release():
