@@ -2,8 +2,11 @@
 #define _GNU_SOURCE
 #include "osslkey.h"
 
+#include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include <openssl/bio.h>
 #include <openssl/core_names.h>
@@ -41,6 +44,32 @@ int nk_secure_init(size_t size, size_t minsize)
 int nk_secure_initialized(void) { return CRYPTO_secure_malloc_initialized(); }
 
 size_t nk_secure_used(void) { return CRYPTO_secure_used(); }
+
+uintptr_t nk_secure_arena(void)
+{
+    void *probe = OPENSSL_secure_malloc(16);  /* the ordinary heap when there is no arena */
+    uintptr_t at = probe != NULL && CRYPTO_secure_allocated(probe) ? (uintptr_t)probe : 0;
+    OPENSSL_secure_free(probe);
+    return at;
+}
+
+int nk_secure_lock(uintptr_t inside)
+{
+    FILE *maps = fopen("/proc/self/maps", "re");
+    if (maps == NULL)
+        return errno;
+    unsigned long lo, hi;
+    int rc = NK_ERR_INTERNAL;
+    char line[4352];  /* a whole line: addresses, flags, offset, device, inode, PATH_MAX */
+    while (fgets(line, sizeof line, maps) != NULL) {
+        if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo <= inside && inside < hi) {
+            rc = mlock((void *)lo, hi - lo) == 0 ? 0 : errno;
+            break;
+        }
+    }
+    fclose(maps);
+    return rc;
+}
 
 const char *nk_openssl_version(void) { return OpenSSL_version(OPENSSL_VERSION); }
 

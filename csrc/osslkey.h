@@ -26,6 +26,12 @@ typedef struct bio_st BIO;
  * 2 when it worked without mlock (see OpenSSL's docs), 0 when it failed. */
 int nk_secure_init(size_t size, size_t minsize);
 int nk_secure_initialized(void);
+/* An address inside the secure heap's arena (a block allocated and freed at once): the
+ * arena never moves, so a forked child can find its mapping without taking OpenSSL's lock. */
+uintptr_t nk_secure_arena(void);
+/* mlock the whole mapping holding `inside` again (locks are not inherited across fork): 0,
+ * the errno of the failed mlock, or NK_ERR_INTERNAL when no mapping holds it. */
+int nk_secure_lock(uintptr_t inside);
 size_t nk_secure_used(void);
 const char *nk_openssl_version(void);
 const char *nk_build_version(void);

@@ -352,13 +352,6 @@ PROCESSES = ("client", "server-echo", "server-http")
 # of q after the first private operation (in the client, and in the server's worker).
 MONTGOMERY = pytest.mark.xfail(strict=True, reason="p and q in OpenSSL's cached Montgomery "
                                "contexts (ordinary heap), SECURITY.md")
-# Finding (SECURITY.md): a forked `nomyo serve` worker inherits OpenSSL's secure-heap arena
-# without its mlock (locks are not inherited across fork): d, p and q sit in memory that is
-# dump-excluded (absent from the core) but not locked, so swappable; the live scan finds them.
-FORKED_WORKER = pytest.mark.xfail(strict=True, reason="server worker: secure-heap arena "
-                                  "inherited across fork without mlock (VmFlags dd, no lo)")
-SERVERS = [pytest.param(p, marks=FORKED_WORKER) if p.startswith("server") else p
-           for p in PROCESSES]
 
 
 def _report(scans: dict[str, Scan | None], prefix: str) -> dict[str, list[str]]:
@@ -412,7 +405,7 @@ def test_no_aes_key_window_is_left(process: str) -> None:
     assert found == {}, f"{run['keys']} AES keys; windows found: {found}"
 
 
-@pytest.mark.parametrize("process", SERVERS)
+@pytest.mark.parametrize("process", PROCESSES)
 def test_no_window_of_d_is_left(process: str) -> None:
     found = _report(run_of(process)["scans"], "rsa d")
     assert found == {}, found

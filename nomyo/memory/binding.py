@@ -197,9 +197,33 @@ def _load_keys() -> None:
     stale = stale_build("nomyo._osslkey", ffi.string(lib.nk_build_version()).decode("ascii"))
     if stale:
         raise ImportError(stale)
-    if not lib.nk_secure_init(SECURE_HEAP_BYTES, SECURE_HEAP_MIN_BYTES):
+    init = lib.nk_secure_init(SECURE_HEAP_BYTES, SECURE_HEAP_MIN_BYTES)
+    if not init:
         raise ImportError("CRYPTO_secure_malloc_init failed (no memory to map or lock?)")
     _kffi, _klib = ffi, lib
+    _heap_lock["locked"] = init == 1  # 2: mapped, but OpenSSL's mlock failed
+    _heap_lock["arena"] = int(lib.nk_secure_arena())
+    os.register_at_fork(after_in_child=_relock_secure_heap)
+
+
+# Whether the secure heap's arena is locked in RAM, and where it is. A forked child (granian's
+# server workers are) inherits the mapping but not its lock, so it locks it again at once.
+_heap_lock: dict[str, Any] = {"locked": False, "arena": 0}
+
+
+def _relock_secure_heap() -> None:
+    """After fork, in the child: mlock the inherited arena again (no OpenSSL lock is taken:
+    another parent thread may have held it at the fork). Nothing to restore when the parent
+    could not lock it either."""
+    if not _heap_lock["locked"]:
+        return
+    rc = int(_klib.nk_secure_lock(_heap_lock["arena"])) if _heap_lock["arena"] else -1
+    _heap_lock["locked"] = rc == 0
+    if rc != 0:
+        reason = os.strerror(rc) if rc > 0 else "the arena's mapping was not found"
+        _heap_lock["error"] = reason
+        log.warning("OpenSSL's secure heap is not locked in this forked process (the private "
+                    "key can be swapped out): %s", reason)
 
 
 if not settings.secure_private_keys():
@@ -232,9 +256,12 @@ def secure_heap_info() -> dict[str, Any]:
     """What OpenSSL's secure heap holds the private keys in (for the protection report)."""
     if _klib is None:
         return {"in_use": False, "reason": KEYS_FALLBACK_REASON}
-    return {"in_use": bool(_klib.nk_secure_initialized()), "size": SECURE_HEAP_BYTES,
-            "used": int(_klib.nk_secure_used()),
+    info = {"in_use": bool(_klib.nk_secure_initialized()), "size": SECURE_HEAP_BYTES,
+            "used": int(_klib.nk_secure_used()), "locked": _heap_lock["locked"],
             "openssl": _kffi.string(_klib.nk_openssl_version()).decode("ascii")}
+    if "error" in _heap_lock:
+        info["lock_error"] = _heap_lock["error"]
+    return info
 
 
 def _owned(ptr: Any) -> Any:

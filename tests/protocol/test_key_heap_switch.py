@@ -114,3 +114,33 @@ def test_closing_a_key_while_other_threads_decrypt_never_frees_it_under_them():
     outcomes = eval(proc.stdout.strip().splitlines()[-1])  # a dict literal printed above
     assert outcomes["wrong"] == 0 and outcomes["disposed"] > 0, outcomes
     assert sum(outcomes.values()) == 12 * 4 * 40, outcomes
+
+
+def test_a_forked_child_locks_the_inherited_arena_again():
+    """mlock is not inherited across fork, and granian forks the server's workers after the
+    key is loaded: the child locks OpenSSL's arena again at once, and its report says so."""
+    _osslkey_built()
+    proc = run_python("""
+        import json, os, nomyo
+        from nomyo.protocol.keys import KeyPair
+        key = KeyPair.generate(2048)
+
+        def state():
+            kb = next(int(line.split()[1]) for line in open("/proc/self/status")
+                      if line.startswith("VmLck"))
+            return [kb, nomyo.get_memory_protection_info()["private_key_heap"]["locked"]]
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, json.dumps(state()).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(json.dumps({"parent": state(), "child": json.loads(os.read(r, 4096))}))
+    """, NOMYO_SECURE_PRIVATE_KEYS="1")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not out["parent"][1]:
+        pytest.skip(f"the secure heap could not be locked even before the fork (memlock limit "
+                    f"below its 4 MiB? ulimit -l): {out}")
+    kb, locked = out["child"]
+    assert locked is True and kb >= 4096, out
