@@ -103,9 +103,9 @@ static uintptr_t dyn_ptr(const ElfW(Dyn) *d, uintptr_t base)
 /* Patch the free and realloc slots of one relocation table; *frees counts the free slots.
  * The slots pointing at the wrappers afterwards, or -errno. */
 static int patch_table(const ElfW(Rela) *rela, size_t bytes, const ElfW(Sym) *symtab,
-                       const char *strtab, uintptr_t base, struct relro ro, int *frees)
+                       const char *strtab, uintptr_t base, struct relro ro, uintptr_t page,
+                       int *frees)
 {
-    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     int patched = 0;
     for (size_t i = 0; rela != NULL && i < bytes / sizeof(*rela); i++) {
         unsigned long type = ELF64_R_TYPE(rela[i].r_info);
@@ -161,10 +161,10 @@ static int patch_object(const struct dl_phdr_info *info)
     if (symtab == NULL || strtab == NULL || pltrel != DT_RELA)
         return -ENOEXEC;
     int frees = 0;
-    int a = patch_table(rela, rela_bytes, symtab, strtab, base, ro, &frees);
+    int a = patch_table(rela, rela_bytes, symtab, strtab, base, ro, page, &frees);
     if (a < 0)
         return a;
-    int b = patch_table(jmprel, jmprel_bytes, symtab, strtab, base, ro, &frees);
+    int b = patch_table(jmprel, jmprel_bytes, symtab, strtab, base, ro, page, &frees);
     if (b < 0)
         return b;
     /* no free slot: the object frees some other way (a static allocator, a pointer in data),

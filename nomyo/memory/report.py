@@ -88,7 +88,7 @@ def get_memory_protection_info() -> dict[str, Any]:
         "private_key_storage": "openssl_secure_heap" if binding.RSA_NATIVE else "ordinary_heap",
         "private_key_heap": binding.secure_heap_info(),
         # blocks cryptography's extension frees are zeroed first (its RSA decrypt result,
-        # the AES key, among them): {"module", "wiped", "reason" when not}
+        # the AES key, among them): foreign_frees.report() says the fields
         "third_party_frees_wiped": foreign_frees.report(),
     }
     if not native:
