@@ -16,6 +16,9 @@ from nomyo.protocol.constants import (
 )
 
 DEFAULT_PORT = 12435
+# Requests forwarded at once (each on a thread of its own, waiting on the upstream); idle and
+# slow-header connections hold none (granian keeps them).
+PROXY_THREADS = 32
 
 
 def register(sub: Any) -> None:
@@ -101,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
         # Imported here, before granian forks the worker: a worker that imported requests
         # itself was seen to hang on an import lock the fork had copied in the held state.
         from nomyo.client import SecureChatCompletion
-        from nomyo.openai.asgi import ProxyApp
         from nomyo.openai.gateway import Gateway
+        from nomyo.openai.wsgi import ProxyApp
         from nomyo.server.policy import ApiKeys
 
         keys = ApiKeys.from_file(args.proxy_api_key_file) if args.proxy_api_key_file else None
@@ -130,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     def ready() -> None:
         print(f"nomyo proxy: listening on {url} (upstream {args.upstream})", flush=True)
 
-    production.serve(app, host=args.host, port=port, workers=1, on_ready=ready)  # type: ignore[arg-type]
+    production.serve(app, host=args.host, port=port, workers=1, on_ready=ready,
+                     wsgi_threads=PROXY_THREADS, in_worker=app.start)
     print("nomyo proxy: stopped", flush=True)
     return 0
 

@@ -1,6 +1,6 @@
 """The OpenAI ecosystem over end-to-end encryption (docs/openai.md).
 
-`nomyo proxy` serves the OpenAI routes on loopback (`nomyo.openai.asgi`); the httpx
+`nomyo proxy` serves the OpenAI routes on loopback (`nomyo.openai.wsgi`); the httpx
 transports (`nomyo.openai.transport`, extra `nomyo[openai]`) do the same in process;
 `nomyo.openai.types` has TypedDicts of the request and answer shapes. Nothing here is
 imported by `import nomyo`.

@@ -87,6 +87,10 @@ class GatewayError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
 
+    def reply(self) -> Reply:
+        """This refusal as an OpenAI error reply."""
+        return error_reply(self.status, self.message, code=self.code, param=self.param)
+
 
 class Gateway:
     """OpenAI routes in front of a `SecureChatCompletion`; `api_keys` guards the front door."""
@@ -99,28 +103,48 @@ class Gateway:
 
     def route(self, method: str, path: str, headers: Mapping[str, str],
               body: bytearray) -> Reply | Call:
-        """Judge one request; the body buffer is zeroed before this returns."""
+        """Judge one whole request; the body buffer is zeroed before this returns."""
         try:
-            return self._route(method, path.split("?", 1)[0].rstrip("/"), headers, body)
-        except GatewayError as err:
-            return error_reply(err.status, err.message, code=err.code, param=err.param)
+            return self.admit(method, path, headers, len(body)) or self.parse(body)
         finally:
-            with memoryview(body) as view:
-                view[:] = bytes(len(view))
+            _zero(body)
 
-    def _route(self, method: str, path: str, headers: Mapping[str, str],
-               body: bytearray) -> Reply | Call:
-        if path not in (CHAT_PATH, MODELS_PATH):
-            raise GatewayError(404, f"no route {path or '/'}; this proxy serves {CHAT_PATH} "
-                               f"and {MODELS_PATH}", code="unknown_url")
-        self._authenticate(headers)
-        wanted = "POST" if path == CHAT_PATH else "GET"
-        if method != wanted:
-            raise GatewayError(405, f"{path} takes {wanted}", code="method_not_allowed")
-        if path == MODELS_PATH:
-            return self._models()
-        if len(body) > self.max_body_bytes:
-            raise GatewayError(413, f"request body larger than {self.max_body_bytes} bytes")
+    def admit(self, method: str, path: str, headers: Mapping[str, str],
+              length: int | None) -> Reply | None:
+        """Judge a request by its head alone (`length`: its declared body size): a finished
+        reply (a refusal, the model list), or None when the body is to be read and parsed.
+        A front end that streams bodies calls this first, so an unauthenticated or oversized
+        request is refused before any of its body is read."""
+        path = path.split("?", 1)[0].rstrip("/")
+        try:
+            if path not in (CHAT_PATH, MODELS_PATH):
+                raise GatewayError(404, f"no route {path or '/'}; this proxy serves "
+                                   f"{CHAT_PATH} and {MODELS_PATH}", code="unknown_url")
+            self._authenticate(headers)
+            wanted = "POST" if path == CHAT_PATH else "GET"
+            if method != wanted:
+                raise GatewayError(405, f"{path} takes {wanted}", code="method_not_allowed")
+            if path == MODELS_PATH:
+                return self._models()
+            if length is not None and length > self.max_body_bytes:
+                raise GatewayError(413, f"request body larger than {self.max_body_bytes} "
+                                   "bytes")
+        except GatewayError as err:
+            return err.reply()
+        return None
+
+    def parse(self, body: bytearray) -> Reply | Call:
+        """The chat call in an admitted request's body, or the 400 that refuses it; the
+        body buffer is zeroed before this returns."""
+        try:
+            return self._parse(body)
+        except GatewayError as err:
+            return err.reply()
+        finally:
+            _zero(body)
+
+    @staticmethod
+    def _parse(body: bytearray) -> Call:
         try:
             request = secure_json.loads(body)
         except (PackageError, RecursionError):
@@ -154,6 +178,13 @@ class Gateway:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "nomyo"}
                 for name in self.models]
         return Reply(200, json.dumps({"object": "list", "data": data}).encode("utf-8"))
+
+    def answer(self, call: Call, response: dict[str, Any] | None,
+               error: Exception | None) -> Reply:
+        """The reply for a forwarded call: the client's answer, or the OpenAI error for the
+        exception it raised. The call's request tree is wiped either way."""
+        call.wipe()
+        return failure(error) if error is not None else self.finish(call, response or {})
 
     def finish(self, call: Call, response: dict[str, Any]) -> Reply:
         """The OpenAI reply for the client's answer; the answer tree is wiped."""
@@ -207,7 +238,7 @@ def error_reply(status: int, message: str, *, type_: str | None = None, code: st
 def failure(err: BaseException) -> Reply:
     """The OpenAI error reply for an exception raised while forwarding."""
     if isinstance(err, GatewayError):
-        return error_reply(err.status, err.message, code=err.code, param=err.param)
+        return err.reply()
     if isinstance(err, APITimeoutError):
         return error_reply(504, f"upstream: {err}", code="upstream_timeout")
     if isinstance(err, APIConnectionError):
@@ -235,6 +266,11 @@ def failure(err: BaseException) -> Reply:
     # its message (and a traceback's locals) may quote the request: type and place only
     logger.error("internal error while forwarding: %s", origin_of(err))
     return error_reply(500, f"internal error ({type(err).__name__})", code="internal_error")
+
+
+def _zero(buffer: bytearray) -> None:
+    with memoryview(buffer) as view:
+        view[:] = bytes(len(view))
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from nomyo.openai.gateway import Call, Gateway, Reply, failure
+from nomyo.openai.gateway import Call, Gateway, Reply
 
 
 def _request_parts(request: httpx.Request, body: bytes) -> tuple[str, str, dict[str, str],
@@ -42,12 +42,8 @@ class _Base:
 
     def _answer(self, call: Call, request: httpx.Request, answer: Any,
                 error: Exception | None) -> httpx.Response:
-        """The call's request is wiped either way; a failure reaches the SDK as an OpenAI
-        error body."""
-        call.wipe()
-        if error is not None:
-            return _response(failure(error), request)
-        return _response(self.gateway.finish(call, answer), request)
+        """A failure reaches the SDK as an OpenAI error body (Gateway.answer)."""
+        return _response(self.gateway.answer(call, answer, error), request)
 
 
 class NomyoTransport(_Base, httpx.BaseTransport):

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from nomyo.server.asgi import AsgiApp
 
-# The parent's app, inherited by the forked workers (see worker_app).
-_APP: AsgiApp | None = None
+# The parent's app, inherited by the forked workers (see worker_app), and what each worker
+# runs before it serves.
+_APP: Any = None
+_IN_WORKER: Callable[[], None] | None = None
 _PARENT_PID = 0
 
 HEADER_TIMEOUT_MS = 5_000  # a request head (and keep-alive idling) must arrive within 5 s
@@ -31,6 +35,14 @@ HEAD_BUFFER_BYTES = 64 * 1024  # the whole request head: 431 above this
 # closes them): set high, since an idle connection costs no thread; the work itself is
 # bounded by the adapter's thread pool.
 DEFAULT_BACKPRESSURE = 4096
+
+
+class ThreadAdviceFilter(logging.Filter):
+    """Drops granian's advice against more WSGI threads than 2 x cores + 1: the proxy's
+    threads spend their time waiting on the upstream, not holding the GIL."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Python threads, which seems quite high" not in record.getMessage()
 
 
 class ServerMissing(RuntimeError):
@@ -45,16 +57,18 @@ def available() -> bool:
     return True
 
 
-def worker_app() -> AsgiApp:
+def worker_app() -> Any:
     """granian's factory target, called in each worker process after fork."""
     if _APP is None:
         raise RuntimeError("nomyo.server.production: no app (workers must be forked by serve)")
     _exit_with_parent(_PARENT_PID)
+    if _IN_WORKER is not None:
+        _IN_WORKER()
     return _APP
 
 
 def serve(
-    app: AsgiApp,
+    app: AsgiApp | Callable[..., Any],
     *,
     host: str,
     port: int,
@@ -64,9 +78,14 @@ def serve(
     header_timeout_ms: int = HEADER_TIMEOUT_MS,
     backpressure: int = DEFAULT_BACKPRESSURE,
     on_ready: Any = None,
+    wsgi_threads: int | None = None,
+    in_worker: Callable[[], None] | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT. `port` must be a concrete port (bind it first to check)."""
-    global _APP, _PARENT_PID
+    """Run until SIGTERM/SIGINT. `port` must be a concrete port (bind it first to check).
+
+    `app` is an ASGI application, or with `wsgi_threads` a WSGI one run in that many threads
+    per worker; `in_worker` runs in each worker process before it serves."""
+    global _APP, _IN_WORKER, _PARENT_PID
     try:
         from granian.constants import HTTPModes, Interfaces, SSLProtocols
         from granian.http import HTTP1Settings
@@ -76,7 +95,7 @@ def serve(
         raise ServerMissing(
             "nomyo serve runs on granian: pip install 'nomyo[server]'"
         ) from None
-    _APP, _PARENT_PID = app, os.getpid()
+    _APP, _IN_WORKER, _PARENT_PID = app, in_worker, os.getpid()
     # The app (and the key) must reach the workers by fork, never by pickling.
     multiprocessing.set_start_method("fork", force=True)
     tls: dict[str, Any] = {}
@@ -87,7 +106,8 @@ def serve(
         "nomyo.server.production:worker_app",
         address=host,
         port=port,
-        interface=Interfaces.ASGI,
+        interface=Interfaces.WSGI if wsgi_threads else Interfaces.ASGI,
+        blocking_threads=wsgi_threads,
         factory=True,
         workers=workers,
         http=HTTPModes.http1,
@@ -104,9 +124,9 @@ def serve(
         log_enabled=True,
         log_level=LogLevels.warning,
         # granian's own lines to stderr: stdout carries only our "listening on" line
-        log_dictconfig={"handlers": {
+        log_dictconfig={"filters": {"thread_advice": {"()": ThreadAdviceFilter}}, "handlers": {
             "console": {"formatter": "generic", "class": "logging.StreamHandler",
-                        "stream": "ext://sys.stderr"},
+                        "stream": "ext://sys.stderr", "filters": ["thread_advice"]},
             "access": {"formatter": "access", "class": "logging.StreamHandler",
                        "stream": "ext://sys.stderr"},
         }},

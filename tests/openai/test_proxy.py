@@ -182,3 +182,59 @@ def test_an_unexpected_error_is_logged_by_type_and_place_never_by_message(caplog
     logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
     assert "ValueError at " in logged and "test_proxy.py" in logged
     assert "SECRET" not in logged and not any(r.exc_info for r in caplog.records)
+
+
+def _head_only(proxy_url: str, head: bytes) -> bytes:
+    """Send a request head and none of its body; what the proxy answers within 10 s."""
+    import socket
+
+    host, port = proxy_url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("length, key, status", [
+    (1000, "wrong", b"401"),                       # not authenticated
+    (20 * 1024 * 1024, "upstream-secret", b"413"),  # declared larger than the cap
+])
+def test_a_refused_request_is_answered_before_its_body_arrives(echo, length, key, status):
+    """The head is judged first: no thread waits on a body that would be refused."""
+    _, _, _, keyed_proxy_url = echo
+    answer = _head_only(keyed_proxy_url, (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n").encode())
+    assert answer.split(b" ", 2)[1] == status, answer
+
+
+def test_head_answers_carry_no_body(echo):
+    _, proxy_url, _, _ = echo
+    answer = _head_only(proxy_url, b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405") and rest == b""
+
+
+def test_the_worker_closes_its_client_when_the_proxy_stops(echo):
+    """The worker wipes its client's key at exit; granian's advice against many WSGI
+    threads (which wait on the upstream) is not shown to the operator."""
+    server_url, _, _, _ = echo
+    proc = subprocess.Popen(stack.nomyo("proxy", "--upstream", server_url, "--allow-http",
+                                        "--port", "0", "--key-size", "2048"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=stack.child_env(), cwd=stack.ROOT)
+    try:
+        url = proc.stdout.readline().split("listening on ", 1)[1].split()[0]
+        status, answer = stack.post_json(url, "/v1/chat/completions",
+                                         {"model": "m", "messages": HI})
+        assert status == 200, answer
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "client closed, its key wiped" in err
+    assert "Python threads" not in err
