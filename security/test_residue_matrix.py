@@ -348,10 +348,6 @@ def run_of(process: str) -> dict[str, Any]:
 
 
 PROCESSES = ("client", "server-echo", "server-http")
-# Known gap (SECURITY.md): OpenSSL's Montgomery contexts keep one ordinary-heap copy of p and
-# of q after the first private operation (in the client, and in the server's worker).
-MONTGOMERY = pytest.mark.xfail(strict=True, reason="p and q in OpenSSL's cached Montgomery "
-                               "contexts (ordinary heap), SECURITY.md")
 
 
 def _report(scans: dict[str, Scan | None], prefix: str) -> dict[str, list[str]]:
@@ -411,7 +407,6 @@ def test_no_window_of_d_is_left(process: str) -> None:
     assert found == {}, found
 
 
-@MONTGOMERY
 @pytest.mark.parametrize("process", PROCESSES)
 def test_no_window_of_p_or_q_is_left(process: str) -> None:
     scans = run_of(process)["scans"]

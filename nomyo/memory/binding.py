@@ -7,9 +7,11 @@ tests and diagnosis), the fallback backend is used and every report says why.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -264,6 +266,21 @@ def secure_heap_info() -> dict[str, Any]:
     return info
 
 
+@contextlib.contextmanager
+def _c_view(buffer: memoryview | None) -> Iterator[Any]:
+    """A C pointer into `buffer` (NULL for None), released on the way out: a pointer left to
+    a traceback would keep the caller's memoryview exported (BufferError on its release,
+    hiding the real error)."""
+    if buffer is None:
+        yield _kffi.NULL
+        return
+    ptr = _kffi.from_buffer(buffer)
+    try:
+        yield ptr
+    finally:
+        _kffi.release(ptr)
+
+
 def _owned(ptr: Any) -> Any:
     return _kffi.gc(ptr, _klib.nk_free)
 
@@ -278,9 +295,9 @@ def rsa_generate(bits: int) -> Any:
 def rsa_from_pem(pem: memoryview, password: memoryview | None) -> tuple[int, Any]:
     """Decode a PEM private key read in place from `pem`: (0, key) or (NK_ERR_*, None)."""
     out = _kffi.new("EVP_PKEY **")
-    pw = _kffi.from_buffer(password) if password is not None else _kffi.NULL
-    rc = _klib.nk_from_pem(_kffi.from_buffer(pem), pem.nbytes, pw,
-                           password.nbytes if password is not None else 0, out)
+    with _c_view(password) as pw:
+        rc = _klib.nk_from_pem(_kffi.from_buffer(pem), pem.nbytes, pw,
+                               password.nbytes if password is not None else 0, out)
     if rc in (NK_ERR_DECODE, NK_ERR_NEED_PASSWORD, NK_ERR_NOT_ENCRYPTED):
         return rc, None
     _key_check(rc, "PEM private key decoding")
@@ -323,9 +340,10 @@ def rsa_private_pem(key: Any, password: memoryview | None, alloc: Any) -> Any:
     through a secure-heap BIO only."""
     bio = _kffi.new("BIO **")
     size = _kffi.new("size_t *")
-    pw = _kffi.from_buffer(password) if password is not None else _kffi.NULL
-    _key_check(_klib.nk_to_pem(key, pw, password.nbytes if password is not None else 0,
-                               bio, size), "PEM private key encoding")
+    with _c_view(password) as pw:
+        rc = _klib.nk_to_pem(key, pw, password.nbytes if password is not None else 0, bio,
+                             size)
+    _key_check(rc, "PEM private key encoding")
     try:
         buf = alloc(size[0])
     except BaseException:

@@ -144,3 +144,52 @@ def test_a_forked_child_locks_the_inherited_arena_again():
                     f"below its 4 MiB? ulimit -l): {out}")
     kb, locked = out["child"]
     assert locked is True and kb >= 4096, out
+
+
+def test_a_failed_pem_export_raises_its_own_error_not_a_buffer_error():
+    """Old: the C pointer into the password stayed alive in the traceback, so releasing the
+    caller's memoryview raised BufferError and hid the real error."""
+    _osslkey_built()
+    proc = run_python("""
+        from nomyo.memory import binding
+        key = binding.rsa_generate(2048)
+        def no_room(size):
+            raise MemoryError("no room")
+        password = bytearray(b"pw")
+        try:
+            with memoryview(password) as view:
+                binding.rsa_private_pem(key, view, no_room)
+        except MemoryError:
+            print("MemoryError")
+    """, NOMYO_SECURE_PRIVATE_KEYS="1")
+    assert proc.returncode == 0 and proc.stdout.strip() == "MemoryError", proc.stderr
+
+
+def test_a_key_pair_saved_and_loaded_keeps_decrypting_what_cryptography_sealed():
+    """The helper's own key (built without OpenSSL's Montgomery cache) and its PEM round
+    trip interoperate with cryptography's public-key side, at every key size we make."""
+    _osslkey_built()
+    proc = run_python("""
+        import os, tempfile
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding
+        from nomyo.protocol.keys import KeyPair
+        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
+                            label=None)
+        for bits in (2048, 4096):
+            with tempfile.TemporaryDirectory() as folder:
+                pair = KeyPair.load(KeyPair.generate(bits).save(folder, "pw"), "pw")
+            public = serialization.load_pem_public_key(pair.public_pem.encode())
+            secret = os.urandom(32)
+            wrapped = bytearray(public.encrypt(secret, oaep))
+            out = bytearray(64)
+            n = pair.private_key.decrypt_into(bytes(wrapped), memoryview(out))
+            assert bytes(out[:n]) == secret, bits
+            assert pair.private_key.decrypt_into(bytes(wrapped), memoryview(out)[:16]) == -6
+            wrapped[-1] ^= 1
+            assert pair.private_key.decrypt_into(bytes(wrapped), memoryview(out)) == -2
+            assert pair.private_key.decrypt_into(bytes(wrapped[:-1]), memoryview(out)) == -2
+            print(bits, type(pair.private_key).__name__)
+    """, NOMYO_SECURE_PRIVATE_KEYS="1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2048", "SecureRsaKey", "4096", "SecureRsaKey"]
