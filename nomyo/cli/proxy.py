@@ -16,9 +16,9 @@ from nomyo.protocol.constants import (
 )
 
 DEFAULT_PORT = 12435
-# Requests forwarded at once (each on a thread of its own, waiting on the upstream); idle and
-# slow-header connections hold none (granian keeps them).
-PROXY_THREADS = 32
+# Requests served at once: each holds a thread while its body arrives and while it waits on
+# the upstream; idle and slow-header connections hold none (granian keeps them).
+DEFAULT_THREADS = 32
 
 
 def register(sub: Any) -> None:
@@ -63,6 +63,9 @@ def register(sub: Any) -> None:
     proxy.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
                        help="upstream timeout in seconds (default %(default)s)")
     proxy.add_argument("--max-retries", type=int, default=2)
+    proxy.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                       help="requests served at once (default %(default)s); each holds a "
+                       "thread while its body arrives and while the upstream answers")
     proxy.add_argument("--require-secure-memory", action="store_true",
                        help="refuse to run without locked, dump-excluded memory")
     proxy.add_argument("--log-level", default="INFO",
@@ -99,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.proxy_api_key_file:
             return fail("proxy", "--allow-remote needs --proxy-api-key-file: a proxy reachable "
                         "from elsewhere must check its callers")
+    if args.threads < 1:
+        return fail("proxy", "--threads must be at least 1")
     harden_process()  # no core dumps, not dumpable: before any key or prompt exists
     try:
         # Imported here, before granian forks the worker: a worker that imported requests
@@ -134,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"nomyo proxy: listening on {url} (upstream {args.upstream})", flush=True)
 
     production.serve(app, host=args.host, port=port, workers=1, on_ready=ready,
-                     wsgi_threads=PROXY_THREADS, in_worker=app.start)
+                     wsgi_threads=args.threads, in_worker=app.start)
     print("nomyo proxy: stopped", flush=True)
     return 0
 

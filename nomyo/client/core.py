@@ -312,6 +312,13 @@ class SecureCompletionClient:
         """Start making (or loading) the key pair in the background, ahead of the first request."""
         self._keyring.start()
 
+    def wait_for_keys(self) -> None:
+        """Block until the key pair is ready; raises what made its making or loading fail."""
+        self._check_open()
+        self._keyring.start()
+        with self._keyring.lease():
+            pass
+
     def generate_keys(
         self, save_to_file: bool = False, key_dir: str = "client_keys", password: str | None = None
     ) -> None:

@@ -116,6 +116,11 @@ class SecureChatCompletion:
             secure_response=options["secure_response"],
         )
 
+    def wait_for_keys(self) -> None:
+        """Block until the key pair is made or loaded; raises what went wrong (a wrong key
+        password, an unreadable key directory) now instead of at the first request."""
+        self.client.wait_for_keys()
+
     def close(self) -> None:
         """Wipe key material and release connections; later calls raise DisposedError."""
         self.client.close()

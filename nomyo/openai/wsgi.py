@@ -2,11 +2,16 @@
 
 granian (the `server` extra) runs it on its WSGI interface through `nomyo.server.production`:
 each request is forwarded by `create_sync` on the granian thread that serves it, with no
-event loop or worker-thread hop in between (bench/proxy_overhead.py measured both;
-docs/openai.md). A request is judged by its head first (route, API key, declared size), so
-nothing of a refused request's body is read. The client (and its key pair) is made in the
-worker process, never in the parent, so no key crosses a fork; it is closed (its key wiped)
-when the worker exits.
+event loop or worker-thread hop in between. Chosen by measurement (docs/openai.md): the
+same proxy on ASGI and on RSGI with the async client cost 2-3x more per request, most of it
+handing the GIL between the event loop and the client's worker thread. The price: granian
+has no deadline for a WSGI body, so a caller that stalls its body holds one of the
+`threads` until it sends the rest or goes away (docs/openai.md says where that matters).
+
+A request is judged by its head first (route, API key, declared size), so nothing of a
+refused request's body is read. The client (and its key pair) is made in the worker process,
+never in the parent, so no key crosses a fork; it is closed (its key wiped) when the worker
+exits.
 """
 from __future__ import annotations
 
@@ -17,11 +22,15 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from nomyo.errors import NomyoError
 from nomyo.openai.gateway import Call, Gateway, Reply, error_reply
 
 logger = logging.getLogger("nomyo.openai")
 
 READ_CHUNK = 64 * 1024
+# WSGI wants a reason phrase; an upstream status Python has no name for (499, 520, 529)
+# still passes through with its own number.
+_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 
 
 class ProxyApp:
@@ -36,9 +45,16 @@ class ProxyApp:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """In the worker process: make the client now (its key pair before the first
-        request) and close it when the process exits."""
-        client = self.client()
+        """In the worker process, before it serves: make the client, wait for its key pair
+        and close it when the process exits. A wrong key password or an unusable key
+        directory stops the worker with one line (granian then gives up on a worker that
+        keeps failing, and the proxy exits) instead of a 500 for every request."""
+        try:
+            client = self.client()
+            client.wait_for_keys()
+        except (NomyoError, ValueError, OSError) as err:
+            logger.error("nomyo proxy: the client cannot start: %s", err)
+            raise SystemExit(2) from None
         multiprocessing.util.Finalize(None, self._close, args=(client,), exitpriority=10)
 
     @staticmethod
@@ -55,8 +71,7 @@ class ProxyApp:
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         reply = self._reply(environ)
-        phrase = http.HTTPStatus(reply.status).phrase
-        start_response(f"{reply.status} {phrase}", [
+        start_response(f"{reply.status} {_PHRASES.get(reply.status, 'Unknown')}", [
             ("content-type", reply.content_type),
             ("content-length", str(len(reply.body))), *reply.headers])
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [reply.body]
@@ -76,6 +91,9 @@ class ProxyApp:
         if body is None:
             return error_reply(413, f"request body larger than {self.gateway.max_body_bytes} "
                                "bytes")
+        if length is not None and len(body) != length:  # the caller went away mid-body
+            body[:] = bytes(len(body))
+            return error_reply(400, "request body shorter than its Content-Length")
         routed = self.gateway.parse(body)
         return routed if isinstance(routed, Reply) else self.forward(routed)
 

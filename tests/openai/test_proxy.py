@@ -238,3 +238,66 @@ def test_the_worker_closes_its_client_when_the_proxy_stops(echo):
         _, err = proc.communicate(timeout=30)
     assert "client closed, its key wiped" in err
     assert "Python threads" not in err
+
+
+@pytest.fixture()
+def peer_proxy():
+    """A proxy (no retries) in front of the independent peer server, which can be scripted."""
+    from tests.peer_server import PeerServer
+
+    with PeerServer() as peer:
+        proc, url = stack.proxy(peer.url, "--max-retries", "0", "--key-size", "2048")
+        try:
+            yield peer, url
+        finally:
+            stack.stop(proc)
+
+
+def test_an_upstream_status_python_has_no_name_for_passes_through(peer_proxy):
+    """Old: http.HTTPStatus(520) raised in the WSGI adapter: a bare 500 without
+    x-should-retry, so the openai SDK sent the prompt twice more."""
+    peer, url = peer_proxy
+    peer.inject(520, body={"error": {"message": "origin down", "type": "upstream_error",
+                                     "code": "origin_down"}})
+    with pytest.raises(openai.APIStatusError) as err:
+        sdk(url).chat.completions.create(model="m", messages=HI)
+    assert err.value.status_code == 520
+    assert err.value.response.headers.get("x-should-retry") == "false"
+    assert err.value.code == "origin_down"
+
+
+def test_a_body_cut_short_is_refused_not_forwarded(peer_proxy):
+    """Old: a caller that went away mid-body had the prefix it sent forwarded when that
+    prefix happened to be valid JSON."""
+    import json
+    import socket
+
+    peer, url = peer_proxy
+    body = json.dumps({"model": "m", "messages": HI}).encode()
+    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (len(body) + 40) + body)
+        conn.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert not answer or answer.split(b" ", 2)[1] == b"400", answer
+    assert peer.received == []  # nothing reached the upstream
+
+
+def test_a_wrong_key_password_stops_the_proxy_with_one_line(tmp_path):
+    """Old: the proxy said it was listening, then answered every request with a 500."""
+    from nomyo.protocol.keys import KeyPair
+
+    KeyPair.generate(2048).save(tmp_path, "right")
+    proc = subprocess.run(
+        stack.nomyo("proxy", "--upstream", "http://127.0.0.1:1", "--allow-http", "--port", "0",
+                    "--key-dir", str(tmp_path), "--key-password-env", "NOMYO_TEST_PW"),
+        capture_output=True, text=True, timeout=120,
+        env=stack.child_env(NOMYO_TEST_PW="wrong"), cwd=stack.ROOT)
+    assert proc.returncode != 0
+    assert "the client cannot start" in proc.stderr and "wrong password" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
