@@ -371,6 +371,21 @@ def test_key_dir_constructor_option(peer, tmp_path):
         assert c.public_key_pem == first
 
 
+def test_wait_for_keys_raises_a_wrong_password_at_once(peer, tmp_path):
+    """Without it the wrong password surfaced only at the first request."""
+    from nomyo.client import SecureChatCompletion
+
+    keys.KeyPair.generate(2048).save(tmp_path, "pw-123456")
+    with SecureChatCompletion(base_url=peer.url, allow_http=True, key_dir=tmp_path,
+                              key_password="pw-123456") as good:
+        good.wait_for_keys()
+        assert good.client.public_key_pem
+    with SecureChatCompletion(base_url=peer.url, allow_http=True, key_dir=tmp_path,
+                              key_password="not-it") as bad:
+        with pytest.raises(ValueError, match="wrong password"):
+            bad.wait_for_keys()
+
+
 def test_close_wipes_keys_and_disposes(peer):
     c = SecureCompletionClient(peer.url, allow_http=True, key_size=2048)
     send(c)
