@@ -7,9 +7,9 @@ settings: the proxy's client and the direct one both have a KEY_BITS key pair (d
 library's default) and the proxy's default timeout and retries. The proxy path is one more
 loopback HTTP hop (a kept-alive connection) plus JSON in and out. Each round runs every path
 once, in a rotating order, so drift and other load hit them alike. Prints each path's median,
-the proxy's difference and ratio against the direct sync client; the goal is a difference
-within 0.5 ms. The direct async client (the proxy forwards through `create`) is shown too, to
-say how much of the difference is the async path and how much the hop.
+the proxy's difference and ratio against the direct sync client (the proxy forwards with
+`create_sync` on the granian thread serving the request); the goal is a difference within
+0.5 ms. The direct async client is shown too, for callers who would use it instead.
 """
 from __future__ import annotations
 

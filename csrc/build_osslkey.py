@@ -50,7 +50,8 @@ ffi.set_source(
     library_dirs=[f[2:] for f in _flags if f.startswith("-L")],
     libraries=[f[2:] for f in _flags if f.startswith("-l")] or ["crypto"],
     define_macros=VERSION_MACROS + ([("NM_PORTABLE_GLIBC", "1")] if PORTABLE_GLIBC == "1" else []),
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-fstack-protector-strong"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-fstack-protector-strong",
+                        "-Werror=implicit-function-declaration"],
 )
 
 if __name__ == "__main__":

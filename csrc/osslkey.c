@@ -7,6 +7,7 @@
 #include "osslkey.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
@@ -16,17 +17,17 @@
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/decoder.h>
-#include <openssl/encoder.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/opensslv.h>
-#include <openssl/param_build.h>
+#include <openssl/pem.h>
+#include <openssl/pkcs12.h>
 #include <openssl/params.h>
 #include <openssl/rsa.h>
 #include <openssl/x509.h>
 
 #if OPENSSL_VERSION_MAJOR < 3
-#error "osslkey needs OpenSSL 3 (OSSL_DECODER, OSSL_ENCODER, BIO_s_secmem)"
+#error "osslkey needs OpenSSL 3 (OSSL_DECODER, EVP_PKEY_todata, BIO_s_secmem)"
 #endif
 #ifdef OPENSSL_NO_DEPRECATED_3_0
 #error "osslkey needs OpenSSL 3's RSA API (built without no-deprecated): see uncached_key"
@@ -109,7 +110,9 @@ static BIGNUM *secure_number(const OSSL_PARAM *params, const char *name)
  * per operation and freed with BN_clear_free. The numbers travel through EVP_PKEY_todata,
  * whose block is in the secure heap for secure numbers (and freed cleared), into secure
  * BIGNUMs. Measured: no window of p or q outside the arena after 20 decrypts, against one
- * of each with the provider's key; decrypt cost unchanged (bench/bench_keys.py). */
+ * of each with the provider's key; decrypt cost unchanged (bench/bench_keys.py). The key's
+ * private numbers are then kept only in the arena; each operation's temporaries (a
+ * Montgomery context, BN_CTX numbers) are ordinary heap, cleared when freed. */
 static int uncached_key(EVP_PKEY *provided, EVP_PKEY **out)
 {
     static const char *const private_names[] = {
@@ -125,8 +128,10 @@ static int uncached_key(EVP_PKEY *provided, EVP_PKEY **out)
     *out = NULL;
     if (EVP_PKEY_todata(provided, EVP_PKEY_KEYPAIR, &params) <= 0)
         goto done;
-    if (OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_FACTOR3) != NULL)
-        goto done;  /* multi-prime keys: not made or accepted here */
+    if (OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_FACTOR3) != NULL) {
+        rc = NK_ERR_MULTI_PRIME;
+        goto done;
+    }
     n = BN_new();
     e = BN_new();
     if (n == NULL || e == NULL
@@ -247,7 +252,7 @@ int nk_decrypt(EVP_PKEY *key, const uint8_t *in, size_t in_len, uint8_t *out, si
     /* The raw result and its OAEP decoding, each modulus-sized, in one secure block. The
      * private operation runs on the key's own RSA (not through a provider, which would use a
      * copy with the Montgomery cache on: see uncached_key). */
-    RSA *rsa = EVP_PKEY_get1_RSA(key);
+    RSA *rsa = key != NULL ? EVP_PKEY_get1_RSA(key) : NULL;
     int size = rsa != NULL ? RSA_size(rsa) : 0;
     unsigned char *scratch = size > 0 ? OPENSSL_secure_malloc(2 * (size_t)size) : NULL;
     int rc = NK_ERR_INTERNAL;
@@ -275,65 +280,38 @@ int nk_decrypt(EVP_PKEY *key, const uint8_t *in, size_t in_len, uint8_t *out, si
     return rc;
 }
 
-/* A provider's copy of our key, for OpenSSL's encoders (which take no other): its numbers
- * pass through a secure OSSL_PARAM block (OSSL_PARAM_BLD keeps secure numbers secure) into
- * the provider's secure BIGNUMs. It is never used for a private operation, so it never
- * makes a Montgomery context of p or q. */
-static int provided_copy(EVP_PKEY *key, EVP_PKEY **out)
-{
-    const RSA *rsa = EVP_PKEY_get0_RSA(key);
-    const BIGNUM *n, *e, *d, *p, *q, *dp, *dq, *qi;
-    OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
-    OSSL_PARAM *params = NULL;
-    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(NULL, "RSA", NULL);
-    int rc = NK_ERR_INTERNAL;
-    *out = NULL;
-    if (rsa != NULL && bld != NULL && ctx != NULL) {
-        RSA_get0_key(rsa, &n, &e, &d);
-        RSA_get0_factors(rsa, &p, &q);
-        RSA_get0_crt_params(rsa, &dp, &dq, &qi);
-        if (OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, n)
-            && OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, e)
-            && OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_D, d)
-            && OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_FACTOR1, p)
-            && OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_FACTOR2, q)
-            && OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_EXPONENT1, dp)
-            && OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_EXPONENT2, dq)
-            && OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_COEFFICIENT1, qi)
-            && (params = OSSL_PARAM_BLD_to_param(bld)) != NULL
-            && EVP_PKEY_fromdata_init(ctx) > 0
-            && EVP_PKEY_fromdata(ctx, out, EVP_PKEY_KEYPAIR, params) > 0)
-            rc = NK_OK;
-    }
-    OSSL_PARAM_free(params);
-    OSSL_PARAM_BLD_free(bld);
-    EVP_PKEY_CTX_free(ctx);
-    return rc;
-}
-
+/* PKCS#8 through the key's own ASN.1 method (EVP_PKEY2PKCS8), not OSSL_ENCODER: an encoder
+ * takes only a provider's key, and a provider copy of ours would hold its numbers in the
+ * ordinary heap (EVP_PKEY_fromdata makes them with BN_new). The DER inside the PKCS#8
+ * structures is ordinary heap, cleansed when they are freed. */
 int nk_to_pem(EVP_PKEY *key, const uint8_t *pw, size_t pw_len, BIO **bio, size_t *len)
 {
     NEED_SECURE_HEAP();
     *bio = NULL;
     *len = 0;
-    EVP_PKEY *provided = NULL;
-    if (provided_copy(key, &provided) != NK_OK) {
-        ERR_clear_error();
+    if (key == NULL || pw_len > INT_MAX)
         return NK_ERR_INTERNAL;
-    }
-    *bio = BIO_new(BIO_s_secmem());
-    OSSL_ENCODER_CTX *ectx = OSSL_ENCODER_CTX_new_for_pkey(provided, EVP_PKEY_KEYPAIR, "PEM",
-                                                           "PrivateKeyInfo", NULL);
+    PKCS8_PRIV_KEY_INFO *p8 = EVP_PKEY2PKCS8(key);
+    X509_SIG *sealed = NULL;
     int rc = NK_ERR_INTERNAL;
-    if (*bio != NULL && ectx != NULL && OSSL_ENCODER_CTX_get_num_encoders(ectx) > 0
-        && (pw_len == 0 || (OSSL_ENCODER_CTX_set_cipher(ectx, "AES-256-CBC", NULL)
-                            && OSSL_ENCODER_CTX_set_passphrase(ectx, pw, pw_len)))
-        && OSSL_ENCODER_to_bio(ectx, *bio) > 0) {
-        *len = (size_t)BIO_pending(*bio);
-        rc = NK_OK;
+    *bio = BIO_new(BIO_s_secmem());
+    if (p8 != NULL && *bio != NULL) {
+        int ok;
+        if (pw_len == 0) {
+            ok = PEM_write_bio_PKCS8_PRIV_KEY_INFO(*bio, p8);
+        } else {
+            /* PBES2: AES-256-CBC, PBKDF2 with HMAC-SHA256, a random salt, default count */
+            sealed = PKCS8_encrypt_ex(-1, EVP_aes_256_cbc(), (const char *)pw, (int)pw_len,
+                                      NULL, 0, 0, p8, NULL, NULL);
+            ok = sealed != NULL && PEM_write_bio_PKCS8(*bio, sealed);
+        }
+        if (ok) {
+            *len = (size_t)BIO_pending(*bio);
+            rc = NK_OK;
+        }
     }
-    OSSL_ENCODER_CTX_free(ectx);
-    EVP_PKEY_free(provided);
+    X509_SIG_free(sealed);
+    PKCS8_PRIV_KEY_INFO_free(p8);
     if (rc != NK_OK) {
         BIO_free(*bio);
         *bio = NULL;

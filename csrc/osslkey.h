@@ -1,7 +1,13 @@
 /* osslkey: RSA private keys held by OpenSSL 3's secure heap (CRYPTO_secure_malloc_init: one
- * mlocked, guarded, dump-excluded arena), so that d, p, q, dp, dq and qinv never sit in the
- * ordinary heap. Every call returns 0 or an NK_ERR_* code; nothing secret is ever returned in
+ * mlocked, guarded, dump-excluded arena), so that d, p, q, dp, dq and qinv are kept nowhere
+ * else. OpenSSL's own temporaries during an operation (BN_CTX numbers, a per-operation
+ * Montgomery context, OAEP's unmasking buffers, PEM's DER) are ordinary heap, cleared when
+ * freed. Every call returns 0 or an NK_ERR_* code; nothing secret is ever returned in
  * ordinary memory. The block between the cdef markers is read by build_osslkey.py.
+ *
+ * A key from here is a legacy RSA key (see uncached_key in osslkey.c): never hand it to an
+ * EVP_PKEY_CTX or an OSSL_ENCODER, which would export a provider copy of it, with ordinary-
+ * heap numbers, for the key's lifetime.
  */
 #ifndef NOMYO_OSSLKEY_H
 #define NOMYO_OSSLKEY_H
@@ -18,6 +24,7 @@
 #define NK_ERR_NOT_ENCRYPTED -5 /* a password was given for a PEM that is not encrypted */
 #define NK_ERR_SIZE -6          /* an output buffer of the wrong size */
 #define NK_ERR_SECURE_HEAP -7   /* the secure heap is not initialised */
+#define NK_ERR_MULTI_PRIME -8   /* a multi-prime RSA key: not made or accepted here */
 
 typedef struct evp_pkey_st EVP_PKEY;
 typedef struct bio_st BIO;

@@ -167,6 +167,8 @@ class KeyPair:
             raise ValueError(f"{source}: the private key is encrypted and no password was given")
         if rc == binding.NK_ERR_NOT_ENCRYPTED:
             raise ValueError(f"{source}: the key is not encrypted; drop the password")
+        if rc == binding.NK_ERR_MULTI_PRIME:
+            raise ValueError(f"{source}: a multi-prime RSA key; only two-prime keys are used")
         if rc != 0:
             raise ValueError(f"{source}: not a PEM private key, or wrong password")
         key = SecureRsaKey(handle)

@@ -193,3 +193,27 @@ def test_a_key_pair_saved_and_loaded_keeps_decrypting_what_cryptography_sealed()
     """, NOMYO_SECURE_PRIVATE_KEYS="1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["2048", "SecureRsaKey", "4096", "SecureRsaKey"]
+
+
+def test_a_multi_prime_key_is_refused_by_name(tmp_path):
+    """Old (this round's first cut): a RuntimeError saying OpenSSL failed, which reads as an
+    internal error; a three-prime key is input we do not take."""
+    _osslkey_built()
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command (Debian package openssl) is not installed")
+    pem = tmp_path / "three.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                    "-pkeyopt", "rsa_keygen_primes:3", "-out", str(pem)], check=True,
+                   capture_output=True)
+    proc = run_python(f"""
+        from nomyo.protocol.keys import KeyPair
+        try:
+            KeyPair.from_pem(open({str(pem)!r}, "rb").read(), None)
+        except ValueError as err:
+            print("ValueError", err)
+    """, NOMYO_SECURE_PRIVATE_KEYS="1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ValueError") and "multi-prime" in proc.stdout, proc.stdout
