@@ -301,3 +301,14 @@ def test_a_wrong_key_password_stops_the_proxy_with_one_line(tmp_path):
     assert "the client cannot start" in proc.stderr and "wrong password" in proc.stderr, \
         proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("authorization", ["Bèarer k1", "Bearer kè", "bearer", ""])
+def test_a_bad_authorization_header_is_a_401_never_a_500(authorization):
+    """Old: a non-ASCII scheme made hmac.compare_digest raise TypeError (a 500)."""
+    from nomyo.openai.gateway import CHAT_PATH, Gateway
+    from nomyo.server.policy import ApiKeys
+
+    gateway = Gateway(api_keys=ApiKeys(["k1"]))
+    reply = gateway.route("POST", CHAT_PATH, {"authorization": authorization}, bytearray(b"{}"))
+    assert reply.status == 401, reply
