@@ -515,25 +515,25 @@ wipe_bytes_owned(PyObject *module, PyObject *box)
     Py_RETURN_TRUE;
 }
 
-static PyObject *
-wipe_str_owned(PyObject *module, PyObject *box)
+/* Why `obj` (a str we hold) may not be written, or NULL when it is ours alone. Before 3.12
+ * the intern table's references are not counted: an interned str can show a count of 1, so
+ * interning is checked on its own. */
+static const char *
+str_not_ours(PyObject *obj)
 {
-    (void)module;
-    PyObject *obj = take_handed_over(box, &PyUnicode_Type, "wipe_str_owned");
-    if (obj == NULL)
-        return NULL;
-    if (!PyUnicode_IS_COMPACT(obj)) { /* only the deprecated Py_UNICODE APIs make these */
-        Py_DECREF(obj);
-        PyErr_SetString(WipeRefused, "refusing to wipe a legacy (non-compact) str; "
-                                     "it was not zeroed");
-        return NULL;
-    }
-    /* Before 3.12 the intern table's references are not counted: an interned str can
-     * show a count of 1, so interning is checked on its own. */
-    if (Py_REFCNT(obj) != 1 || PyUnicode_CHECK_INTERNED(obj))
-        return not_wiped(obj, PyUnicode_CHECK_INTERNED(obj)
-                                  ? "the str is interned (shared by identity)"
-                                  : "the str is still referenced elsewhere");
+    if (!PyUnicode_IS_COMPACT(obj)) /* only the deprecated Py_UNICODE APIs make these */
+        return "a legacy (non-compact) str";
+    if (PyUnicode_CHECK_INTERNED(obj))
+        return "the str is interned (shared by identity)";
+    if (Py_REFCNT(obj) != 1)
+        return "the str is still referenced elsewhere";
+    return NULL;
+}
+
+/* Zero a str we alone hold (its text, cached UTF-8 and wchar_t forms, hash), then drop it. */
+static void
+zero_str_and_release(PyObject *obj)
+{
     explicit_bzero(PyUnicode_DATA(obj),
                    (size_t)PyUnicode_GET_LENGTH(obj) * PyUnicode_KIND(obj));
     if (!PyUnicode_IS_COMPACT_ASCII(obj)) { /* the cached UTF-8 form, if any */
@@ -556,6 +556,43 @@ wipe_str_owned(PyObject *module, PyObject *box)
 #endif
     ((PyASCIIObject *)obj)->hash = -1;
     Py_DECREF(obj); /* the last reference: freed, already zeroed */
+}
+
+static PyObject *
+wipe_str_owned(PyObject *module, PyObject *box)
+{
+    (void)module;
+    PyObject *obj = take_handed_over(box, &PyUnicode_Type, "wipe_str_owned");
+    if (obj == NULL)
+        return NULL;
+    const char *why = str_not_ours(obj);
+    if (why != NULL) {
+        if (!PyUnicode_IS_COMPACT(obj)) { /* never passed off as a short shared value */
+            Py_DECREF(obj);
+            PyErr_Format(WipeRefused, "refusing to wipe: %s; it was not zeroed", why);
+            return NULL;
+        }
+        return not_wiped(obj, why);
+    }
+    zero_str_and_release(obj);
+    Py_RETURN_TRUE;
+}
+
+/* wipe_str_owned without the refusal: a str someone else holds is left as it is and False
+ * returned, with no exception to raise and catch (what wiping a whole tree, whose keys are
+ * mostly shared, spends most of its time on). */
+static PyObject *
+wipe_str_if_owned(PyObject *module, PyObject *box)
+{
+    (void)module;
+    PyObject *obj = take_handed_over(box, &PyUnicode_Type, "wipe_str_if_owned");
+    if (obj == NULL)
+        return NULL;
+    if (str_not_ours(obj) != NULL) {
+        Py_DECREF(obj);
+        Py_RETURN_FALSE;
+    }
+    zero_str_and_release(obj);
     Py_RETURN_TRUE;
 }
 
@@ -1390,6 +1427,8 @@ static PyMethodDef module_methods[] = {
      "Take the bytes out of a one-element list and zero it if that was its only reference."},
     {"wipe_str_owned", wipe_str_owned, METH_O,
      "Take the str out of a one-element list and zero it if that was its only reference."},
+    {"wipe_str_if_owned", wipe_str_if_owned, METH_O,
+     "wipe_str_owned returning False instead of refusing a str held elsewhere."},
     {"json_quote_len", json_quote_len, METH_O, "Length of the JSON string form, UTF-8."},
     {"json_quote_into", json_quote_into, METH_VARARGS, "Write the JSON string form into a buffer."},
     {"decode_utf8", decode_utf8, METH_O, "Strict UTF-8 to str in one exact allocation."},

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from nomyo.errors import WipeRefusedError
-from nomyo.memory import wipe_str_owned
+from nomyo.memory import binding, wipe_str_owned
 
 
 def wipe_tree(tree: Any) -> None:
@@ -44,10 +44,16 @@ def wipe_tree(tree: Any) -> None:
         del node
 
 
-def _wipe_unless_shared(box: list) -> None:
-    """Zero the str that `box` alone holds; one shared with anyone else (a memoised key, an
-    interned name) is not ours to zero and is left as it is."""
+def _refusing_quietly(box: list) -> bool:
+    """The fallback's form of the native wipe_str_if_owned: a str shared with anyone else (a
+    memoised key, an interned name) is not ours to zero and is left as it is."""
     try:
-        wipe_str_owned(box)
+        return wipe_str_owned(box)
     except WipeRefusedError:
-        pass
+        return False
+
+
+# The native form says "shared" with False rather than an exception: a tree's keys are
+# mostly shared, and raising and catching for each was most of the cost of a wipe.
+_wipe_unless_shared = (binding.pyobjects.wipe_str_if_owned if binding.pyobjects is not None
+                       else _refusing_quietly)

@@ -451,6 +451,23 @@ def test_wipe_owned_refuses_interned_and_immortal_objects_without_writing():
     assert wipe_str_owned([chr(107)]) is False and "k" == chr(107)
 
 
+def test_wipe_str_if_owned_leaves_what_others_hold_and_says_so_without_raising():
+    from nomyo.memory.binding import pyobjects
+
+    if pyobjects is None:
+        pytest.skip("the native helper (nomyo._pyobjects) is not built")
+    secret = os.urandom(12).hex()
+    interned = sys.intern("".join(["nomyo-interned-", secret]))
+    held = "".join(["held-", secret])
+    keep = held
+    for value in (interned, held, chr(107), ""):
+        assert pyobjects.wipe_str_if_owned([value]) is False
+    assert interned == "nomyo-interned-" + secret and keep == "held-" + secret
+    assert "k" == chr(107)
+    with pytest.raises(TypeError):
+        pyobjects.wipe_str_if_owned([b"bytes"])
+
+
 def test_wipe_owned_checks_the_box_before_taking_anything():
     for bad in ([], [b"a", b"b"], (b"abc",), [bytearray(3)], ["text"]):
         with pytest.raises(TypeError):
@@ -463,13 +480,16 @@ def test_wipe_owned_checks_the_box_before_taking_anything():
     assert issubclass(WipeRefusedError, ValueError) and issubclass(WipeRefusedError, NomyoError)
 
 
-def test_wipe_owned_zeroes_the_data_its_caches_and_its_hash():
+@pytest.mark.parametrize("str_wipe", ["wipe_str_owned", "wipe_str_if_owned"])
+def test_wipe_owned_zeroes_the_data_its_caches_and_its_hash(str_wipe):
     """Read where the object was, right after it was zeroed and freed: no byte of the value,
     of its UTF-8 (and before 3.12 wchar_t) caches, nor its cached hash is left. Offsets are
     CPython's layout, checked against the live object before the wipe."""
     proc = run_python(r"""
         import ctypes, json, os, struct, sys
-        from nomyo.memory import wipe_bytes_owned, wipe_str_owned
+        from nomyo.memory import wipe_bytes_owned
+        from nomyo.memory.binding import pyobjects
+        wipe_str = getattr(pyobjects, STR_WIPE)
         api = ctypes.pythonapi
         api.PyUnicode_AsUTF8AndSize.restype = ctypes.c_void_p
         api.PyUnicode_AsUTF8AndSize.argtypes = [ctypes.py_object, ctypes.c_void_p]
@@ -512,14 +532,14 @@ def test_wipe_owned_zeroes_the_data_its_caches_and_its_hash():
                 caches.append((api.PyUnicode_AsUnicode(text), n * ctypes.sizeof(ctypes.c_wchar)))
             box = [text]
             del text
-            wiped = wipe_str_owned(box)
+            wiped = wipe_str(box)
             report[name] = [wiped, peek(at, n * kind) == bytes(n * kind),
                             hash_at(base + 24) == -1]
             for address, size in caches:
                 if address != at:  # a separate block: its first 8 bytes are the free list's
                     report[name].append(peek(address + 8, size - 8) == bytes(size - 8))
         print(json.dumps(report))
-    """)
+    """.replace("STR_WIPE", repr(str_wipe)))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report == {k: [True] * len(v) for k, v in report.items()} and len(report) == 4
