@@ -468,6 +468,68 @@ def test_wipe_str_if_owned_leaves_what_others_hold_and_says_so_without_raising()
         pyobjects.wipe_str_if_owned([b"bytes"])
 
 
+@pytest.mark.parametrize("str_wipe", ["wipe_str_owned", "wipe_str_if_owned"])
+def test_an_interned_str_whose_only_counted_reference_is_the_box_is_not_written(str_wipe):
+    """Before 3.12, and again on 3.13, the intern table's references are not counted: an
+    interned str handed over alone shows the box's reference and the call's, nothing more, so
+    only the interned check stands between it and a zeroing that would leave the table
+    pointing at a str it can no longer find (CPython reports "deletion of interned string
+    failed" when it is freed). Both wipes must leave it; the table must still give its text."""
+    proc = run_python(r"""
+        import json, os, sys
+        from nomyo.errors import WipeRefusedError
+        from nomyo.memory.binding import pyobjects
+        wipe = getattr(pyobjects, STR_WIPE)
+        secret = os.urandom(12).hex()
+        box = [sys.intern("".join(["nomyo-interned-", secret]))]
+        counted = sys.getrefcount(box[0])
+        try:
+            result = wipe(box)
+        except WipeRefusedError as exc:
+            result = str(exc)
+        again = sys.intern("".join(["nomyo-interned-", secret]))
+        print(json.dumps([result, box, again == "nomyo-interned-" + secret, counted]))
+    """.replace("STR_WIPE", repr(str_wipe)))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    result, box, intact, counted = json.loads(proc.stdout)
+    if sys.version_info[:2] != (3, 12):  # 3.12 makes every interned str immortal
+        assert counted == 2, counted  # the refcount alone would not have refused it
+    assert box == [] and intact
+    assert result is False if str_wipe == "wipe_str_if_owned" else "interned" in result
+
+
+def test_wipe_tree_zeroes_the_strings_only_the_tree_held():
+    """wipe_tree is what the server and the proxy call on each request and answer: a value
+    nothing else holds must be zeroed where it lay, not merely dropped."""
+    from nomyo.memory.binding import pyobjects
+
+    if pyobjects is None:
+        pytest.skip("the native helper (nomyo._pyobjects) is not built")
+    proc = run_python(r"""
+        import ctypes, json, os, sys
+        from nomyo.memory.scrub import wipe_tree
+        scratch = ctypes.create_string_buffer(4096)
+        # sizes no other object of this run is made in, so no freed block is reused before
+        # it is read
+        secret = os.urandom(120).hex()
+        tree = json.loads(json.dumps({"messages": [{"content": secret}], "k": secret[:170]}))
+        places = []
+        for text in (tree["messages"][0]["content"], tree["k"]):
+            places.append((id(text) + sys.getsizeof(text) - len(text) - 1, len(text)))
+            ctypes.memmove(scratch, places[-1][0], 8)
+            assert scratch.raw[:8] == text[:8].encode()
+        del text
+        wipe_tree(tree)
+        result = []
+        for at, n in places:
+            ctypes.memmove(scratch, at, n)
+            result.append(scratch.raw[:n] == bytes(n))
+        print(json.dumps([tree, result]))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [{}, [True, True]]
+
+
 def test_wipe_owned_checks_the_box_before_taking_anything():
     for bad in ([], [b"a", b"b"], (b"abc",), [bytearray(3)], ["text"]):
         with pytest.raises(TypeError):
