@@ -274,7 +274,8 @@ class PeerServer:
             def _post(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                peer.received.append({"headers": headers, "size": len(body), "path": self.path})
+                peer.received.append({"headers": headers, "size": len(body), "path": self.path,
+                                      "client": self.client_address})
                 if peer.delay:
                     time.sleep(peer.delay)
                 if urlsplit(self.path).path != "/v1/chat/secure_completion":

@@ -24,6 +24,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from nomyo.client import forks
 from nomyo.client.keyring import KeyRing
 from nomyo.client.secure_answer import SecureAnswer, require_span_reader
 from nomyo.client.transport import USE_DEFAULT, Prepared, RetryPolicy, Transport
@@ -169,6 +170,14 @@ class _WorkspacePool:
         for work in idle:
             work.close()
 
+    def forget_parent(self) -> None:
+        """In a forked child: the idle buffers are the parent's. Closing them here unmaps
+        only the child's inherited pages; the pool starts empty."""
+        self._lock = threading.Lock()
+        idle, self._idle = self._idle, []
+        for work in idle:
+            work.close()
+
 
 @dataclass(frozen=True)
 class _ServerKey:
@@ -229,6 +238,7 @@ class SecureCompletionClient:
         self._executor_lock = threading.Lock()
         self._workspaces = _WorkspacePool()
         self._closed = False
+        forks.track(self)
         _warn_if_plain_http(self.router_url, allow_http)
 
     # -- settings: each takes effect from the next request when changed, or is read-only ---
@@ -523,6 +533,17 @@ class SecureCompletionClient:
         self._workspaces.close()
 
     dispose = close
+
+    def forget_parent(self) -> None:
+        """In a forked child (see nomyo.client.forks): new locks (another thread may have
+        held one at the fork), no worker threads, and the parent's connections, idle buffers
+        and key births dropped; the current key pair and server keys stay usable."""
+        self._server_key_lock = threading.Lock()
+        self._executor_lock = threading.Lock()
+        self._executor = None  # its threads were not forked
+        self._workspaces.forget_parent()
+        self._transport.forget_parent()
+        self._keyring.forget_parent()
 
     def __enter__(self) -> SecureCompletionClient:  # noqa: PYI034
         return self

@@ -139,6 +139,16 @@ class KeyRing:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
 
+    def forget_parent(self) -> None:
+        """In a forked child: the worker thread is gone, so a pair it was making would
+        never arrive; the child makes its own when it needs one. The current pair stays."""
+        self._lock = threading.Lock()
+        self._executor = None
+        if self._first is not None and not self._first.done():
+            self._first = None
+        if self._next is not None and not self._next.done():
+            self._next = None
+
     # -- internals -------------------------------------------------------------------------
 
     def _check_open(self) -> None:

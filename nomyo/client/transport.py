@@ -211,6 +211,16 @@ class RetryPolicy:
         return exact * (1.0 - 0.25 * random.random())
 
 
+def _new_session() -> requests.Session:
+    """A session of one-write connections that reads nothing from the environment."""
+    session = requests.Session()
+    session.trust_env = False
+    adapter = OneWriteAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
 class Transport:
     """A pooled HTTP client with retries; thread-safe, one per SDK client."""
 
@@ -241,12 +251,7 @@ class Transport:
         self._verify = verify
         self._routes: dict[tuple[str, str], tuple[urllib3.HTTPConnectionPool, str]] = {}
         self.timeout = timeout
-        session = requests.Session()
-        session.trust_env = False
-        adapter = OneWriteAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        self._session: requests.Session | None = session
+        self._session: requests.Session | None = _new_session()
 
     @property
     def timeout(self) -> float | None:
@@ -275,6 +280,15 @@ class Transport:
             session, self._session = self._session, None
         if session is not None:
             session.close()
+
+    def forget_parent(self) -> None:
+        """In a forked child: the pooled connections are shared with the parent, whose
+        answers would cross ours; start a new pool and leave them to the parent (collecting
+        them here only closes the child's descriptors)."""
+        self._lock = threading.Lock()
+        self._routes = {}
+        if self._session is not None:
+            self._session = _new_session()
 
     def prepare(self, method: str, url: str, headers: Mapping[str, str] | None = None, *,
                 api_key: str | None = None) -> Prepared:
