@@ -102,15 +102,31 @@ def test_fallback_backend_errors_are_package_errors_without_plaintext():
     assert proc.stdout.split() == ["ok"] * 4, proc.stdout + proc.stderr
 
 
-def test_native_utf8_decoder_survives_a_buffer_changing_between_its_passes():
-    """decode_utf8 counts characters in one pass and copies them in a second; a base64
-    decode_into of another thread (GIL-free for large inputs) can rewrite the buffer in
-    between. Here the buffer's data ends on its guard page and flips between N - 1 Latin-1
-    characters and N / 3 three-byte ones: an unbounded second pass read past the end (SIGSEGV
-    in the child). Each call must now return a canonical str of exactly the buffer's bytes, or
-    raise: ValueError for invalid UTF-8, RuntimeError for a change between the passes."""
+# What each native reader is raced with (see the test below): N-byte contents it flips
+# between, the call, and how a returned str is re-encoded to compare with the N bytes read.
+_RACES = {
+    "decode_utf8": ('[("\\xe9" + "a" * (N - 2)).encode(), ("\\u20ac" * (N // 3)).encode()]',
+                    "_pyobjects.decode_utf8(buf)", "s.encode('utf-8')"),
+    # plain runs (read eight bytes at a time), escapes and two-byte characters in one string
+    "json_loads": ('[b\'"\' + c + b\'"\' for c in (b"a" * (N - 2), b"\\\\n" * ((N - 2) // 2), '
+                   '"\\xe9".encode() * ((N - 2) // 2))]',
+                   "_pyobjects.json_loads(buf)",
+                   "json.dumps(s, ensure_ascii=False).encode('utf-8')"),
+}
+
+
+@pytest.mark.parametrize("reader", sorted(_RACES))
+def test_native_readers_survive_a_buffer_changing_between_their_passes(reader):
+    """decode_utf8 and the JSON string reader count characters in one pass and copy them in
+    a second; a base64 decode_into of another thread (GIL-free for large inputs) can rewrite
+    the buffer in between. Here the buffer's data ends on its guard page and flips between
+    contents of different character counts: an unbounded second pass read past the end
+    (SIGSEGV in the child). Each call must return a canonical str of exactly the buffer's
+    bytes, or raise: ValueError for invalid input, RuntimeError for a change between the
+    passes."""
     from tests.helpers import run_python
 
+    contents, call, encoded = _RACES[reader]
     proc = run_python("""
         import base64, json, sys, threading, time
         from nomyo import _pyobjects
@@ -118,7 +134,7 @@ def test_native_utf8_decoder_survives_a_buffer_changing_between_its_passes():
         from nomyo.memory import SecureBuffer
 
         N = 3 * 32768  # 24 pages: the data ends against the guard page
-        contents = [("\\xe9" + "a" * (N - 2)).encode(), ("\\u20ac" * (N // 3)).encode()]
+        contents = CONTENTS
         texts = [base64.b64encode(c) for c in contents]  # decoded without the GIL
         buf = SecureBuffer(N)
         stop = threading.Event()
@@ -126,7 +142,7 @@ def test_native_utf8_decoder_survives_a_buffer_changing_between_its_passes():
         def writer():
             i = 0
             while not stop.is_set():
-                b64.decode_into(texts[i % 2], buf, 0)
+                b64.decode_into(texts[i % len(texts)], buf, 0)
                 i += 1
 
         sys.setswitchinterval(1e-5)
@@ -137,7 +153,7 @@ def test_native_utf8_decoder_survives_a_buffer_changing_between_its_passes():
         try:
             while time.monotonic() < deadline and (seen["changed"] < 10 or seen["str"] < 10):
                 try:
-                    s = _pyobjects.decode_utf8(buf)
+                    s = CALL
                 except ValueError:
                     seen["invalid"] += 1
                 except RuntimeError as exc:
@@ -145,14 +161,15 @@ def test_native_utf8_decoder_survives_a_buffer_changing_between_its_passes():
                     seen["changed"] += 1
                 else:
                     again = s.encode("utf-8").decode("utf-8")
-                    exact = len(s.encode("utf-8")) == N
+                    exact = len(ENCODED) == N
                     seen["str" if exact and sys.getsizeof(s) == sys.getsizeof(again)
                          else "bad"] += 1
         finally:
             stop.set()
             thread.join()
         print(json.dumps(seen))
-    """, timeout=120)
+    """.replace("CONTENTS", contents).replace("CALL", call).replace("ENCODED", encoded),
+        timeout=120)
     assert proc.returncode == 0, f"child died ({proc.returncode}): {proc.stderr[-2000:]}"
     seen = json.loads(proc.stdout)
     # a change between the passes is a narrow window: under AddressSanitizer on two busy cores
@@ -278,3 +295,21 @@ def test_reader_keeps_json_semantics_at_the_edges():
     with SecureBuffer.copy_of(b"[" * (depth + 1) + b"]" * (depth + 1)) as buf, \
             pytest.raises(PackageError, match="nested too deeply"):
         secure_json.loads(buf)
+
+
+def test_plain_runs_stop_at_every_byte_in_every_position_of_a_word():
+    """The readers take runs of plain ASCII eight bytes at a time (csrc/pyobjects.c
+    plain_run): every byte value, at every offset of the first, second and third word, inside
+    a string, closed or cut off, must read as json.loads reads it (values, or refusals), for
+    loads and for spans with their unescaped text."""
+    from security.fuzz.targets import json_loads_target, json_spans_target
+
+    checked = 0
+    for before in range(19):
+        for value in range(256):
+            body = b"p" * before + bytes([value]) + b"q" * 9
+            for raw in (b'["' + body + b'"]', b'"' + body, b'{"' + body + b'": 1}'):
+                json_loads_target(raw)
+                json_spans_target(raw)
+                checked += 1
+    assert checked == 19 * 256 * 3
