@@ -115,10 +115,11 @@ def test_no_plaintext_or_aes_key_left_in_the_client_process():
     found = sorted({needles[n] for n, c in counts.items() if c})
     assert found == [], f"residues in the client process: {found[:10]}"
     assert len(peer.aes_keys) == 2 * len(peer.request_plaintexts)
-    from nomyo.client.core import MAX_IDLE_WORKSPACES, POOLED_WORKSPACE_MAX
+    from nomyo.client.core import MAX_IDLE_WORKSPACES
+    from nomyo.protocol.workspace import POOLED_CAPACITY_MAX
 
-    # an idle workspace: a plaintext slot (a small package's plaintext plus the 4 KiB answer
-    # headroom, in pages) and at most one key page
-    kept = MAX_IDLE_WORKSPACES * (POOLED_WORKSPACE_MAX + 3 * 4096)
+    # an idle workspace: a plaintext slot (a small plaintext plus the 4 KiB answer headroom,
+    # in pages, with its canary) and at most one key page
+    kept = MAX_IDLE_WORKSPACES * (POOLED_CAPACITY_MAX + 2 * 4096)
     assert first["baseline"] <= ready["vmlck"] <= first["baseline"] + kept, (first, ready)
     assert closed["closed_vmlck"] == first["baseline"], (first, closed)

@@ -24,7 +24,6 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from nomyo.client import forks
 from nomyo.client.keyring import KeyRing
 from nomyo.client.secure_answer import SecureAnswer, require_span_reader
 from nomyo.client.transport import USE_DEFAULT, Prepared, RetryPolicy, Transport
@@ -37,7 +36,7 @@ from nomyo.errors import (
     SecureMemoryUnavailable,
     SecurityError,
 )
-from nomyo.memory import get_memory_protection_info, require_native, require_protection
+from nomyo.memory import forks, get_memory_protection_info, require_native, require_protection
 from nomyo.protocol import envelope, keys
 from nomyo.protocol.chat_request import check_chat_request, check_security_tier
 from nomyo.protocol.constants import (
@@ -50,7 +49,7 @@ from nomyo.protocol.constants import (
     PUBLIC_KEY_PATH,
     SECURITY_TIER_HEADER,
 )
-from nomyo.protocol.workspace import Fresh, Workspace
+from nomyo.protocol.workspace import Fresh, Workspace, WorkspacePool
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +58,8 @@ T = TypeVar("T")
 ATTESTATION_MODES = (None, "verify", "require")
 MAX_WORKERS = 32
 MAX_CACHED_SERVER_KEYS = 64  # endpoints (per-call base_url) whose key is remembered
-# An exchange's workspace is kept for the next one (mapping and unmapping guarded, locked
-# pages is the largest CPU cost of secure memory) unless its request or answer package was
-# larger than this; at most MAX_IDLE_WORKSPACES are kept, so the locked memory a client
-# holds between requests stays within a few pages of a small RLIMIT_MEMLOCK budget.
-POOLED_WORKSPACE_MAX = 8 * 1024
+# Idle workspaces kept for the next exchange (see WorkspacePool): two, so the locked memory
+# a client holds between requests stays within a few pages of a small RLIMIT_MEMLOCK budget.
 MAX_IDLE_WORKSPACES = 2
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
@@ -128,57 +124,6 @@ class CallOptions:
 DEFAULT_OPTIONS = CallOptions()
 
 
-class _PooledWorkspace(Workspace):
-    """A workspace the client may keep for its next exchange; `large` once it carried more
-    than POOLED_WORKSPACE_MAX (then it is released instead of kept)."""
-
-    large = False
-
-
-class _WorkspacePool:
-    """The client's idle workspaces (their slots are wiped when an exchange ends): taking
-    one saves mapping, locking and unmapping fresh guarded pages on every request."""
-
-    def __init__(self, limit: int = MAX_IDLE_WORKSPACES) -> None:
-        self._limit = limit
-        self._idle: list[_PooledWorkspace] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def take(self, require: bool | None) -> _PooledWorkspace:
-        """An idle workspace made with the same fail-closed setting, else a new one."""
-        with self._lock:
-            for i in range(len(self._idle) - 1, -1, -1):
-                if self._idle[i].require == require:
-                    return self._idle.pop(i)
-        return _PooledWorkspace(require=require)
-
-    def give(self, work: _PooledWorkspace, ended_cleanly: bool) -> None:
-        """Keep `work` for the next exchange, or release it: after a failure (a slot may not
-        have been wiped), a large exchange, or once the client is closed."""
-        if ended_cleanly and not work.large:
-            with self._lock:
-                if not self._closed and len(self._idle) < self._limit:
-                    self._idle.append(work)
-                    return
-        work.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for work in idle:
-            work.close()
-
-    def forget_parent(self) -> None:
-        """In a forked child: the idle buffers are the parent's. Closing them here unmaps
-        only the child's inherited pages; the pool starts empty."""
-        self._lock = threading.Lock()
-        idle, self._idle = self._idle, []
-        for work in idle:
-            work.close()
-
-
 @dataclass(frozen=True)
 class _ServerKey:
     public_key: rsa.RSAPublicKey
@@ -236,7 +181,7 @@ class SecureCompletionClient:
         self._server_key_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-        self._workspaces = _WorkspacePool()
+        self._workspaces = WorkspacePool(MAX_IDLE_WORKSPACES)
         self._closed = False
         forks.track(self)
         _warn_if_plain_http(self.router_url, allow_http)
@@ -535,13 +480,13 @@ class SecureCompletionClient:
     dispose = close
 
     def forget_parent(self) -> None:
-        """In a forked child (see nomyo.client.forks): new locks (another thread may have
+        """In a forked child (see nomyo.memory.forks): new locks (another thread may have
         held one at the fork), no worker threads, and the parent's connections, idle buffers
-        and key births dropped; the current key pair and server keys stay usable."""
+        and key births dropped (the workspace pool drops its own); the current key pair and
+        server keys stay usable."""
         self._server_key_lock = threading.Lock()
         self._executor_lock = threading.Lock()
         self._executor = None  # its threads were not forked
-        self._workspaces.forget_parent()
         self._transport.forget_parent()
         self._keyring.forget_parent()
 
@@ -625,13 +570,8 @@ class SecureCompletionClient:
         generated = {PUBLIC_KEY_HEADER: _quoted(pair.public_pem)}
         body = envelope.seal_json(payload, server_key.public_key, workspace=work)
         limits = {"timeout": options.timeout, "max_retries": options.max_retries}
-        if isinstance(work, _PooledWorkspace) and len(body) > POOLED_WORKSPACE_MAX:
-            work.large = True  # its plaintext slot grew with the request: not kept
         try:
-            content = self._transport.send(post, body, generated, **limits)
-            if len(content) > POOLED_WORKSPACE_MAX and isinstance(work, _PooledWorkspace):
-                work.large = True  # the answer will grow it
-            return content
+            return self._transport.send(post, body, generated, **limits)
         except InvalidRequestError as err:
             if not _server_could_not_open(err):
                 raise

@@ -9,12 +9,16 @@ fail closed unless it is really locked and excluded from dumps.
 from __future__ import annotations
 
 import mmap
+import threading
 from typing import Any
 
-from nomyo.memory import SecureBuffer
+from nomyo.memory import SecureBuffer, forks
 from nomyo.memory.binding import copy_scrub
 
 ANSWER_HEADROOM = 4096  # see Workspace
+# A workspace whose slots hold more than this (a large request or answer) is released, not
+# kept idle (see WorkspacePool): a small exchange's slot is its size plus the headroom.
+POOLED_CAPACITY_MAX = 8 * 1024 + ANSWER_HEADROOM
 
 
 class Workspace:
@@ -90,6 +94,10 @@ class Workspace:
                 del self._slots[slot]
         return buf
 
+    def capacity(self) -> int:
+        """Bytes of secret room this workspace holds (its open slots)."""
+        return sum(buf.capacity for buf in self._slots.values() if not buf.closed)
+
     def close(self) -> None:
         """Wipe and release every slot."""
         if self._cell is not None:
@@ -118,3 +126,54 @@ class Fresh(Workspace):
 
 
 FRESH = Fresh()  # stateless: the default wherever no workspace is given
+
+
+class WorkspacePool:
+    """Idle workspaces (their slots wiped when an exchange ends) for the next exchange:
+    taking one saves mapping, locking, faulting and unmapping fresh guarded pages on every
+    request, most of what secure memory costs a small one. At most `limit` are kept, none
+    larger than POOLED_CAPACITY_MAX, so the locked memory held between requests stays small.
+    A forked child starts with an empty pool (nomyo.memory.forks)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._idle: list[Workspace] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        forks.track(self)
+
+    def take(self, require: bool | None) -> Workspace:
+        """An idle workspace made with the same fail-closed setting, else a new one."""
+        with self._lock:
+            for i in range(len(self._idle) - 1, -1, -1):
+                if self._idle[i].require == require:
+                    return self._idle.pop(i)
+        return Workspace(require=require)
+
+    def give(self, work: Workspace, ended_cleanly: bool) -> None:
+        """Keep `work` for the next exchange, or release it: after a failure (a slot may not
+        have been wiped), when it grew large, or once the pool is closed."""
+        if ended_cleanly and work.capacity() <= POOLED_CAPACITY_MAX:
+            with self._lock:
+                if not self._closed and len(self._idle) < self._limit:
+                    self._idle.append(work)
+                    return
+        work.close()
+
+    def close(self) -> None:
+        """Release every idle workspace; later ones given back are released too."""
+        with self._lock:
+            self._closed = True
+        self._release_idle()
+
+    def forget_parent(self) -> None:
+        """In a forked child: the idle buffers are the parent's. Closing them here unmaps
+        only the child's inherited pages; the pool starts empty."""
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._release_idle()
+
+    def _release_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for work in idle:
+            work.close()

@@ -36,7 +36,7 @@ from nomyo.protocol.constants import (
     PUBLIC_KEY_PATH,
     SECURITY_TIERS,
 )
-from nomyo.protocol.workspace import Workspace
+from nomyo.protocol.workspace import WorkspacePool
 from nomyo.server.backends import Backend, BackendError
 from nomyo.server.policy import ApiKeys, AuthThrottle, RateLimiter, TierPolicy
 
@@ -44,6 +44,9 @@ logger = logging.getLogger("nomyo.server")
 
 HEALTH_PATH = "/health"  # liveness: the process answers
 READY_PATH = "/ready"  # readiness: the backend answers and the memory policy holds
+# Idle exchange workspaces a server process keeps (wiped, a few locked pages each): enough for
+# a steady stream of small requests to map nothing new, few enough for a small memlock limit.
+IDLE_WORKSPACES = 4
 
 
 @dataclass
@@ -132,6 +135,7 @@ class SecureCompletionApp:
         self._limiter = self.options.rate_limiter
         self._public_pem = keypair.public_pem.encode("ascii")
         self._memory_protection = _memory_protection_summary()
+        self._workspaces = WorkspacePool(IDLE_WORKSPACES)
 
     @property
     def cancellable(self) -> bool:
@@ -277,8 +281,10 @@ class SecureCompletionApp:
     ) -> Response:
         payload_id, client_key, tier = ticket.payload_id, ticket.client_key, ticket.tier
         # One workspace for the exchange: the request's key and plaintext buffers hold the
-        # answer's next (wiped in between), and all are released before the reply is sent.
-        with Workspace() as work:
+        # answer's next (wiped in between), all wiped before the reply is sent; the pool
+        # keeps it for a later request unless this one failed or was large.
+        work, clean = self._workspaces.take(None), False
+        try:
             try:
                 request, info = envelope.open_json(body, self.keypair, workspace=work)
             except (PackageError, SecurityError) as err:
@@ -317,6 +323,9 @@ class SecureCompletionApp:
                 # The answer first: it shares strings (model, user text) with the request.
                 wipe_tree(result)
                 wipe_tree(request)
+            clean = True
+        finally:
+            self._workspaces.give(work, clean)
         return Response(200, sealed)
 
     def _authenticate(self, headers: Mapping[str, str], client: str) -> str | None:

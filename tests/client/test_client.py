@@ -26,6 +26,7 @@ from nomyo.errors import (
     ServiceUnavailableError,
 )
 from nomyo.protocol import keys
+from nomyo.protocol import workspace as workspace_module
 from tests.helpers import wait_until
 from tests.peer_server import PeerServer, open_with, seal_for
 
@@ -225,7 +226,7 @@ def test_sixteen_concurrent_requests_overlap(client, peer):
     assert peer.max_in_flight == 16
 
 
-class RecordingWorkspace(client_module._PooledWorkspace):
+class RecordingWorkspace(workspace_module.Workspace):
     """Reports, when the exchange hands it back, whether every slot and key cell was already
     wiped (cells are read through their slot's mapping, which is still there)."""
 
@@ -247,14 +248,14 @@ class RecordingWorkspace(client_module._PooledWorkspace):
 def recorded(monkeypatch):
     """The events of every exchange: answers handed to the loop, workspaces handed back."""
     events: list[str] = []
-    monkeypatch.setattr(client_module, "_PooledWorkspace", RecordingWorkspace)
-    give = client_module._WorkspacePool.give
+    monkeypatch.setattr(workspace_module, "Workspace", RecordingWorkspace)
+    give = workspace_module.WorkspacePool.give
 
     def recording_give(pool, work, ended_cleanly):
         events.append(work.report())
         give(pool, work, ended_cleanly)
 
-    monkeypatch.setattr(client_module._WorkspacePool, "give", recording_give)
+    monkeypatch.setattr(workspace_module.WorkspacePool, "give", recording_give)
     settle = client_module._settle
 
     def recording_settle(future, result, exc):
@@ -317,7 +318,7 @@ def test_failed_release_after_the_answer_is_logged(client, peer, recorded, monke
         work.close()
         raise ValueError("secure free failed: [Errno 22] Invalid argument")
 
-    monkeypatch.setattr(client_module._WorkspacePool, "give", failing_give)
+    monkeypatch.setattr(workspace_module.WorkspacePool, "give", failing_give)
     with caplog.at_level("ERROR", logger="nomyo.client.core"):
         answer = asyncio.run(client.send_secure_request(
             {"model": "m", "messages": MESSAGES}, "p"))

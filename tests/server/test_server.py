@@ -441,3 +441,35 @@ def test_embedded_server_listens_on_loopback_only() -> None:
     with start_background(key=keypair("server"), host="::1") as srv:
         assert srv.url.startswith("http://[::1]:")
         assert requests.get(srv.url + "/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_idle_workspaces_hold_no_secret_and_failures_keep_none(client_pem) -> None:
+    """The server keeps an exchange's secure buffers for later requests (mapping new ones was
+    a tenth of a millisecond each); what it keeps is wiped, a request that failed or was large
+    keeps nothing, and a steady stream of small requests reuses one workspace."""
+    with start_background(key=keypair("server")) as srv:
+        idle = srv.app._workspaces._idle
+        for i in range(5):
+            response = post_sealed(srv.url, seal_request(chat_request(f"kept {i}"),
+                                                         srv.public_key_pem),
+                                   completion_headers(client_pem))
+            assert response.status_code == 200
+        assert len(idle) == 1
+        (work,) = idle
+        slots = list(work._slots.values())
+        assert slots and all(not any(memoryview(buf).cast("B")) for buf in slots)
+        kept = work
+        bad = json.loads(seal_request(chat_request("x"), srv.public_key_pem))
+        sealed = bytearray(base64.b64decode(bad["encrypted_payload"]["ciphertext"]))
+        sealed[0] ^= 1  # the key opens, the AES-GCM tag then fails
+        bad["encrypted_payload"]["ciphertext"] = base64.b64encode(sealed).decode()
+        bad = json.dumps(bad).encode()
+        assert post_sealed(srv.url, bad, completion_headers(client_pem)).status_code == 400
+        assert idle == []  # taken by the failed request and released, not given back
+        assert all(buf.closed for buf in slots)
+        small = seal_request(chat_request("small"), srv.public_key_pem)
+        assert post_sealed(srv.url, small, completion_headers(client_pem)).status_code == 200
+        assert len(idle) == 1 and idle[0] is not kept
+        big = seal_request(chat_request("y" * 50_000), srv.public_key_pem)
+        assert post_sealed(srv.url, big, completion_headers(client_pem)).status_code == 200
+        assert idle == [], "a workspace grown by a large request was kept"
