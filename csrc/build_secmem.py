@@ -1,8 +1,10 @@
 """cffi out-of-line API-mode build of nomyo._secmem (runs at install time, never at import).
 
-`VERSION_MACROS` stamps nomyo/_version.py's version into every compiled module (setup.py
-uses it too), so that the import can tell a stale build from a current one.
+`VERSION_MACROS` stamps nomyo/_version.py's version and a digest of these C sources into
+every compiled module (setup.py uses it too; nomyo/_buildstamp.py), so that the import can
+tell a stale build from a current one.
 """
+import importlib.util
 import os
 import re
 
@@ -35,7 +37,16 @@ def _package_version() -> str:
     return match.group(1)
 
 
-VERSION_MACROS = [("NOMYO_BUILD_VERSION", f'"{_package_version()}"')]
+def _build_stamp() -> str:
+    """The version and the digest of csrc/, by nomyo/_buildstamp.py (loaded by path)."""
+    path = os.path.join(HERE, os.pardir, "nomyo", "_buildstamp.py")
+    spec = importlib.util.spec_from_file_location("_nomyo_buildstamp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.stamp(_package_version(), HERE)
+
+
+VERSION_MACROS = [("NOMYO_BUILD_VERSION", f'"{_build_stamp()}"')]
 
 ffi = FFI()
 ffi.cdef(_cdef_from_header(os.path.join(HERE, "secmem.h")))

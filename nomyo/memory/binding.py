@@ -8,6 +8,7 @@ tests and diagnosis), the fallback backend is used and every report says why.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+from nomyo import _buildstamp
 from nomyo._version import __version__
 from nomyo.memory import settings
 
@@ -28,12 +30,25 @@ pyobjects: Any = None
 FALLBACK_REASON: str | None = None
 
 
+@functools.cache
+def _checkout_digest() -> str | None:
+    """The digest of csrc/ when running from a source checkout (nomyo/_buildstamp.py)."""
+    csrc = _buildstamp.checkout_sources()
+    return _buildstamp.source_digest(csrc) if csrc is not None else None
+
+
 def stale_build(name: str, built_for: str | None) -> str | None:
     """Why a compiled module cannot be used with this package, or None when it can
-    (`built_for` is the version stamped into it; None when it carries no stamp)."""
-    if built_for == __version__:
-        return None
-    made = f"built for nomyo {built_for}" if built_for else "built with no version stamp"
+    (`built_for` is the stamp compiled into it, None when it carries none: the version, and
+    the digest of the C sources, which must match csrc/ in a source checkout)."""
+    version, _, digest = (built_for or "").partition(_buildstamp.SOURCE_MARK)
+    if built_for and version == __version__:
+        current = _checkout_digest()
+        if current is None or digest == current:
+            return None
+        return (f"{name} was built from other C sources than csrc/ holds now: a stale "
+                "build; rebuild it (pip install -e .) in this environment")
+    made = f"built for nomyo {version}" if built_for else "built with no version stamp"
     return (f"{name} was {made}, this is nomyo {__version__}: a stale build; reinstall "
             "nomyo (pip install --force-reinstall) to rebuild it")
 

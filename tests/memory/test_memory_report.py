@@ -94,6 +94,29 @@ def test_a_stale_build_is_reported_as_such():
     assert f"built for nomyo {nomyo_version()}, this is nomyo 9.9.9" in reason
 
 
+def test_a_build_from_other_c_sources_is_stale_in_a_source_checkout():
+    """An editable install rebuilt in one venv and not in another used to run the old C code
+    in the second (only the version was compared): the digest of csrc/ is compared too."""
+    from nomyo import _buildstamp
+    from nomyo.memory import binding
+
+    assert _buildstamp.checkout_sources() is not None, "these tests run from a source checkout"
+    assert binding.stale_build("m", _buildstamp.stamp(nomyo_version(),
+                                                       _buildstamp.checkout_sources())) is None
+    proc = run_python("""
+        import json
+        from nomyo import _buildstamp
+        _buildstamp.source_digest = lambda csrc: "0123456789ab"  # as if csrc/ had changed
+        import nomyo
+        from nomyo.protocol import b64
+        info = nomyo.get_memory_protection_info()
+        print(json.dumps([info["backend"], info["fallback_reason"], b64.NATIVE]))
+    """)
+    backend, reason, codec = json.loads(proc.stdout.splitlines()[-1])
+    assert backend == "fallback" and codec is False
+    assert "built from other C sources than csrc/ holds now" in reason
+
+
 def nomyo_version() -> str:
     from nomyo import __version__
 
