@@ -36,7 +36,13 @@ from nomyo.errors import (
     SecureMemoryUnavailable,
     SecurityError,
 )
-from nomyo.memory import forks, get_memory_protection_info, require_native, require_protection
+from nomyo.memory import (
+    foreign_frees,
+    forks,
+    get_memory_protection_info,
+    require_native,
+    require_protection,
+)
 from nomyo.protocol import envelope, keys
 from nomyo.protocol.chat_request import check_chat_request, check_security_tier
 from nomyo.protocol.constants import (
@@ -688,6 +694,7 @@ def _require_secure_memory_now() -> None:
             "require_secure_memory=True, but locking was switched off in this process "
             "(nomyo.disable_secure_memory()); call nomyo.enable_secure_memory() first")
     require_protection(report["has_memory_locking"], report["dump_excluded"])
+    foreign_frees.require_wiped(True)
 
 
 def _warn_if_plain_http(url: str, allow_http: bool) -> None:

@@ -9,7 +9,7 @@ import os
 from nomyo.errors import SecureMemoryUnavailable
 from nomyo.memory import limits, settings
 
-_ASKED = "secure memory is required (NOMYO_REQUIRE_SECURE_MEMORY=1 or require_secure_memory=True)"
+ASKED = "secure memory is required (NOMYO_REQUIRE_SECURE_MEMORY=1 or require_secure_memory=True)"
 
 
 def required(explicit: bool | None = None) -> bool:
@@ -36,12 +36,12 @@ def require_protection(locked: bool, dump_excluded: bool, *, lock_errno: int = 0
     if not dump_excluded:
         missing.append("memory cannot be excluded from core dumps (madvise MADV_DONTDUMP failed)")
     if missing:
-        raise SecureMemoryUnavailable(f"{_ASKED} but " + "; ".join(missing))
+        raise SecureMemoryUnavailable(f"{ASKED} but " + "; ".join(missing))
 
 
 def require_native(fallback_reason: str | None) -> None:
     """The fallback backend never locks: refuse, naming why the native helper is missing."""
     raise SecureMemoryUnavailable(
-        f"{_ASKED} but the native helper is not available ({fallback_reason}); reinstall "
+        f"{ASKED} but the native helper is not available ({fallback_reason}); reinstall "
         "nomyo with a C compiler so that it builds"
     )

@@ -2,7 +2,8 @@
 wiping it, and takes no buffer of ours. When the protocol layer loads cryptography, its
 free and realloc are pointed at zeroing wrappers (binding.wipe_frees_of), once per process;
 the outcome is kept for the protection report, and a failure is logged as a warning (the
-residue is then as cryptography leaves it: SECURITY.md, "Copies we cannot avoid").
+residue is then as cryptography leaves it: SECURITY.md, "Copies we cannot avoid"), or, in
+fail-closed mode, refuses every new AES key (`require_wiped`).
 Nothing here imports cryptography itself: `import nomyo` and a health check stay light.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from nomyo.memory import binding
+from nomyo.errors import SecureMemoryUnavailable
+from nomyo.memory import binding, failclosed
 
 log = logging.getLogger("nomyo.memory")
 
@@ -37,6 +39,16 @@ def wipe_cryptography_frees() -> bool:
             state.update(wiped=False, reason=str(exc))
         _state = state
     return bool(_state["wiped"])
+
+
+def require_wiped(explicit: bool | None = None) -> None:
+    """Fail-closed mode (`explicit`, else NOMYO_REQUIRE_SECURE_MEMORY): SecureMemoryUnavailable
+    unless cryptography's frees are wiped; its copies of AES keys would stay in freed heap."""
+    if failclosed.required(explicit) and not wipe_cryptography_frees():
+        reason = (_state or {}).get("reason", "unknown")
+        raise SecureMemoryUnavailable(
+            f"{failclosed.ASKED} but the blocks cryptography frees are not wiped ({reason}): "
+            "its copies of AES keys would stay in freed heap memory")
 
 
 def report() -> dict[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from nomyo.memory import get_memory_protection_info
+from nomyo.memory import foreign_frees, get_memory_protection_info
 from nomyo.protocol.constants import DEFAULT_BACKEND_TIMEOUT, DEFAULT_KEY_BITS, MAX_PACKAGE_BYTES
 from nomyo.protocol.keys import KeyPair
 from nomyo.server.app import AppOptions, SecureCompletionApp
@@ -61,6 +61,8 @@ def create_app(
         auth_throttle=AuthThrottle() if keys_ is not None else None,
         memory_policy=_memory_policy,
     )
+    # fail-closed mode (NOMYO_REQUIRE_SECURE_MEMORY=1) refuses at start, not once per request
+    foreign_frees.require_wiped()
     inference = create_backend(backend, timeout=backend_timeout)
     if key is None:
         if key_file is not None:

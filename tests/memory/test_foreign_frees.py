@@ -137,6 +137,53 @@ def test_the_fallback_backend_reports_why_frees_are_not_wiped():
     assert entry["wiped"] is False and "native backend" in entry["reason"], entry
 
 
+UNWIPED_FREES = """
+    import json, logging
+    logging.disable(logging.WARNING)  # the warning that the frees are not wiped: expected
+    from nomyo.memory import binding
+    def refuse(path):
+        raise OSError("no GOT slot for free (as with a statically linked extension)")
+    binding.wipe_frees_of = refuse
+    from nomyo.errors import SecureMemoryUnavailable
+    from nomyo.protocol import envelope
+    from nomyo.protocol.keys import KeyPair
+    from nomyo.client.core import SecureCompletionClient
+    key = KeyPair.generate(2048)
+    out = {}
+    def attempt(name, call):
+        try:
+            call()
+            out[name] = "ok"
+        except SecureMemoryUnavailable as exc:
+            out[name] = str(exc)
+    attempt("seal", lambda: envelope.seal_json({"m": 1}, key.public_key))
+    attempt("client", lambda: SecureCompletionClient(
+        "http://127.0.0.1:9", allow_http=True, require_secure_memory=True).close())
+    from nomyo.server.factory import create_app
+    attempt("server", lambda: create_app(key=key))
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_fail_closed_mode_refuses_when_cryptographys_frees_are_not_wiped(required):
+    """Fail-closed mode promises no secret in memory that is not locked: cryptography's copy of
+    every AES key ends in a block it frees, so with those frees unwiped it refuses, naming
+    why; without it the envelope still works (and the report says the frees are not wiped).
+    Before, fail-closed mode sealed and opened packages regardless."""
+    _native()
+    env = {"NOMYO_REQUIRE_SECURE_MEMORY": "1"} if required else {}
+    proc = run_python(UNWIPED_FREES, **env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "blocks cryptography frees are not wiped (no GOT slot" in out["client"], out
+    for name in ("seal", "server"):
+        if required:
+            assert "blocks cryptography frees are not wiped" in out[name], out
+        else:
+            assert out[name] == "ok", out
+
+
 def test_an_object_that_is_not_loaded_is_refused_by_name(tmp_path):
     _native()
     stray = tmp_path / "libnotloaded.so"
