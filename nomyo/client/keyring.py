@@ -119,7 +119,7 @@ class KeyRing:
         finally:
             with self._lock:
                 slot.leases -= 1
-                if slot.retired and slot.leases == 0:
+                if slot.retired and slot.leases <= 0:
                     slot.pair.close()
 
     def close(self) -> None:
@@ -141,13 +141,16 @@ class KeyRing:
 
     def forget_parent(self) -> None:
         """In a forked child: the worker thread is gone, so a pair it was making would
-        never arrive; the child makes its own when it needs one. The current pair stays."""
+        never arrive, and a Future's own lock may have been held by it at the fork (asking
+        it anything could hang here): the births are dropped unasked, and the child makes
+        its own pair when it needs one. The current pair stays; its leases were the parent's
+        requests, whose threads are gone too, so they are cleared (a lease the forking thread
+        itself held ends at or below zero, which `lease` allows for)."""
         self._lock = threading.Lock()
         self._executor = None
-        if self._first is not None and not self._first.done():
-            self._first = None
-        if self._next is not None and not self._next.done():
-            self._next = None
+        self._first = self._next = None
+        if self._current is not None:
+            self._current.leases = 0
 
     # -- internals -------------------------------------------------------------------------
 

@@ -237,6 +237,8 @@ def _rsa_decrypt(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
 def _unwrap_key(wrapped: bytes, private_key: keys.PrivateKey, workspace: Workspace
                 ) -> SecureBuffer:
     """The AES key, in the workspace's key buffer (the caller hands it back with `done`)."""
+    # before the decrypt: with a cryptography key, its result block is freed inside it
+    foreign_frees.require_wiped(workspace.require)
     if isinstance(private_key, keys.SecureRsaKey):
         # OpenSSL decrypts in its secure heap and copies the key straight into ours
         key = workspace.key(AES_KEY_BYTES)

@@ -21,7 +21,13 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from nomyo.errors import ChatRequestError, PackageError, SecurityError, origin_of
+from nomyo.errors import (
+    ChatRequestError,
+    PackageError,
+    SecureMemoryUnavailable,
+    SecurityError,
+    origin_of,
+)
 from nomyo.memory import get_memory_protection_info
 from nomyo.memory.scrub import wipe_tree
 from nomyo.memory.secure_json import SurrogatesRefused
@@ -287,6 +293,8 @@ class SecureCompletionApp:
         try:
             try:
                 request, info = envelope.open_json(body, self.keypair, workspace=work)
+            except SecureMemoryUnavailable:
+                raise  # the server's own state, not a verdict on the request (below)
             except (PackageError, SecurityError) as err:
                 raise HttpError(400, str(err)) from None
             del body
@@ -324,6 +332,11 @@ class SecureCompletionApp:
                 wipe_tree(result)
                 wipe_tree(request)
             clean = True
+        except SecureMemoryUnavailable as err:
+            # fail-closed mode refused a buffer (NOMYO_REQUIRE_SECURE_MEMORY=1 set after
+            # start, locked memory exhausted): the server cannot serve, the caller did no wrong
+            logger.error("request refused: %s", err)
+            raise HttpError(503, "secure memory is unavailable on this server") from None
         finally:
             self._workspaces.give(work, clean)
         return Response(200, sealed)

@@ -35,7 +35,8 @@ def create_app(
 ) -> SecureCompletionApp:
     """A ready application; the server key is `key`, loaded from `key_file`, or ephemeral.
 
-    Raises ValueError (one-line message) for any unusable option.
+    Raises ValueError (one-line message) for any unusable option, and
+    SecureMemoryUnavailable in fail-closed mode when a protection it needs is missing.
     """
     if sum(x is not None for x in (api_keys, api_key_file)) > 1:
         raise ValueError("give api_keys or api_key_file, not both")

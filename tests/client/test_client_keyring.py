@@ -190,3 +190,30 @@ def test_a_failed_first_pair_is_retried_by_the_next_lease(tmp_path):
         assert not pair.closed
     assert (blocked / "private_key.pem").exists()
     ring.close()
+
+
+def test_in_a_forked_child_the_parents_leases_and_births_are_dropped():
+    """What the at-fork hook leaves (nomyo/memory/forks.py): a lease taken by a parent's
+    request whose thread is gone no longer keeps a retired pair (its private key) alive in
+    the child, and a birth in flight is dropped without asking its Future (whose lock the
+    gone worker may have held), so the child makes its own pair. The real fork is in
+    tests/client/test_fork.py; here the hook is called as the child would call it."""
+    clock = FakeClock()
+    ring = KeyRing(key_size=2048, rotation_interval=100, clock=clock)
+    held = ring.lease()
+    first = held.__enter__()  # a parent's request, in flight at the fork
+    clock.now += 80
+    with ring.lease():
+        pass
+    assert ring.pending_next is not None  # a birth in flight at the fork
+    ring.forget_parent()
+    assert ring.pending_next is None and ring.pending_first is None
+    clock.now += 30  # due: the child prepares its own next pair and switches to it
+    with ring.lease():
+        pass
+    wait_until(lambda: ring.pending_next is not None and ring.pending_next.done())
+    with ring.lease() as pair:
+        assert pair is not first
+    assert first.closed, "the retired pair was kept for a lease of a thread that is gone"
+    held.__exit__(None, None, None)  # the forking thread's own lease ending: allowed
+    ring.close()

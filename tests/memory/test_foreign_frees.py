@@ -161,6 +161,15 @@ UNWIPED_FREES = """
         "http://127.0.0.1:9", allow_http=True, require_secure_memory=True).close())
     from nomyo.server.factory import create_app
     attempt("server", lambda: create_app(key=key))
+    import os
+    os.environ.pop("NOMYO_REQUIRE_SECURE_MEMORY", None)
+    package = envelope.seal_json({"m": 1}, key.public_key)
+    os.environ["NOMYO_REQUIRE_SECURE_MEMORY"] = "1"  # set late: it is read on every call
+    decrypts = []
+    real_decrypt = envelope._rsa_decrypt
+    envelope._rsa_decrypt = lambda *a: decrypts.append(1) or real_decrypt(*a)
+    attempt("open", lambda: envelope.open_json(package, key))
+    out["decrypts"] = len(decrypts)
     print(json.dumps(out))
 """
 
@@ -182,6 +191,9 @@ def test_fail_closed_mode_refuses_when_cryptographys_frees_are_not_wiped(require
             assert "blocks cryptography frees are not wiped" in out[name], out
         else:
             assert out[name] == "ok", out
+    # refused before the RSA decrypt, whose result block cryptography frees inside it
+    assert "blocks cryptography frees are not wiped" in out["open"], out
+    assert out["decrypts"] == 0, out
 
 
 def test_an_object_that_is_not_loaded_is_refused_by_name(tmp_path):

@@ -473,3 +473,22 @@ def test_idle_workspaces_hold_no_secret_and_failures_keep_none(client_pem) -> No
         big = seal_request(chat_request("y" * 50_000), srv.public_key_pem)
         assert post_sealed(srv.url, big, completion_headers(client_pem)).status_code == 200
         assert idle == [], "a workspace grown by a large request was kept"
+
+
+def test_fail_closed_refusal_mid_run_is_a_503_not_a_verdict_on_the_request(
+        client_pem, monkeypatch, caplog) -> None:
+    """Fail-closed mode can start refusing after start (NOMYO_REQUIRE_SECURE_MEMORY is read on
+    every call; locked memory can run out): SecureMemoryUnavailable is a SecurityError, and
+    opening the request turned it into a 400, telling the caller its package was bad."""
+    from nomyo.memory import foreign_frees
+
+    with start_background(key=keypair("server")) as srv:
+        body = seal_request(chat_request("refused"), srv.public_key_pem)
+        foreign_frees.wipe_cryptography_frees()  # the real state, restored by monkeypatch
+        monkeypatch.setattr(foreign_frees, "_state", {"wiped": False, "reason": "as a test"})
+        monkeypatch.setenv("NOMYO_REQUIRE_SECURE_MEMORY", "1")
+        with caplog.at_level("ERROR", logger="nomyo.server"):
+            response = post_sealed(srv.url, body, completion_headers(client_pem))
+    assert response.status_code == 503, response.text
+    assert response.json() == {"detail": "secure memory is unavailable on this server"}
+    assert "blocks cryptography frees are not wiped (as a test)" in caplog.text
