@@ -3,7 +3,7 @@ wiping it, and takes no buffer of ours. When the protocol layer loads cryptograp
 free and realloc are pointed at zeroing wrappers (binding.wipe_frees_of), once per process;
 the outcome is kept for the protection report, and a failure is logged as a warning (the
 residue is then as cryptography leaves it: SECURITY.md, "Copies we cannot avoid"), or, in
-fail-closed mode, refuses every new AES key (`require_wiped`).
+fail-closed mode, refuses every seal and open of a package (`require_wiped`).
 Nothing here imports cryptography itself: `import nomyo` and a health check stay light.
 """
 from __future__ import annotations

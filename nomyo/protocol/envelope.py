@@ -120,6 +120,7 @@ def seal(
             raise PackageError("empty plaintext: nothing to seal")
         nonce = os.urandom(NONCE_BYTES)
         sealed = bytearray(size + TAG_BYTES)  # ciphertext || tag: not secret
+        foreign_frees.require_wiped(workspace.require)  # AESGCM copies the key we make here
         aes_key = workspace.key(AES_KEY_BYTES)
         try:
             aes_key.fill_random()
@@ -237,7 +238,8 @@ def _rsa_decrypt(wrapped: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
 def _unwrap_key(wrapped: bytes, private_key: keys.PrivateKey, workspace: Workspace
                 ) -> SecureBuffer:
     """The AES key, in the workspace's key buffer (the caller hands it back with `done`)."""
-    # before the decrypt: with a cryptography key, its result block is freed inside it
+    # before the decrypt (with a cryptography key, its result block is freed inside it);
+    # AESGCM copies the key too
     foreign_frees.require_wiped(workspace.require)
     if isinstance(private_key, keys.SecureRsaKey):
         # OpenSSL decrypts in its secure heap and copies the key straight into ours

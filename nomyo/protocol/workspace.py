@@ -12,7 +12,7 @@ import mmap
 import threading
 from typing import Any
 
-from nomyo.memory import SecureBuffer, foreign_frees, forks
+from nomyo.memory import SecureBuffer, forks
 from nomyo.memory.binding import copy_scrub
 
 ANSWER_HEADROOM = 4096  # see Workspace
@@ -41,10 +41,7 @@ class Workspace:
         self._cell: Any = None  # the key's cell in the plaintext slot, while handed out
 
     def key(self, size: int) -> Any:
-        """A key buffer of `size` bytes: a cell of the plaintext slot when it has room.
-        Every AES key is born here, and cryptography copies each one (AESGCM), so fail-closed
-        mode refuses here when those copies are not wiped on free."""
-        foreign_frees.require_wiped(self.require)
+        """A key buffer of `size` bytes: a cell of the plaintext slot when it has room."""
         owner = self._slots.get("plaintext")
         if self._cell is None and owner is not None and not owner.closed:
             self._cell = owner.cell_below(size)
